@@ -1,0 +1,1 @@
+"""Who is calling (bearer tokens) and what they may do (pure rules)."""

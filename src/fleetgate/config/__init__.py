@@ -1,0 +1,6 @@
+"""Configuration: one TOML file plus ``FLEETGATE_*__*`` overrides, parsed once into frozen values."""
+
+from fleetgate.config.load import load_config, parse_config
+from fleetgate.config.schema import Config
+
+__all__ = ["Config", "load_config", "parse_config"]

@@ -1,0 +1,104 @@
+"""The configuration's shape. Every model is frozen and rejects unknown keys.
+
+Names follow mosquitto's vocabulary where one exists; listeners are named tables
+(``[listeners.sensors]``) in the EMQX style instead of depending on line order.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from fleetgate.sealing.secret import Secret
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """``"127.0.0.1:8080"`` / ``"[::1]:8080"`` / ``"localhost:80"`` -> (host, port)."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{value!r} is not HOST:PORT (for example 127.0.0.1:8080 or [::1]:8080)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        ipaddress.IPv6Address(host)
+    elif ":" in host:
+        raise ValueError(f"{value!r}: write an IPv6 host in brackets, like [::1]:8080")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{value!r}: the port must be a number from 0 to 65535")
+    return host, int(port_text)
+
+
+def _check_address(value: str) -> str:
+    split_host_port(value)
+    return value
+
+
+Address = Annotated[str, AfterValidator(_check_address)]
+
+
+class ApiConfig(Frozen):
+    listen: Address = "127.0.0.1:8080"
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
+    drain_timeout_s: float = Field(default=10.0, ge=0, le=600)
+
+
+class LogConfig(Frozen):
+    format: Literal["json", "console"] = "json"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class StoreConfig(Frozen):
+    backend: Literal["sqlite", "postgresql"] = "sqlite"
+    sqlite_path: str = "fleetgate.db"
+    postgresql_dsn: Secret | None = None
+    postgresql_pool_max: int = Field(default=10, ge=1, le=200)
+    connect_timeout_s: float = Field(default=10.0, gt=0, le=120)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _wrap_dsn(cls, data: object) -> object:
+        if isinstance(data, dict) and isinstance(data.get("postgresql_dsn"), str):
+            return {**data, "postgresql_dsn": Secret(data["postgresql_dsn"])}
+        return data
+
+    @model_validator(mode="after")
+    def _dsn_for_postgresql(self) -> StoreConfig:
+        if self.backend == "postgresql" and self.postgresql_dsn is None:
+            raise ValueError(
+                "backend is postgresql but postgresql_dsn is not set; set store.postgresql_dsn "
+                "(or FLEETGATE_STORE__POSTGRESQL_DSN) to postgresql://user:password@host:port/db"
+            )
+        return self
+
+
+class SealingConfig(Frozen):
+    master_key_file: str = "master.key"
+
+
+class ListenerConfig(Frozen):
+    """A device-facing entry point. Plain TCP relays to ``forward_to`` for registered devices."""
+
+    protocol: Literal["tcp"] = "tcp"
+    bind: Address
+    forward_to: Address
+    identity: Literal["source_address"] = "source_address"
+    max_connections: int = Field(default=10_000, ge=1, le=1_000_000)
+    connect_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    idle_timeout_s: float = Field(default=3600.0, gt=0)
+
+
+ListenerName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$")]
+
+
+class Config(Frozen):
+    node_name: str = Field(default="fleetgate-1", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+    api: ApiConfig = ApiConfig()
+    log: LogConfig = LogConfig()
+    store: StoreConfig = StoreConfig()
+    sealing: SealingConfig = SealingConfig()
+    listeners: dict[ListenerName, ListenerConfig] = {}

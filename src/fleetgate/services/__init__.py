@@ -1,0 +1,1 @@
+"""Use cases: each joins authorization, the store and the audit log in one transaction."""

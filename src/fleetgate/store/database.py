@@ -1,0 +1,68 @@
+"""What every backend offers: transactions of SQL written once for both.
+
+Queries use ``?`` placeholders and the common subset of SQLite and PostgreSQL SQL (``ON
+CONFLICT``, ``RETURNING``, partial indexes). A backend translates placeholders and errors; the
+repositories in this package never know which backend they run on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Literal, Protocol
+
+from fleetgate.errors import StoreUnavailable
+
+Row = Mapping[str, Any]
+Dialect = Literal["sqlite", "postgresql"]
+
+
+class IntegrityViolation(Exception):
+    """A constraint refused a write (unique, foreign key, check, append-only trigger)."""
+
+
+class Tx(Protocol):
+    @property
+    def dialect(self) -> Dialect: ...
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        """Run a statement; the number of rows it changed."""
+        ...
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]: ...
+
+    async def fetchrow(self, sql: str, *args: Any) -> Row | None: ...
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
+
+
+class Database(Protocol):
+    @property
+    def dialect(self) -> Dialect: ...
+
+    def transaction(self) -> AbstractAsyncContextManager[Tx]:
+        """A read-write transaction; committed (and durable) when the block exits normally."""
+        ...
+
+    def snapshot(self) -> AbstractAsyncContextManager[Tx]:
+        """A read-only, consistent view."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise :class:`StoreUnavailable` unless a trivial query succeeds."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def to_dollar_placeholders(sql: str) -> str:
+    """``?`` -> ``$1``, ``$2``… (our SQL never has a ``?`` inside a literal)."""
+    parts = sql.split("?")
+    out = [parts[0]]
+    for number, part in enumerate(parts[1:], start=1):
+        out.append(f"${number}")
+        out.append(part)
+    return "".join(out)
+
+
+__all__ = ["Database", "Dialect", "IntegrityViolation", "Row", "StoreUnavailable", "Tx"]
