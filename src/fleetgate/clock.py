@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 
@@ -39,16 +39,18 @@ class FakeClock:
         return self._mono
 
     def advance(self, seconds: float) -> None:
-        from datetime import timedelta
-
         self._now += timedelta(seconds=seconds)
         self._mono += seconds
 
 
-def to_ms(moment: datetime) -> int:
-    """Milliseconds since the epoch: the store's representation of instants."""
-    return int(moment.timestamp() * 1000)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def from_ms(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+def to_epoch_us(moment: datetime) -> int:
+    """Microseconds since the epoch: the store's exact representation of an instant."""
+    delta = moment - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def from_epoch_us(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=us)

@@ -137,7 +137,8 @@ def check_attributes(attributes: Mapping[str, str], field_name: str = "attribute
             )
         if not isinstance(value, str) or len(value) > MAX_ATTRIBUTE_VALUE_CHARS:
             raise InvalidRequest(
-                f"attribute {key} must be a string of at most {MAX_ATTRIBUTE_VALUE_CHARS} characters",
+                f"attribute {key} must be a string of at most "
+                f"{MAX_ATTRIBUTE_VALUE_CHARS} characters",
                 field=f"{field_name}.{key}",
             )
 

@@ -29,7 +29,7 @@ class Principal:
         return self.groups if self.groups else None
 
 
-SYSTEM = Principal(token_id="system", name="system", role=Role.ADMIN, groups=())
+SYSTEM = Principal(token_id="system", name="system", role=Role.ADMIN, groups=())  # noqa: S106
 
 
 def in_scope(principal: Principal, group: str) -> bool:

@@ -7,7 +7,7 @@ import secrets
 
 from fleetgate.sealing import Secret
 
-TOKEN_PREFIX = "fgt_"
+TOKEN_PREFIX = "fgt_"  # noqa: S105 - a prefix, not a secret
 MAX_TOKEN_CHARS = 512
 
 

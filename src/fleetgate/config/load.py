@@ -19,7 +19,7 @@ ENV_NESTING = "__"
 
 
 def _env_value(text: str) -> Any:
-    """An override is a TOML value when it parses as one (``10``, ``true``, ``[1]``), else a string."""
+    """An override is a TOML value if it parses as one (``10``, ``true``, ``[1]``), else text."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
@@ -99,8 +99,10 @@ def _format(exc: ValidationError, origins: Mapping[tuple[str, ...], str], source
         origin = origins.get(loc)
         where = f" (from {origin})" if origin else ""
         lines.append(f"{path}{where}: {_describe(error)}")
-    return f"{source}: " + "; ".join(lines) if len(lines) == 1 else (
-        f"{source}: {len(lines)} problems:\n  " + "\n  ".join(lines)
+    return (
+        f"{source}: " + "; ".join(lines)
+        if len(lines) == 1
+        else (f"{source}: {len(lines)} problems:\n  " + "\n  ".join(lines))
     )
 
 
@@ -120,7 +122,9 @@ def load_config(path: Path, env: Mapping[str, str]) -> Config:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file; run `fleetgate serve` once to create it") from None
+        raise ConfigError(
+            f"{path}: no such file; run `fleetgate serve` once to create it"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
     return parse_config(text, env, source=str(path))

@@ -54,7 +54,9 @@ def _decode(text: str, where: str) -> MasterKey:
     try:
         raw = base64.b64decode(text.strip(), validate=True)
     except (binascii.Error, ValueError):
-        raise ConfigError(f"{where}: not valid base64; expected 32 random bytes in base64") from None
+        raise ConfigError(
+            f"{where}: not valid base64; expected 32 random bytes in base64"
+        ) from None
     try:
         return MasterKey.from_bytes(raw)
     except ConfigError as exc:
@@ -71,9 +73,27 @@ class Keyring:
         self._keys = {k.key_id: k for k in ordered}
         self._active = ordered[-1]
         self.path = path
+        self._stamp = self._file_stamp()
+
+    def _file_stamp(self) -> tuple[int, int] | None:
+        if self.path is None:
+            return None
+        try:
+            info = self.path.stat()
+        except OSError:
+            return None
+        return (info.st_mtime_ns, info.st_size)
+
+    def _refresh(self) -> None:
+        """Pick up a rotation made by another process (``fleetgate keys rotate``)."""
+        if self.path is None or self._file_stamp() == self._stamp:
+            return
+        fresh = Keyring.from_file(self.path)
+        self._keys, self._active, self._stamp = fresh._keys, fresh._active, fresh._stamp
 
     @property
     def active(self) -> MasterKey:
+        self._refresh()
         return self._active
 
     @property
@@ -82,10 +102,8 @@ class Keyring:
 
     def get(self, key_id: str) -> MasterKey:
         key = self._keys.get(key_id)
-        if key is None and self.path is not None:
-            # Another process may have rotated the file since we read it.
-            fresh = Keyring.from_file(self.path)
-            self._keys, self._active = fresh._keys, fresh._active
+        if key is None:
+            self._refresh()
             key = self._keys.get(key_id)
         if key is None:
             raise SealingError(f"master key {key_id} is not in the keyring")
@@ -139,6 +157,7 @@ class Keyring:
         self._keys = {k.key_id: k for k in keys}
         self._active = keys[-1]
         self.path = path
+        self._stamp = self._file_stamp()
 
     def all_keys(self) -> list[MasterKey]:
         return list(self._keys.values())

@@ -203,20 +203,28 @@ class DeviceService:
                 updated_at=self._clock.now(),
                 revision=current.revision + 1,
             )
-            if device_snapshot(updated) | {"revision": 0} == device_snapshot(current) | {"revision": 0}:
+            if device_snapshot(updated) | {"revision": 0} == device_snapshot(current) | {
+                "revision": 0
+            }:
                 return current
             await self._check_unique(tx, updated)
             if not await repo.replace(updated, expected_revision=current.revision):
                 raise PreconditionFailed(f"device {device_id} changed while it was being updated")
             await AuditRepo(tx).append(
                 self._audit(
-                    caller, "device.update", updated, device_snapshot(current), device_snapshot(updated)
+                    caller,
+                    "device.update",
+                    updated,
+                    device_snapshot(current),
+                    device_snapshot(updated),
                 ),
                 updated.updated_at,
             )
         return updated
 
-    async def delete(self, caller: Caller, device_id: str, *, if_revision: int | None = None) -> None:
+    async def delete(
+        self, caller: Caller, device_id: str, *, if_revision: int | None = None
+    ) -> None:
         async with self._db.transaction() as tx:
             repo = DeviceRepo(tx)
             current = await repo.get(device_id)

@@ -127,7 +127,11 @@ class GroupService:
                 raise PreconditionFailed(f"group {name} changed while it was being updated")
             await AuditRepo(tx).append(
                 self._audit(
-                    caller, "group.update", updated, group_snapshot(current), group_snapshot(updated)
+                    caller,
+                    "group.update",
+                    updated,
+                    group_snapshot(current),
+                    group_snapshot(updated),
                 ),
                 updated.updated_at,
             )

@@ -91,7 +91,12 @@ class TokenService:
             if await TokenRepo(tx).count() > 0:
                 return None
         _, secret = await self.create(
-            caller, name="bootstrap admin", role=Role.ADMIN, groups=(), expires_at=None, bearer=bearer
+            caller,
+            name="bootstrap admin",
+            role=Role.ADMIN,
+            groups=(),
+            expires_at=None,
+            bearer=bearer,
         )
         return secret
 

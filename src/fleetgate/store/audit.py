@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from fleetgate.clock import from_ms, to_ms
+from fleetgate.clock import from_epoch_us, to_epoch_us
 from fleetgate.records import AuditEntry, NewAuditEntry
 from fleetgate.store.database import Row, Tx
 
@@ -21,7 +21,7 @@ _COLUMNS = (
 def _entry(row: Row) -> AuditEntry:
     return AuditEntry(
         id=int(row["id"]),
-        at=from_ms(row["at"]),
+        at=from_epoch_us(row["at"]),
         actor=row["actor"],
         action=row["action"],
         target_type=row["target_type"],
@@ -54,7 +54,7 @@ class AuditRepo:
             "INSERT INTO audit_log (at, actor, action, target_type, target_id, group_name, "
             "request_id, source, before_json, after_json) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-            to_ms(at),
+            to_epoch_us(at),
             entry.actor,
             entry.action,
             entry.target_type,
@@ -85,10 +85,10 @@ class AuditRepo:
                 args.append(value)
         if query.since is not None:
             where.append("at >= ?")
-            args.append(to_ms(query.since))
+            args.append(to_epoch_us(query.since))
         if query.until is not None:
             where.append("at < ?")
-            args.append(to_ms(query.until))
+            args.append(to_epoch_us(query.until))
         if query.within_groups is not None:
             if not query.within_groups:
                 return []

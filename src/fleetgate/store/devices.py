@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fleetgate.clock import from_ms, to_ms
+from fleetgate.clock import from_epoch_us, to_epoch_us
 from fleetgate.records import Device, DeviceStatus
 from fleetgate.store.database import Row, Tx
 
@@ -27,13 +27,14 @@ class DeviceRepo:
         attributes: dict[str, dict[str, str]] = {i: {} for i in ids}
         addresses: dict[str, list[str]] = {i: [] for i in ids}
         for r in await self._tx.fetch(
-            f"SELECT device_id, key, value FROM device_attributes WHERE device_id IN ({_marks(len(ids))})",
+            "SELECT device_id, key, value FROM device_attributes "
+            f"WHERE device_id IN ({_marks(len(ids))})",
             *ids,
         ):
             attributes[r["device_id"]][r["key"]] = r["value"]
         for r in await self._tx.fetch(
-            f"SELECT device_id, address FROM device_addresses WHERE device_id IN ({_marks(len(ids))})"
-            " ORDER BY address",
+            "SELECT device_id, address FROM device_addresses "
+            f"WHERE device_id IN ({_marks(len(ids))}) ORDER BY address",
             *ids,
         ):
             addresses[r["device_id"]].append(r["address"])
@@ -45,8 +46,8 @@ class DeviceRepo:
                 status=DeviceStatus(r["status"]),
                 attributes=dict(sorted(attributes[r["id"]].items())),
                 addresses=tuple(addresses[r["id"]]),
-                created_at=from_ms(r["created_at"]),
-                updated_at=from_ms(r["updated_at"]),
+                created_at=from_epoch_us(r["created_at"]),
+                updated_at=from_epoch_us(r["updated_at"]),
                 revision=int(r["revision"]),
             )
             for r in rows
@@ -88,8 +89,8 @@ class DeviceRepo:
             device.name,
             device.group,
             device.status.value,
-            to_ms(device.created_at),
-            to_ms(device.updated_at),
+            to_epoch_us(device.created_at),
+            to_epoch_us(device.updated_at),
             device.revision,
         )
         await self._write_children(device)
@@ -114,7 +115,7 @@ class DeviceRepo:
             device.name,
             device.group,
             device.status.value,
-            to_ms(device.updated_at),
+            to_epoch_us(device.updated_at),
             device.revision,
             device.id,
             expected_revision,
@@ -165,7 +166,8 @@ class DeviceRepo:
             args.extend((key, value))
         if address is not None:
             where.append(
-                "EXISTS (SELECT 1 FROM device_addresses n WHERE n.device_id = d.id AND n.address = ?)"
+                "EXISTS (SELECT 1 FROM device_addresses n "
+                "WHERE n.device_id = d.id AND n.address = ?)"
             )
             args.append(address)
         clause = ("WHERE " + " AND ".join(where)) if where else ""

@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from fleetgate.clock import from_ms, to_ms
+from fleetgate.clock import from_epoch_us, to_epoch_us
 from fleetgate.records import Group
 from fleetgate.store.database import Row, Tx
 
@@ -18,8 +18,8 @@ def _group(row: Row) -> Group:
         name=row["name"],
         description=row["description"],
         settings=json.loads(row["settings"]),
-        created_at=from_ms(row["created_at"]),
-        updated_at=from_ms(row["updated_at"]),
+        created_at=from_epoch_us(row["created_at"]),
+        updated_at=from_epoch_us(row["updated_at"]),
         revision=int(row["revision"]),
     )
 
@@ -39,8 +39,8 @@ class GroupRepo:
             group.name,
             group.description,
             json.dumps(group.settings, sort_keys=True),
-            to_ms(group.created_at),
-            to_ms(group.updated_at),
+            to_epoch_us(group.created_at),
+            to_epoch_us(group.updated_at),
             group.revision,
         )
         return changed == 1
@@ -51,7 +51,7 @@ class GroupRepo:
             "WHERE name = ? AND revision = ?",
             group.description,
             json.dumps(group.settings, sort_keys=True),
-            to_ms(group.updated_at),
+            to_epoch_us(group.updated_at),
             group.revision,
             group.name,
             expected_revision,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fleetgate.clock import Clock, to_ms
+from fleetgate.clock import Clock, to_epoch_us
 from fleetgate.errors import ConfigError
 from fleetgate.store.database import Database, Dialect, IntegrityViolation, Tx
 
@@ -86,7 +86,8 @@ MIGRATIONS: tuple[Migration, ...] = (
                     PRIMARY KEY (device_id, key)
                 );
                 CREATE INDEX device_attributes_by_value ON device_attributes (key, value);
-                CREATE UNIQUE INDEX device_attributes_unique_identity ON device_attributes (key, value)
+                CREATE UNIQUE INDEX device_attributes_unique_identity
+                    ON device_attributes (key, value)
                     WHERE key IN ('imsi', 'imei', 'iccid', 'serial');
                 CREATE TABLE device_addresses (
                     address TEXT PRIMARY KEY,
@@ -193,7 +194,7 @@ async def migrate(db: Database, clock: Clock) -> list[int]:
                     "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
                     migration.version,
                     migration.name,
-                    to_ms(clock.now()),
+                    to_epoch_us(clock.now()),
                 )
                 for step in migration.steps:
                     await _run_script(tx, step.sql(tx.dialect))

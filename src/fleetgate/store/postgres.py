@@ -64,7 +64,9 @@ class PostgresDatabase:
             )
         except (*_UNAVAILABLE, asyncpg.PostgresError, TimeoutError) as exc:
             # The DSN may carry a password: name the failure, never the DSN.
-            raise StoreUnavailable(f"postgresql: cannot connect: {type(exc).__name__}: {exc}") from None
+            raise StoreUnavailable(
+                f"postgresql: cannot connect: {type(exc).__name__}: {exc}"
+            ) from None
         return cls(pool)
 
     @asynccontextmanager

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from fleetgate.clock import to_ms
+from fleetgate.clock import to_epoch_us
 from fleetgate.sealing import SealedBox
 from fleetgate.store.database import Tx
 
@@ -23,7 +23,7 @@ class SealedSecretRepo:
             box.key_id,
             box.nonce,
             box.ciphertext,
-            to_ms(at),
+            to_epoch_us(at),
         )
 
     async def get(self, name: str) -> SealedBox | None:

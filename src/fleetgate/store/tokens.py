@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fleetgate.clock import from_ms, to_ms
+from fleetgate.clock import from_epoch_us, to_epoch_us
 from fleetgate.records import ApiToken, Role
 from fleetgate.store.database import Row, Tx
 
@@ -18,8 +18,8 @@ def _token(row: Row) -> ApiToken:
         name=row["name"],
         role=Role(row["role"]),
         groups=tuple(json.loads(row["groups"])),
-        created_at=from_ms(row["created_at"]),
-        expires_at=from_ms(row["expires_at"]) if row["expires_at"] is not None else None,
+        created_at=from_epoch_us(row["created_at"]),
+        expires_at=from_epoch_us(row["expires_at"]) if row["expires_at"] is not None else None,
         created_by=row["created_by"],
     )
 
@@ -35,8 +35,8 @@ class TokenRepo:
             token.name,
             token.role.value,
             json.dumps(list(token.groups)),
-            to_ms(token.created_at),
-            to_ms(token.expires_at) if token.expires_at else None,
+            to_epoch_us(token.created_at),
+            to_epoch_us(token.expires_at) if token.expires_at else None,
             token.created_by,
             secret_hash,
         )

@@ -1,0 +1,1 @@
+"""The REST API: a thin edge over the services."""

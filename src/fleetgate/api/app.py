@@ -1,0 +1,68 @@
+"""Assembling the FastAPI application from services and runtime state."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+from swagger_ui_bundle import swagger_ui_path
+
+from fleetgate import __version__
+from fleetgate.api import problems
+from fleetgate.api.middleware import RequestContext
+from fleetgate.api.routes_audit import router as audit_router
+from fleetgate.api.routes_devices import router as devices_router
+from fleetgate.api.routes_groups import router as groups_router
+from fleetgate.api.routes_ops import router as ops_router
+from fleetgate.api.routes_tokens import router as tokens_router
+from fleetgate.api.schemas import Problem
+from fleetgate.clock import Clock
+from fleetgate.health import Health
+from fleetgate.metrics import Metrics
+from fleetgate.services.bundle import Services
+
+_ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    code: {"model": Problem, "description": text, "content": {"application/problem+json": {}}}
+    for code, text in (
+        (401, "Missing, unknown or expired token"),
+        (403, "The token's role or groups do not allow this"),
+        (422, "A field is invalid; `errors` names each one"),
+    )
+}
+
+
+def build_app(
+    services: Services, health: Health, metrics: Metrics, clock: Clock, *, max_body_bytes: int
+) -> FastAPI:
+    app = FastAPI(
+        title="fleetgate",
+        version=__version__,
+        summary="Secure connectivity gateway for IoT fleets",
+        docs_url=None,
+        redoc_url=None,
+        responses=_ERROR_RESPONSES,
+    )
+    app.state.services = services
+    app.state.health = health
+    app.state.metrics = metrics
+    app.state.clock = clock
+    problems.install(app)
+    for router in (ops_router, devices_router, groups_router, tokens_router, audit_router):
+        app.include_router(router)
+
+    # Swagger UI from a Python package, so /docs works on a network with no way out.
+    app.mount("/docs/static", StaticFiles(directory=swagger_ui_path), name="docs-static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="fleetgate API",
+            swagger_js_url="/docs/static/swagger-ui-bundle.js",
+            swagger_css_url="/docs/static/swagger-ui.css",
+            swagger_favicon_url="/docs/static/favicon-32x32.png",
+        )
+
+    app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=max_body_bytes)
+    return app

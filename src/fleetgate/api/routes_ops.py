@@ -1,0 +1,61 @@
+"""Unauthenticated operational endpoints: liveness, readiness, metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from fleetgate.api.deps import ServicesDep
+from fleetgate.errors import FleetgateError
+from fleetgate.health import Health
+from fleetgate.metrics import Metrics
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is alive and its event loop answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"description": "Not ready; the body says why"}})
+async def readyz(request: Request, svc: ServicesDep) -> JSONResponse:
+    """Ready when the store answers, every listener is bound and the node is not draining."""
+    health: Health = request.app.state.health
+    checks: dict[str, Any] = {}
+    ready = True
+    try:
+        await svc.db.ping()
+        checks["store"] = "ok"
+    except FleetgateError as exc:
+        checks["store"] = exc.detail
+        ready = False
+    problems = health.listener_problems()
+    checks["listeners"] = problems or {name: "bound" for name in health.listeners}
+    if problems:
+        ready = False
+    if health.draining:
+        checks["draining"] = True
+        ready = False
+    return JSONResponse(
+        {"status": "ready" if ready else "not ready", "checks": checks},
+        status_code=200 if ready else 503,
+    )
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request, svc: ServicesDep) -> Response:
+    """Prometheus text exposition."""
+    instruments: Metrics = request.app.state.metrics
+    try:
+        counts = await svc.devices.counts()
+        instruments.store_up.set(1)
+        for state in ("enabled", "disabled"):
+            instruments.devices.labels(state).set(counts.get(state, 0))
+    except FleetgateError:
+        instruments.store_up.set(0)
+    return Response(generate_latest(instruments.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,1 @@
+"""The command line: thin commands over the REST API, plus the local ones (serve, keys)."""

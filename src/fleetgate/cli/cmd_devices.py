@@ -1,0 +1,185 @@
+"""fleetgate device …"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+import click
+
+from fleetgate.cli.common import client_from, fetch_pages, json_option, paging_options
+from fleetgate.cli.output import emit, key_values
+
+COLUMNS = [
+    ("id", lambda d: d["id"]),
+    ("name", lambda d: d["name"]),
+    ("group", lambda d: d["group"]),
+    ("status", lambda d: d["status"]),
+    ("addresses", lambda d: d["addresses"]),
+    ("attributes", lambda d: d["attributes"]),
+]
+FIELDS = (
+    "id",
+    "name",
+    "group",
+    "status",
+    "addresses",
+    "attributes",
+    "created_at",
+    "updated_at",
+    "revision",
+)
+
+
+def _path(device_id: str) -> str:
+    return f"/v1/devices/{quote(device_id, safe='')}"
+
+
+@click.group("device")
+def device() -> None:
+    """Register and manage devices."""
+
+
+@device.command("add")
+@click.argument("device_id")
+@click.option("--name", help="A name for people (default: the id).")
+@click.option("--group", default="default", show_default=True)
+@click.option("--attr", "attrs", multiple=True, metavar="KEY=VALUE", help="Repeatable.")
+@click.option("--address", "addresses", multiple=True, help="IP address that identifies it.")
+@click.option("--disabled", is_flag=True, help="Register it disabled.")
+@json_option
+@click.pass_context
+def add(
+    ctx: click.Context,
+    device_id: str,
+    name: str | None,
+    group: str,
+    attrs: tuple[str, ...],
+    addresses: tuple[str, ...],
+    disabled: bool,
+    as_json: bool,
+) -> None:
+    """Register a device."""
+    body: dict[str, Any] = {
+        "id": device_id,
+        "group": group,
+        "attributes": key_values(attrs, "--attr"),
+        "addresses": list(addresses),
+        "status": "disabled" if disabled else "enabled",
+    }
+    if name is not None:
+        body["name"] = name
+    created = client_from(ctx).request("POST", "/v1/devices", json=body)
+    emit(created, as_json, fields=FIELDS)
+
+
+@device.command("list")
+@click.option("--group")
+@click.option("--status", type=click.Choice(["enabled", "disabled"]))
+@click.option("--attr", "attrs", multiple=True, metavar="KEY=VALUE", help="Filter; repeatable.")
+@click.option("--address")
+@paging_options
+@json_option
+@click.pass_context
+def list_(
+    ctx: click.Context,
+    group: str | None,
+    status: str | None,
+    attrs: tuple[str, ...],
+    address: str | None,
+    limit: int,
+    cursor: str | None,
+    fetch_all: bool,
+    as_json: bool,
+) -> None:
+    """List devices, filtered by group, status, attribute or address."""
+    params: list[tuple[str, str]] = []
+    for key, value in (("group", group), ("status", status), ("address", address)):
+        if value is not None:
+            params.append((key, value))
+    params.extend((f"attr.{k}", v) for k, v in key_values(attrs, "--attr").items())
+    page = fetch_pages(
+        client_from(ctx), "/v1/devices", params, limit=limit, cursor=cursor, fetch_all=fetch_all
+    )
+    emit(page, as_json, columns=COLUMNS)
+
+
+@device.command("show")
+@click.argument("device_id")
+@json_option
+@click.pass_context
+def show(ctx: click.Context, device_id: str, as_json: bool) -> None:
+    """Show one device."""
+    emit(client_from(ctx).request("GET", _path(device_id)), as_json, fields=FIELDS)
+
+
+def _patch(ctx: click.Context, device_id: str, body: dict[str, Any], as_json: bool) -> None:
+    updated = client_from(ctx).request("PATCH", _path(device_id), json=body)
+    emit(updated, as_json, fields=FIELDS)
+
+
+@device.command("update")
+@click.argument("device_id")
+@click.option("--name")
+@click.option("--group")
+@click.option("--attr", "attrs", multiple=True, metavar="KEY=VALUE", help="Set; repeatable.")
+@click.option("--unset-attr", "unset", multiple=True, metavar="KEY", help="Remove; repeatable.")
+@click.option("--address", "addresses", multiple=True, help="Replace the addresses (repeatable).")
+@click.option("--clear-addresses", is_flag=True, help="Remove every address.")
+@json_option
+@click.pass_context
+def update(
+    ctx: click.Context,
+    device_id: str,
+    name: str | None,
+    group: str | None,
+    attrs: tuple[str, ...],
+    unset: tuple[str, ...],
+    addresses: tuple[str, ...],
+    clear_addresses: bool,
+    as_json: bool,
+) -> None:
+    """Change a device's name, group, attributes or addresses."""
+    body: dict[str, Any] = {}
+    if name is not None:
+        body["name"] = name
+    if group is not None:
+        body["group"] = group
+    changes: dict[str, str | None] = dict(key_values(attrs, "--attr"))
+    changes.update({key: None for key in unset})
+    if changes:
+        body["attributes"] = changes
+    if addresses and clear_addresses:
+        raise click.UsageError("give --address or --clear-addresses, not both")
+    if addresses or clear_addresses:
+        body["addresses"] = list(addresses)
+    if not body:
+        raise click.UsageError("nothing to change; see --help")
+    _patch(ctx, device_id, body, as_json)
+
+
+@device.command("disable")
+@click.argument("device_id")
+@json_option
+@click.pass_context
+def disable(ctx: click.Context, device_id: str, as_json: bool) -> None:
+    """Refuse the device's connections from now on."""
+    _patch(ctx, device_id, {"status": "disabled"}, as_json)
+
+
+@device.command("enable")
+@click.argument("device_id")
+@json_option
+@click.pass_context
+def enable(ctx: click.Context, device_id: str, as_json: bool) -> None:
+    """Accept the device's connections again."""
+    _patch(ctx, device_id, {"status": "enabled"}, as_json)
+
+
+@device.command("delete")
+@click.argument("device_id")
+@click.pass_context
+def delete(ctx: click.Context, device_id: str) -> None:
+    """Remove a device from the registry."""
+    client_from(ctx).request("DELETE", _path(device_id))
+    click.echo(f"deleted device {device_id}")

@@ -1,0 +1,134 @@
+"""Commands that work on the data directory itself: serve, config check, keys."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from fleetgate.cli.client import CliFailure
+from fleetgate.cli.output import emit
+from fleetgate.clock import SystemClock
+from fleetgate.config import load_config
+from fleetgate.datadir import DEFAULT_DATA_DIR, prepare
+from fleetgate.errors import ConfigError, FleetgateError
+from fleetgate.runtime import ServeOptions, open_keyring, serve
+from fleetgate.sealing import MasterKey
+from fleetgate.sealing.keyring import ENV_VAR as MASTER_KEY_ENV
+from fleetgate.services.bundle import Services
+from fleetgate.services.context import SYSTEM_CALLER
+from fleetgate.store import open_database
+from fleetgate.store.migrations import migrate
+
+
+def data_option[F: Callable[..., Any]](fn: F) -> F:
+    fn = click.option(
+        "--config",
+        "config_path",
+        type=click.Path(path_type=Path, dir_okay=False),
+        envvar="FLEETGATE_CONFIG",
+        help="Config file (default: DATA/fleetgate.toml).",
+    )(fn)
+    return click.option(
+        "--data",
+        "data_dir",
+        type=click.Path(path_type=Path, file_okay=False),
+        default=DEFAULT_DATA_DIR,
+        envvar="FLEETGATE_DATA",
+        show_default=True,
+        help="Data directory (env FLEETGATE_DATA).",
+    )(fn)
+
+
+def _fail(exc: FleetgateError) -> CliFailure:
+    return CliFailure(exc.detail, exc.kind.exit_code)
+
+
+@click.command("serve")
+@data_option
+def serve_command(data_dir: Path, config_path: Path | None) -> None:
+    """Run the gateway: API and listeners, until SIGTERM."""
+    try:
+        code = serve(ServeOptions(data_dir=data_dir, config_path=config_path, env=dict(os.environ)))
+    except FleetgateError as exc:
+        raise _fail(exc) from None
+    raise SystemExit(code)
+
+
+@click.group("config")
+def config_group() -> None:
+    """Inspect the configuration."""
+
+
+@config_group.command("check")
+@data_option
+def config_check(data_dir: Path, config_path: Path | None) -> None:
+    """Validate the configuration (with FLEETGATE_* overrides) without starting."""
+    path = config_path or (data_dir / "fleetgate.toml")
+    try:
+        load_config(path, dict(os.environ))
+    except ConfigError as exc:
+        raise _fail(exc) from None
+    click.echo(f"{path}: ok")
+
+
+@click.group("keys")
+def keys_group() -> None:
+    """Master sealing keys."""
+
+
+async def _rotate(data_dir: Path, config_path: Path | None, keep_old: bool) -> dict[str, object]:
+    env = dict(os.environ)
+    data = prepare(data_dir, config_path)
+    config = load_config(data.config_path, env)
+    clock = SystemClock()
+    db = await open_database(config.store, data.path)
+    try:
+        await migrate(db, clock)
+        keyring = await open_keyring(data, config, db, env)
+        from_env = bool(env.get(MASTER_KEY_ENV, "").strip())
+        key_path = data.resolve(config.sealing.master_key_file)
+        if not from_env:
+            # Step 1: the new key joins the file before anything is sealed under it.
+            keyring.write_file(key_path, [*keyring.all_keys(), MasterKey.generate()])
+        services = Services.build(db, keyring, clock)
+        report = await services.vault.reseal_all(SYSTEM_CALLER)
+        retired = list(report.retired_key_ids)
+        if not from_env and not keep_old:
+            # Step 3: drop old keys, except any that another process sealed with meanwhile.
+            in_use = await services.vault.key_usage()
+            keep = [
+                k for k in keyring.all_keys() if k.key_id == report.key_id or k.key_id in in_use
+            ]
+            keyring.write_file(key_path, keep)
+            retired = [k for k in retired if k not in in_use]
+        return {
+            "active_key_id": report.key_id,
+            "resealed": report.resealed,
+            "retired_key_ids": retired,
+            "key_source": MASTER_KEY_ENV if from_env else str(key_path),
+        }
+    finally:
+        await db.close()
+
+
+@keys_group.command("rotate")
+@data_option
+@click.option("--keep-old", is_flag=True, help="Keep retired keys in the key file.")
+@click.option("--json", "as_json", is_flag=True)
+def keys_rotate(data_dir: Path, config_path: Path | None, keep_old: bool, as_json: bool) -> None:
+    """Seal everything under a new master key.
+
+    With a key file: a new key is added, every secret is re-sealed under it, and the old keys
+    are removed from the file (unless --keep-old). With FLEETGATE_MASTER_KEY: put the new key
+    first in the variable (new,old), run this, then drop the old one.
+    """
+    try:
+        result = asyncio.run(_rotate(data_dir, config_path, keep_old))
+    except FleetgateError as exc:
+        raise _fail(exc) from None
+    emit(result, as_json, fields=("active_key_id", "resealed", "retired_key_ids", "key_source"))

@@ -1,0 +1,1 @@
+"""The data path: listener -> identity -> policy -> upstream -> relay."""

@@ -1,0 +1,245 @@
+"""The composition root: one event loop, one task group, SIGTERM drains, SIGHUP reloads."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from fleetgate import __version__, logs
+from fleetgate.api.app import build_app
+from fleetgate.clock import Clock, SystemClock
+from fleetgate.config import Config, load_config
+from fleetgate.config.schema import split_host_port
+from fleetgate.datadir import DataDir, prepare
+from fleetgate.dataplane.listeners import ListenerSet
+from fleetgate.errors import ConfigError
+from fleetgate.health import Health
+from fleetgate.metrics import Metrics
+from fleetgate.sealing import Keyring, Secret
+from fleetgate.sealing.keyring import ENV_VAR as MASTER_KEY_ENV
+from fleetgate.sealing.keyring import load_keyring
+from fleetgate.services.bundle import Services
+from fleetgate.services.context import SYSTEM_CALLER
+from fleetgate.store import Database, open_database
+from fleetgate.store.migrations import migrate
+from fleetgate.store.sealed import SealedSecretRepo
+
+log = logs.get_logger("fleetgate.runtime")
+ADMIN_TOKEN_ENV = "FLEETGATE_ADMIN_TOKEN"  # noqa: S105 - a variable name
+RESTART_KEYS = ("node_name", "api", "store", "sealing")
+
+
+class _ApiServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the runtime owns SIGTERM and SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[no-untyped-def]
+        yield
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    data_dir: Path
+    config_path: Path | None
+    env: Mapping[str, str]
+
+
+async def open_keyring(
+    data: DataDir, config: Config, db: Database, env: Mapping[str, str]
+) -> Keyring:
+    """The configured keyring; a key file is created only while nothing is sealed yet."""
+    key_path = data.resolve(config.sealing.master_key_file)
+    if env.get(MASTER_KEY_ENV, "").strip() or key_path.exists():
+        return load_keyring(key_path, dict(env))
+    async with db.snapshot() as tx:
+        in_use = await SealedSecretRepo(tx).key_ids_in_use()
+    if in_use:
+        raise ConfigError(
+            f"sealing.master_key_file: {key_path} is missing but {sum(in_use.values())} secrets "
+            f"are sealed under {', '.join(sorted(in_use))}; restore the key file or set "
+            f"{MASTER_KEY_ENV}"
+        )
+    keyring = Keyring.create_file(key_path)
+    log.info("sealing.master_key_created", path=str(key_path), key_id=keyring.active.key_id)
+    return keyring
+
+
+def _bind_api_socket(address: str) -> socket.socket:
+    host, port = split_host_port(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"api.listen: cannot bind {address}: {exc.strerror}") from None
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def _announce_admin_token(secret: Secret) -> None:
+    """The one time the first admin token is shown; it goes to stdout, never to the log."""
+    sys.stdout.write(
+        "\nfleetgate: the first admin API token (shown once; only its hash is stored):\n\n"
+        f"    {secret.reveal_text()}\n\n"
+        f"    export FLEETGATE_TOKEN={secret.reveal_text()}\n\n"
+    )
+    sys.stdout.flush()
+
+
+class Gateway:
+    """Everything one serving process owns."""
+
+    def __init__(self, options: ServeOptions, data: DataDir, config: Config, clock: Clock) -> None:
+        self.options = options
+        self.data = data
+        self.config = config
+        self.clock = clock
+        self.health = Health()
+        self.metrics = Metrics()
+        self.stop = asyncio.Event()
+
+    async def run(self) -> None:
+        db = await open_database(self.config.store, self.data.path)
+        try:
+            await self._run_with(db)
+        finally:
+            await db.close()
+
+    async def _run_with(self, db: Database) -> None:
+        applied = await migrate(db, self.clock)
+        if applied:
+            log.info("store.migrated", backend=db.dialect, versions=applied)
+        keyring = await open_keyring(self.data, self.config, db, self.options.env)
+        services = Services.build(db, keyring, self.clock)
+        await services.groups.ensure_default()
+        await self._bootstrap_token(services)
+
+        listeners = ListenerSet(
+            services.devices.find_by_address, self.metrics, self.clock, self.health
+        )
+        await listeners.apply(self.config.listeners)
+        sock = _bind_api_socket(self.config.api.listen)
+        app = build_app(
+            services,
+            self.health,
+            self.metrics,
+            self.clock,
+            max_body_bytes=self.config.api.max_body_bytes,
+        )
+        server = _ApiServer(
+            uvicorn.Config(
+                app,
+                log_config=None,
+                access_log=False,
+                lifespan="off",
+                server_header=False,
+                proxy_headers=False,
+                timeout_graceful_shutdown=int(self.config.api.drain_timeout_s) or None,
+            )
+        )
+        loop = asyncio.get_running_loop()
+        reloads: asyncio.Queue[None] = asyncio.Queue()
+        loop.add_signal_handler(signal.SIGTERM, self.stop.set)
+        loop.add_signal_handler(signal.SIGINT, self.stop.set)
+        loop.add_signal_handler(signal.SIGHUP, reloads.put_nowait, None)
+        host, port = sock.getsockname()[:2]
+        log.info(
+            "gateway.started",
+            version=__version__,
+            node=self.config.node_name,
+            api=f"http://{host if ':' not in host else f'[{host}]'}:{port}",
+            store=db.dialect,
+            data_dir=str(self.data.path),
+            pid=os.getpid(),
+        )
+        try:
+            async with asyncio.TaskGroup() as tg:
+                api_task = tg.create_task(server.serve(sockets=[sock]))
+                reload_task = tg.create_task(self._reload_loop(reloads, listeners))
+                await self.stop.wait()
+                log.info("gateway.draining", timeout_s=self.config.api.drain_timeout_s)
+                self.health.draining = True
+                reload_task.cancel()
+                server.should_exit = True
+                await listeners.close(self.config.api.drain_timeout_s)
+                await api_task
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            sock.close()
+        log.info("gateway.stopped")
+
+    async def _bootstrap_token(self, services: Services) -> None:
+        wanted = self.options.env.get(ADMIN_TOKEN_ENV)
+        secret = await services.tokens.bootstrap_admin(
+            SYSTEM_CALLER, Secret(wanted) if wanted else None
+        )
+        if secret is None:
+            if wanted:
+                try:
+                    await services.tokens.authenticate(wanted)
+                except Exception:
+                    log.warning(
+                        "bootstrap.admin_token_ignored",
+                        reason=f"{ADMIN_TOKEN_ENV} only applies to a store without tokens",
+                    )
+            return
+        if wanted:
+            log.info("bootstrap.admin_token_created", source=ADMIN_TOKEN_ENV)
+        else:
+            log.info("bootstrap.admin_token_created", source="generated")
+            _announce_admin_token(secret)
+
+    async def _reload_loop(self, reloads: asyncio.Queue[None], listeners: ListenerSet) -> None:
+        while True:
+            await reloads.get()
+            await self.reload(listeners)
+
+    async def reload(self, listeners: ListenerSet) -> None:
+        try:
+            fresh = await asyncio.to_thread(load_config, self.data.config_path, self.options.env)
+        except ConfigError as exc:
+            self.metrics.config_reloads.labels("failed").inc()
+            log.error("config.reload_failed", detail=exc.detail, kept="previous configuration")
+            return
+        needs_restart = [
+            key for key in RESTART_KEYS if getattr(fresh, key) != getattr(self.config, key)
+        ]
+        if needs_restart:
+            log.warning(
+                "config.restart_required",
+                keys=needs_restart,
+                detail="these sections apply at the next start; the rest is applied now",
+            )
+        logs.configure(fresh.log.format, fresh.log.level)
+        await listeners.apply(fresh.listeners)
+        self.config = fresh.model_copy(
+            update={key: getattr(self.config, key) for key in needs_restart}
+        )
+        self.metrics.config_reloads.labels("applied").inc()
+        log.info("config.reloaded", listeners=sorted(fresh.listeners))
+
+
+def serve(options: ServeOptions, clock: Clock | None = None) -> int:
+    """Run until SIGTERM/SIGINT; the process exit code."""
+    os.umask(0o077)  # the database, keys and config are nobody else's business
+    data = prepare(options.data_dir, options.config_path)
+    config = load_config(data.config_path, options.env)
+    logs.configure(config.log.format, config.log.level)
+    gateway = Gateway(options, data, config, clock or SystemClock())
+    import uvloop
+
+    uvloop.run(gateway.run())
+    return 0

@@ -1,0 +1,1 @@
+"""Contract tests for the store, run identically on SQLite and PostgreSQL."""

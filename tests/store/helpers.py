@@ -1,0 +1,76 @@
+"""Small helpers for the store contract tests: callers, raw reads, and failure injection."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fleetgate.auth.authz import Principal
+from fleetgate.records import AuditEntry, Role
+from fleetgate.services.context import Caller
+from fleetgate.store import Database
+from fleetgate.store.audit import AuditFilter, AuditRepo
+
+TABLES = (
+    "groups",
+    "devices",
+    "device_attributes",
+    "device_addresses",
+    "api_tokens",
+    "audit_log",
+    "sealed_secrets",
+    "schema_migrations",
+)
+
+
+def caller(role: Role, *groups: str, token_id: str | None = None) -> Caller:
+    """A caller holding a token of ``role`` limited to ``groups`` (none: every group)."""
+    ident = token_id or f"{role.value}-{'-'.join(groups) or 'all'}"
+    return Caller(
+        principal=Principal(token_id=ident, name=ident, role=role, groups=tuple(groups)),
+        request_id=f"req-{ident}",
+        source="203.0.113.7",
+    )
+
+
+async def rows(db: Database, table: str, order_by: str = "1") -> list[dict[str, Any]]:
+    """Every row of ``table``, read directly (no repository in between)."""
+    assert table in TABLES
+    async with db.snapshot() as tx:
+        return [dict(r) for r in await tx.fetch(f"SELECT * FROM {table} ORDER BY {order_by}")]
+
+
+async def count(db: Database, table: str) -> int:
+    assert table in TABLES
+    async with db.snapshot() as tx:
+        row = await tx.fetchrow(f"SELECT COUNT(*) AS n FROM {table}")
+    assert row is not None
+    return int(row["n"])
+
+
+async def audit_entries(db: Database, **where: Any) -> list[AuditEntry]:
+    """Audit entries, newest first, read straight from the repository (no scoping)."""
+    async with db.snapshot() as tx:
+        return await AuditRepo(tx).list(AuditFilter(**where), limit=10_000)
+
+
+async def fail_audit_appends(db: Database, action: str) -> None:
+    """Make the store refuse audit entries for ``action``, as a failing write would.
+
+    A service that writes its change and the audit entry in one transaction must then leave no
+    trace of the change either.
+    """
+    async with db.transaction() as tx:
+        if tx.dialect == "sqlite":
+            await tx.execute(
+                f"CREATE TRIGGER test_refuse_audit BEFORE INSERT ON audit_log "
+                f"WHEN NEW.action = '{action}' "
+                "BEGIN SELECT RAISE(ABORT, 'test: audit append refused'); END"
+            )
+        else:
+            await tx.execute(
+                "CREATE FUNCTION test_refuse_audit() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                f"BEGIN IF NEW.action = '{action}' THEN "
+                "RAISE EXCEPTION 'test: audit append refused'; END IF; RETURN NEW; END $$; "
+                "CREATE TRIGGER test_refuse_audit BEFORE INSERT ON audit_log "
+                "FOR EACH ROW EXECUTE FUNCTION test_refuse_audit()"
+            )

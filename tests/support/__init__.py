@@ -1,0 +1,1 @@
+"""Helpers shared by test suites (imported as ``support``: ``tests/`` is the package root)."""
