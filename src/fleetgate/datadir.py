@@ -7,7 +7,6 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleetgate.config.load import default_config_text
 from fleetgate.errors import ConfigError
 from fleetgate.logs import get_logger
 
@@ -59,5 +58,7 @@ def prepare(path: Path, config_path: Path | None = None) -> DataDir:
         )
     config = config_path.expanduser().absolute() if config_path else path / CONFIG_NAME
     if config_path is None and not config.exists():
+        from fleetgate.config.load import default_config_text
+
         _write_new(config, default_config_text(), 0o600)
     return DataDir(path=path, config_path=config, created=created)

@@ -55,7 +55,7 @@ class Forbidden(FleetgateError):
 
 
 class NotFound(FleetgateError):
-    kind = ErrorKind("not-found", "Not found", 404, 69)
+    kind = ErrorKind("not-found", "Not found", 404, 66)
 
 
 class Conflict(FleetgateError):

@@ -1,0 +1,14 @@
+# The two commands: `make run` starts the gateway, `make test` installs test needs and runs them.
+.PHONY: run test lint fmt
+
+run:
+	scripts/run
+
+test:
+	scripts/test
+
+lint:
+	.venv/bin/ruff check src tests && .venv/bin/ruff format --check src tests && .venv/bin/mypy
+
+fmt:
+	.venv/bin/ruff format src tests && .venv/bin/ruff check --fix src tests

@@ -1,0 +1,124 @@
+"""The plain TCP listener: source address -> registered device -> relay to forward_to."""
+
+from __future__ import annotations
+
+import socket
+import socketserver
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from e2e.conftest import ADMIN
+from e2e.gateway import Gateway, GatewayFactory, free_port
+
+
+class _Echo(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        while data := sock.recv(65536):
+            sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)  # echo the half-close back
+
+
+@pytest.fixture
+def echo_server() -> Iterator[int]:
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+@dataclass(frozen=True)
+class Relay:
+    gateway: Gateway
+    port: int  # the listener's
+
+
+@pytest.fixture
+def relay(gateway_factory: GatewayFactory, echo_server: int) -> Relay:
+    port = free_port()
+    gw = gateway_factory(
+        FLEETGATE_ADMIN_TOKEN=ADMIN,
+        FLEETGATE_LISTENERS__PLC__BIND=f"127.0.0.1:{port}",
+        FLEETGATE_LISTENERS__PLC__FORWARD_TO=f"127.0.0.1:{echo_server}",
+    ).start()
+    gw.wait_for("listener.bound")
+    return Relay(gw, port)
+
+
+def _exchange(port: int, payload: bytes, source: str = "127.0.0.1") -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0)) as s:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        received = bytearray()
+        while chunk := s.recv(65536):
+            received += chunk
+        return bytes(received)
+
+
+def test_registered_device_is_relayed_with_half_close(relay: Relay) -> None:
+    relay_gateway = relay.gateway
+    with relay_gateway.client(ADMIN) as api:
+        assert api.post("/v1/devices", json={"id": "plc-1", "addresses": ["127.0.0.1"]}).is_success
+    payload = bytes(range(256)) * 4096  # 1 MiB: crosses many reads and back-pressure
+    assert _exchange(relay.port, payload) == payload
+    closed = relay_gateway.wait_for("listener.closed")
+    assert closed["device"] == "plc-1"
+    assert closed["up_bytes"] == closed["down_bytes"] == len(payload)
+    with relay_gateway.client(None) as api:
+        metrics = api.get("/metrics").text
+    assert 'fleetgate_listener_connections_total{listener="plc",outcome="relayed"} 1.0' in metrics
+
+
+def test_unknown_and_disabled_devices_are_refused_and_logged(relay: Relay) -> None:
+    relay_gateway, port = relay.gateway, relay.port
+    assert _exchange(port, b"hello", source="127.0.0.2") == b""
+    refused = relay_gateway.wait_for("listener.refused")
+    assert refused["reason"] == "unknown_device"
+    assert refused["source"] == "127.0.0.2"
+
+    with relay_gateway.client(ADMIN) as api:
+        body = {"id": "plc-2", "addresses": ["127.0.0.2"], "status": "disabled"}
+        assert api.post("/v1/devices", json=body).is_success
+    assert _exchange(port, b"hello", source="127.0.0.2") == b""
+    relay_gateway.wait_for("listener.refused", lambda e: e["reason"] == "device_disabled")
+
+    with relay_gateway.client(ADMIN) as api:
+        assert api.patch("/v1/devices/plc-2", json={"status": "enabled"}).is_success
+    assert _exchange(port, b"hello", source="127.0.0.2") == b"hello"
+
+
+def test_unreachable_destination_is_logged(gateway_factory: GatewayFactory) -> None:
+    port = free_port()
+    gw = gateway_factory(
+        FLEETGATE_ADMIN_TOKEN=ADMIN,
+        FLEETGATE_LISTENERS__PLC__BIND=f"127.0.0.1:{port}",
+        FLEETGATE_LISTENERS__PLC__FORWARD_TO=f"127.0.0.1:{free_port()}",
+    ).start()
+    with gw.client(ADMIN) as api:
+        assert api.post("/v1/devices", json={"id": "d", "addresses": ["127.0.0.1"]}).is_success
+    assert _exchange(port, b"x") == b""
+    failed = gw.wait_for("upstream.connect_failed")
+    assert failed["reason"] == "connect_failed"
+    assert failed["device"] == "d"
+
+
+def test_listener_that_cannot_bind_makes_readyz_fail(gateway_factory: GatewayFactory) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        gw = gateway_factory(
+            FLEETGATE_ADMIN_TOKEN=ADMIN,
+            FLEETGATE_LISTENERS__PLC__BIND=f"127.0.0.1:{busy}",
+            FLEETGATE_LISTENERS__PLC__FORWARD_TO="127.0.0.1:9",
+        ).start()
+        with gw.client(None) as api:
+            ready = api.get("/readyz")
+        assert ready.status_code == 503
+        assert "cannot bind" in ready.json()["checks"]["listeners"]["plc"]
