@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +45,8 @@ class Gateway:
     process: subprocess.Popen[str] | None = None
     stdout_lines: list[str] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
-    _queue: queue.Queue[dict[str, Any] | None] = field(default_factory=queue.Queue)
+    exited: bool = False
+    _changed: threading.Condition = field(default_factory=threading.Condition)
     _threads: list[threading.Thread] = field(default_factory=list)
 
     @property
@@ -61,7 +62,7 @@ class Gateway:
         }
         self.stdout_lines = []
         self.events = []
-        self._queue = queue.Queue()
+        self.exited = False
         self.process = subprocess.Popen(
             fleetgate_argv("serve", "--data", str(self.data_dir)),
             env=env,
@@ -91,29 +92,40 @@ class Gateway:
                 event = json.loads(line)
             except ValueError:
                 event = {"event": "unparsed", "line": line.rstrip("\n")}
-            self.events.append(event)
-            self._queue.put(event)
-        self._queue.put(None)  # the process closed its log: it is exiting
+            with self._changed:
+                self.events.append(event)
+                self._changed.notify_all()
+        with self._changed:
+            self.exited = True  # the process closed its log: it is exiting
+            self._changed.notify_all()
+
+    def mark(self) -> int:
+        """A position in the log; ``wait_for(..., since=mark)`` looks only at later events."""
+        with self._changed:
+            return len(self.events)
 
     def wait_for(
         self,
         name: str,
         predicate: Callable[[dict[str, Any]], bool] = lambda _: True,
+        *,
+        since: int = 0,
         timeout_s: float = STARTUP_TIMEOUT_S,
     ) -> dict[str, Any]:
         """Block until the gateway logs ``name`` (matching ``predicate``); fail if it exits."""
-        for event in self.events:
-            if event.get("event") == name and predicate(event):
-                return event
-        while True:
-            try:
-                event = self._queue.get(timeout=timeout_s)
-            except queue.Empty:
-                raise AssertionError(f"no {name} within {timeout_s}s; log: {self.events}") from None
-            if event is None:
-                raise AssertionError(f"gateway exited before {name}; log: {self.events}")
-            if event.get("event") == name and predicate(event):
-                return event
+        deadline = time.monotonic() + timeout_s
+        position = since
+        with self._changed:
+            while True:
+                for event in self.events[position:]:
+                    if event.get("event") == name and predicate(event):
+                        return event
+                position = len(self.events)
+                if self.exited:
+                    raise AssertionError(f"gateway exited before {name}; log: {self.events}")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._changed.wait(remaining):
+                    raise AssertionError(f"no {name} within {timeout_s}s; log: {self.events}")
 
     def client(self, token: str | None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}

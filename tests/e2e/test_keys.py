@@ -1,0 +1,69 @@
+"""`fleetgate keys rotate` on a data directory: everything re-sealed under a new master key."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from pathlib import Path
+
+from e2e.gateway import GatewayFactory, base_env, fleetgate_argv
+from fleetgate.clock import SystemClock
+from fleetgate.sealing import Keyring, Secret
+from fleetgate.services.vault import Vault
+from fleetgate.store.sqlite import SqliteDatabase
+
+SECRETS = {f"credential:dev-{n}:key": Secret(f"private key {n}".encode()) for n in range(5)}
+
+
+async def _seal_all(data: Path) -> None:
+    db = await SqliteDatabase.open(data / "fleetgate.db")
+    try:
+        vault = Vault(db, Keyring.from_file(data / "master.key"), SystemClock())
+        for name, value in SECRETS.items():
+            await vault.put(name, value)
+    finally:
+        await db.close()
+
+
+async def _open_all(data: Path) -> tuple[dict[str, Secret | None], dict[str, int]]:
+    db = await SqliteDatabase.open(data / "fleetgate.db")
+    try:
+        vault = Vault(db, Keyring.from_file(data / "master.key"), SystemClock())
+        return {name: await vault.get(name) for name in SECRETS}, await vault.key_usage()
+    finally:
+        await db.close()
+
+
+def test_rotate_reseals_every_secret_and_retires_the_old_key(
+    gateway_factory: GatewayFactory,
+) -> None:
+    gw = gateway_factory(FLEETGATE_ADMIN_TOKEN="t").start()
+    assert gw.stop() == 0
+    data = gw.data_dir
+    old_key_id = Keyring.from_file(data / "master.key").active.key_id
+    asyncio.run(_seal_all(data))
+
+    result = subprocess.run(
+        fleetgate_argv("keys", "rotate", "--data", str(data), "--json"),
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["resealed"] == len(SECRETS)
+    assert report["retired_key_ids"] == [old_key_id]
+    keyring = Keyring.from_file(data / "master.key")
+    assert keyring.key_ids == [report["active_key_id"]] != [old_key_id]
+
+    opened, usage = asyncio.run(_open_all(data))
+    assert opened == SECRETS
+    assert usage == {report["active_key_id"]: len(SECRETS)}
+
+    gw.start()
+    with gw.client("t") as api:
+        entries = api.get("/v1/audit", params={"action": "keys.rotate"}).json()["items"]
+    assert entries[0]["after"] == {"active_key_id": report["active_key_id"], "resealed": 5}
