@@ -21,7 +21,7 @@ from fleetgate.config import Config, load_config
 from fleetgate.config.schema import split_host_port
 from fleetgate.datadir import DataDir, prepare
 from fleetgate.dataplane.listeners import ListenerSet
-from fleetgate.errors import ConfigError
+from fleetgate.errors import ConfigError, Unauthenticated
 from fleetgate.health import Health
 from fleetgate.metrics import Metrics
 from fleetgate.sealing import Keyring, Secret
@@ -190,7 +190,7 @@ class Gateway:
             if wanted:
                 try:
                     await services.tokens.authenticate(wanted)
-                except Exception:
+                except Unauthenticated:
                     log.warning(
                         "bootstrap.admin_token_ignored",
                         reason=f"{ADMIN_TOKEN_ENV} only applies to a store without tokens",
