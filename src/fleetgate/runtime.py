@@ -35,7 +35,7 @@ from fleetgate.store.sealed import SealedSecretRepo
 
 log = logs.get_logger("fleetgate.runtime")
 ADMIN_TOKEN_ENV = "FLEETGATE_ADMIN_TOKEN"  # noqa: S105 - a variable name
-RESTART_KEYS = ("node_name", "api", "store", "sealing")
+RESTART_KEYS = ("node", "api", "store", "sealing")
 
 
 class _ApiServer(uvicorn.Server):
@@ -158,7 +158,7 @@ class Gateway:
         log.info(
             "gateway.started",
             version=__version__,
-            node=self.config.node_name,
+            node=self.config.node.name,
             api=f"http://{host if ':' not in host else f'[{host}]'}:{port}",
             store=db.dialect,
             data_dir=str(self.data.path),

@@ -72,7 +72,7 @@ def test_scoped_writers_cannot_write_outside_scope(who: Principal) -> None:
 def test_only_admins_administer() -> None:
     require_admin(ADMIN)
     require_admin(SCOPED_ADMIN)
-    with pytest.raises(Forbidden, match="operator token cannot do this; use an admin token"):
+    with pytest.raises(Forbidden, match="role operator cannot do this; use an admin token"):
         require_admin(OPERATOR)
     with pytest.raises(Forbidden, match="use an admin token"):
         require_admin(VIEWER)

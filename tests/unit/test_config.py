@@ -18,6 +18,7 @@ from fleetgate.config.schema import (
     ApiConfig,
     ListenerConfig,
     LogConfig,
+    NodeConfig,
     SealingConfig,
     StoreConfig,
     split_host_port,
@@ -50,8 +51,8 @@ def test_shipped_default_toml_parses_to_the_model_defaults() -> None:
 
 def test_shipped_default_toml_shows_every_key() -> None:
     text = default_config_text()
-    assert '\nnode_name = "fleetgate-1"\n' in text
     sections: list[tuple[str, type[BaseModel]]] = [
+        ("node", NodeConfig),
         ("api", ApiConfig),
         ("log", LogConfig),
         ("store", StoreConfig),
@@ -93,7 +94,7 @@ def test_unknown_key_lists_the_valid_keys_of_its_table() -> None:
 def test_unknown_top_level_key_lists_the_top_level_keys() -> None:
     detail = config_error("nodename = 'x'\n")
     assert "nodename: unknown key; valid keys here: " in detail
-    assert "api, listeners, log, node_name, sealing, store" in detail
+    assert "api, listeners, log, node, sealing, store" in detail
 
 
 def test_unknown_key_inside_a_listener_lists_listener_keys() -> None:
@@ -200,19 +201,20 @@ def test_env_override_replaces_file_value_with_toml_typed_values() -> None:
 @pytest.mark.parametrize(
     ("text", "value"),
     [
-        ("10", 10),
-        ("true", True),
-        ("false", False),
-        ("2.5", 2.5),
+        ("10", "10"),
+        ("true", "true"),
+        ("2.5", "2.5"),
         ("[1, 2]", [1, 2]),
-        ('"quoted"', "quoted"),
+        ('{a = "b"}', {"a": "b"}),
+        ("[not toml", "[not toml"),
+        ('"quoted"', '"quoted"'),
         ("console", "console"),
         ("0.0.0.0:8080", "0.0.0.0:8080"),
         ("postgresql://u:p@h:5432/db", "postgresql://u:p@h:5432/db"),
         ("", ""),
     ],
 )
-def test_env_values_are_toml_when_they_parse_and_text_otherwise(text: str, value: Any) -> None:
+def test_env_values_are_text_unless_they_are_toml_arrays_or_tables(text: str, value: Any) -> None:
     data, _ = apply_env_overrides({}, {"FLEETGATE_SECTION__KEY": text})
     assert data == {"section": {"key": value}}
     assert type(data["section"]["key"]) is type(value)
@@ -319,14 +321,14 @@ def test_errors_beside_a_dsn_do_not_show_it() -> None:
 def test_config_models_are_frozen() -> None:
     config = parse_config(LISTENER, {})
     for model, attribute, value in [
-        (config, "node_name", "other"),
+        (config.node, "name", "other"),
         (config.api, "listen", "0.0.0.0:1"),
         (config.store, "backend", "postgresql"),
         (config.listeners["plc"], "bind", "0.0.0.0:1"),
     ]:
         with pytest.raises(ValidationError, match="frozen"):
             setattr(model, attribute, value)
-    assert config.node_name == "fleetgate-1"
+    assert config.node.name == "fleetgate-1"
     assert config.api.listen == "127.0.0.1:8080"
 
 
@@ -335,9 +337,9 @@ def test_config_models_are_frozen() -> None:
 
 def test_load_config_reads_the_file_and_env(tmp_path: Path) -> None:
     path = tmp_path / "fleetgate.toml"
-    path.write_text('node_name = "edge-7"\n[log]\nformat = "console"\n', encoding="utf-8")
+    path.write_text('[node]\nname = "edge-7"\n[log]\nformat = "console"\n', encoding="utf-8")
     config = load_config(path, {"FLEETGATE_LOG__LEVEL": "debug"})
-    assert config.node_name == "edge-7"
+    assert config.node.name == "edge-7"
     assert config.log.format == "console"
     assert config.log.level == "debug"
 
@@ -359,7 +361,7 @@ def test_load_config_missing_file_says_how_to_create_it(tmp_path: Path) -> None:
 
 def test_load_config_unreadable_file(tmp_path: Path) -> None:
     path = tmp_path / "latin1.toml"
-    path.write_bytes(b'node_name = "caf\xe9"\n')
+    path.write_bytes(b'[node]\nname = "caf\xe9"\n')
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(path, {})
     with pytest.raises(ConfigError, match="cannot read"):

@@ -236,7 +236,7 @@ def test_from_file_missing_or_empty(tmp_path: Path) -> None:
         Keyring.from_file(tmp_path / "absent.key")
     empty = tmp_path / "empty.key"
     empty.write_text("# only a comment\n\n")
-    with pytest.raises(ConfigError, match="no master key configured"):
+    with pytest.raises(ConfigError, match=r"empty\.key holds no key"):
         Keyring.from_file(empty)
 
 

@@ -50,7 +50,9 @@ def require_write(principal: Principal, group: str) -> None:
 
 def require_admin(principal: Principal) -> None:
     if principal.role is not Role.ADMIN:
-        raise Forbidden(f"an {principal.role.value} token cannot do this; use an admin token")
+        raise Forbidden(
+            f"a token with role {principal.role.value} cannot do this; use an admin token"
+        )
 
 
 def require_unscoped_admin(principal: Principal, what: str) -> None:

@@ -73,6 +73,6 @@ def parse_duration_s(text: str) -> int:
     """``90s``, ``15m``, ``12h``, ``30d`` -> seconds."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     number, unit = text[:-1], text[-1:]
-    if unit not in units or not number.isdigit() or int(number) <= 0:
+    if unit not in units or not (number.isascii() and number.isdigit()) or int(number) <= 0:
         raise click.BadParameter(f"{text!r}: use a positive number with s, m, h or d, like 30d")
     return int(number) * units[unit]

@@ -19,11 +19,14 @@ ENV_NESTING = "__"
 
 
 def _env_value(text: str) -> Any:
-    """An override is a TOML value if it parses as one (``10``, ``true``, ``[1]``), else text."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
+    """An override is text, which the schema converts (``10`` to a number where one is wanted);
+    a TOML array or inline table (``["a", "b"]``, ``{k = 1}``) is parsed as one."""
+    if text.lstrip().startswith(("[", "{")):
+        try:
+            return tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            return text
+    return text
 
 
 def apply_env_overrides(

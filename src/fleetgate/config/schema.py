@@ -25,10 +25,15 @@ def split_host_port(value: str) -> tuple[str, int]:
         raise ValueError(f"{value!r} is not HOST:PORT (for example 127.0.0.1:8080 or [::1]:8080)")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-        ipaddress.IPv6Address(host)
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(
+                f"{value!r}: inside brackets goes an IPv6 address, like [::1]:8080"
+            ) from None
     elif ":" in host:
         raise ValueError(f"{value!r}: write an IPv6 host in brackets, like [::1]:8080")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"{value!r}: the port must be a number from 0 to 65535")
     return host, int(port_text)
 
@@ -95,8 +100,12 @@ class ListenerConfig(Frozen):
 ListenerName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$")]
 
 
+class NodeConfig(Frozen):
+    name: str = Field(default="fleetgate-1", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
 class Config(Frozen):
-    node_name: str = Field(default="fleetgate-1", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+    node: NodeConfig = NodeConfig()
     api: ApiConfig = ApiConfig()
     log: LogConfig = LogConfig()
     store: StoreConfig = StoreConfig()

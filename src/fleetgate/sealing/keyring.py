@@ -63,30 +63,40 @@ def _decode(text: str, where: str) -> MasterKey:
         raise ConfigError(f"{where}: {exc.detail}") from None
 
 
+def _file_stamp(path: Path | None) -> tuple[int, int, int] | None:
+    """What changes whenever the key file is rewritten (``os.replace`` gives a new inode)."""
+    if path is None:
+        return None
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return (info.st_ino, info.st_mtime_ns, info.st_size)
+
+
 class Keyring:
     """The keys that can open sealed data; the active one seals new data."""
 
-    def __init__(self, keys: Iterable[MasterKey], *, path: Path | None = None) -> None:
+    def __init__(
+        self,
+        keys: Iterable[MasterKey],
+        *,
+        path: Path | None = None,
+        stamp: tuple[int, int, int] | None = None,
+    ) -> None:
         ordered = list(keys)
         if not ordered:
-            raise ConfigError("no master key configured; set FLEETGATE_MASTER_KEY or a key file")
+            where = f"{path} holds no key" if path else "no master key configured"
+            raise ConfigError(f"{where}; set FLEETGATE_MASTER_KEY or add a key to the key file")
         self._keys = {k.key_id: k for k in ordered}
         self._active = ordered[-1]
         self.path = path
-        self._stamp = self._file_stamp()
-
-    def _file_stamp(self) -> tuple[int, int] | None:
-        if self.path is None:
-            return None
-        try:
-            info = self.path.stat()
-        except OSError:
-            return None
-        return (info.st_mtime_ns, info.st_size)
+        # Taken before the file was read, so a rewrite in between is noticed next time.
+        self._stamp = stamp if stamp is not None else _file_stamp(path)
 
     def _refresh(self) -> None:
         """Pick up a rotation made by another process (``fleetgate keys rotate``)."""
-        if self.path is None or self._file_stamp() == self._stamp:
+        if self.path is None or _file_stamp(self.path) == self._stamp:
             return
         fresh = Keyring.from_file(self.path)
         self._keys, self._active, self._stamp = fresh._keys, fresh._active, fresh._stamp
@@ -118,6 +128,7 @@ class Keyring:
 
     @classmethod
     def from_file(cls, path: Path) -> Keyring:
+        stamp = _file_stamp(path)
         try:
             text = path.read_text()
         except OSError as exc:
@@ -127,7 +138,7 @@ class Keyring:
             stripped = line.strip()
             if stripped and not stripped.startswith("#"):
                 keys.append(_decode(stripped, f"{path}:{number}"))
-        return cls(keys, path=path)
+        return cls(keys, path=path, stamp=stamp)
 
     @classmethod
     def create_file(cls, path: Path) -> Keyring:
@@ -157,7 +168,7 @@ class Keyring:
         self._keys = {k.key_id: k for k in keys}
         self._active = keys[-1]
         self.path = path
-        self._stamp = self._file_stamp()
+        self._stamp = _file_stamp(path)
 
     def all_keys(self) -> list[MasterKey]:
         return list(self._keys.values())

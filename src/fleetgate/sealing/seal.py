@@ -37,9 +37,11 @@ def seal(keyring: Keyring, name: str, value: Secret) -> SealedBox:
 
 def open_box(keyring: Keyring, name: str, box: SealedBox) -> Secret:
     key = keyring.get(box.key_id)
+    if len(box.nonce) != NONCE_BYTES:
+        raise SealingError(f"sealed secret {name!r} has a {len(box.nonce)}-byte nonce; corrupt")
     aead = AESGCM(key.material.reveal())
     try:
         plain = aead.decrypt(box.nonce, box.ciphertext, _AAD_PREFIX + name.encode())
-    except InvalidTag:
+    except (InvalidTag, ValueError):
         raise SealingError(f"sealed secret {name!r} failed authentication") from None
     return Secret(plain)

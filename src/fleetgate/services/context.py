@@ -32,9 +32,12 @@ def decode_cursor(cursor: str | None) -> str | None:
         return None
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
-        return base64.urlsafe_b64decode(padded.encode()).decode()
+        value = base64.b64decode(padded.encode(), altchars=b"-_", validate=True).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise InvalidRequest("cursor is not one this API returned", field="cursor") from None
+        value = ""
+    if not value:
+        raise InvalidRequest("cursor is not one this API returned", field="cursor")
+    return value
 
 
 def check_limit(limit: int) -> int:
