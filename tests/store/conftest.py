@@ -2,11 +2,15 @@
 
 ``store`` names one empty store (a SQLite file, or a fresh PostgreSQL database on the session's
 throwaway server) and can open several handles on it; ``db`` is one opened, migrated handle.
+
+The session-scoped ``pg_server`` fixture (a throwaway server from ``support.postgres``, failing,
+never skipping, when PostgreSQL is not installed) lives in ``tests/conftest.py``, shared with the
+end-to-end suite. It is requested lazily, so ``-m "not postgres"`` starts no server.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,23 +26,12 @@ from fleetgate.store.database import Dialect
 from fleetgate.store.migrations import migrate
 from fleetgate.store.postgres import PostgresDatabase
 from fleetgate.store.sqlite import SqliteDatabase
-from support.postgres import PostgresNotInstalled, PostgresServer
+from support.postgres import PostgresServer
 
 BACKENDS = [
     pytest.param("sqlite", id="sqlite"),
     pytest.param("postgresql", id="postgresql", marks=pytest.mark.postgres),
 ]
-
-
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PostgresServer]:
-    """One throwaway PostgreSQL server for the session (synchronous, so it can be shared)."""
-    try:
-        server = PostgresServer.start()
-    except PostgresNotInstalled as exc:
-        pytest.fail(str(exc), pytrace=False)
-    with server:
-        yield server
 
 
 @pytest.fixture
@@ -58,6 +51,11 @@ class Store:
         handle = await self._opener()
         self._handles.append(handle)
         return handle
+
+    async def close(self, handle: Database) -> None:
+        """Close one handle now (a backend's ``close`` need not be idempotent)."""
+        self._handles.remove(handle)
+        await handle.close()
 
     async def close_all(self) -> None:
         while self._handles:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
 from typing import Any
 
 from fleetgate.auth.authz import Principal
@@ -10,6 +12,7 @@ from fleetgate.services.context import Caller
 from fleetgate.store import Database
 from fleetgate.store.audit import AuditFilter, AuditRepo
 
+# The tables of the registry schema (version 1); later versions add more, never fewer.
 TABLES = (
     "groups",
     "devices",
@@ -20,6 +23,23 @@ TABLES = (
     "sealed_secrets",
     "schema_migrations",
 )
+_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+
+async def table_names(db: Database) -> list[str]:
+    """Every table the store holds, read from the backend's catalog."""
+    async with db.snapshot() as tx:
+        if tx.dialect == "sqlite":
+            found = await tx.fetch(
+                "SELECT name FROM sqlite_master WHERE type = 'table' "
+                "AND name NOT LIKE 'sqlite_%' ORDER BY name"
+            )
+        else:
+            found = await tx.fetch(
+                "SELECT table_name AS name FROM information_schema.tables "
+                "WHERE table_schema = 'public' AND table_type = 'BASE TABLE' ORDER BY table_name"
+            )
+    return [str(r["name"]) for r in found]
 
 
 def caller(role: Role, *groups: str, token_id: str | None = None) -> Caller:
@@ -34,13 +54,13 @@ def caller(role: Role, *groups: str, token_id: str | None = None) -> Caller:
 
 async def rows(db: Database, table: str, order_by: str = "1") -> list[dict[str, Any]]:
     """Every row of ``table``, read directly (no repository in between)."""
-    assert table in TABLES
+    assert _NAME.fullmatch(table), table
     async with db.snapshot() as tx:
         return [dict(r) for r in await tx.fetch(f"SELECT * FROM {table} ORDER BY {order_by}")]
 
 
 async def count(db: Database, table: str) -> int:
-    assert table in TABLES
+    assert _NAME.fullmatch(table), table
     async with db.snapshot() as tx:
         row = await tx.fetchrow(f"SELECT COUNT(*) AS n FROM {table}")
     assert row is not None
@@ -74,3 +94,17 @@ async def fail_audit_appends(db: Database, action: str) -> None:
                 "CREATE TRIGGER test_refuse_audit BEFORE INSERT ON audit_log "
                 "FOR EACH ROW EXECUTE FUNCTION test_refuse_audit()"
             )
+
+
+async def warm_up(db: Database, connections: int = 5) -> None:
+    """Have a pooled backend open ``connections`` connections, so a race starts at once.
+
+    Otherwise the first task runs on the pool's only connection while the others are still
+    connecting, and a "concurrent" test quietly runs its tasks one after another.
+    """
+
+    async def hold() -> None:
+        async with db.snapshot() as tx:
+            await tx.fetch("SELECT 1 AS one")
+
+    await asyncio.gather(*(hold() for _ in range(connections)))

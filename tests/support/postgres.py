@@ -124,27 +124,26 @@ class PostgresServer:
                 account = pwd.getpwnam(run_as)
                 os.chown(root, account.pw_uid, account.pw_gid)
             server._initdb()
-            last_error: Exception | None = None
-            for _ in range(START_ATTEMPTS):  # the free port may be taken before we bind it
-                server.port = free_port()
-                try:
-                    server._pg_ctl_start()
-                    return server
-                except PostgresCommandFailed as exc:
-                    last_error = exc
-            assert last_error is not None
-            raise last_error
+            server._start_on_a_free_port()
         except BaseException:
             server._remove()
             raise
+        return server
 
     def stop(self) -> None:
         """Stop the server (immediate mode: nothing to keep) and delete its directory."""
         try:
             if (self.data_dir / "postmaster.pid").exists():
                 result = self._run(
-                    [str(self.bindir / "pg_ctl"), "-D", str(self.data_dir), "-m", "immediate",
-                     "-w", "stop"],
+                    [
+                        str(self.bindir / "pg_ctl"),
+                        "-D",
+                        str(self.data_dir),
+                        "-m",
+                        "immediate",
+                        "-w",
+                        "stop",
+                    ],
                     check=False,
                 )
                 if result.returncode != 0:
@@ -163,12 +162,16 @@ class PostgresServer:
     def _next_name(self) -> str:
         return f"test_{next(self._counter)}"
 
-    async def create_database(self) -> str:
-        """``CREATE DATABASE test_N``; the new database's DSN."""
+    async def create_database(self, options: str = "") -> str:
+        """``CREATE DATABASE test_N [options]``; the new database's DSN.
+
+        ``options`` is trusted SQL from the test itself, e.g. ``TEMPLATE template0
+        LOCALE_PROVIDER icu ICU_LOCALE 'en-US'`` for a database with another collation.
+        """
         name = self._next_name()
         conn = await asyncpg.connect(self.dsn, timeout=10)
         try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
+            await conn.execute(f'CREATE DATABASE "{name}" {options}'.rstrip())
         finally:
             await conn.close()
         return self.dsn_for(name)
@@ -178,8 +181,17 @@ class PostgresServer:
         name = self._next_name()
         psql = self.bindir / "psql"
         self._run(
-            [str(psql if psql.exists() else "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1",
-             "-d", self.dsn, "-c", f'CREATE DATABASE "{name}"']
+            [
+                str(psql if psql.exists() else "psql"),
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                self.dsn,
+                "-c",
+                f'CREATE DATABASE "{name}"',
+            ]
         )
         return self.dsn_for(name)
 
@@ -254,6 +266,18 @@ class PostgresServer:
                 "start",
             ]
         )
+
+    def _start_on_a_free_port(self) -> None:
+        for attempt in range(1, START_ATTEMPTS + 1):
+            self.port = free_port()
+            try:
+                self._pg_ctl_start()
+            except PostgresCommandFailed:
+                # Another process may take the port between our probe and the server's bind.
+                if attempt == START_ATTEMPTS:
+                    raise
+            else:
+                return
 
     def _log_tail(self, lines: int = 30) -> str:
         try:
