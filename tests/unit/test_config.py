@@ -15,10 +15,12 @@ from pydantic import BaseModel, ValidationError
 from fleetgate.config import Config, load_config, parse_config
 from fleetgate.config.load import apply_env_overrides, default_config_text
 from fleetgate.config.schema import (
+    AlertConfig,
     ApiConfig,
     ListenerConfig,
     LogConfig,
     NodeConfig,
+    PkiConfig,
     SealingConfig,
     StoreConfig,
     split_host_port,
@@ -57,12 +59,18 @@ def test_shipped_default_toml_shows_every_key() -> None:
         ("log", LogConfig),
         ("store", StoreConfig),
         ("sealing", SealingConfig),
+        ("pki", PkiConfig),
+        ("pki.alerts", AlertConfig),
     ]
     for section, model in sections:
         assert f"\n[{section}]\n" in text
-        for key in model.model_fields:
-            # The DSN holds a password, so the file only shows it commented out.
-            shown = f"\n# {key} = " if key == "postgresql_dsn" else f"\n{key} = "
+        for key, info in model.model_fields.items():
+            if isinstance(info.default, BaseModel):
+                continue  # a sub-table, checked as its own section
+            # Keys without a default value (the DSN, which holds a password; URLs that
+            # depend on the site) are shown commented out.
+            commented = key in ("postgresql_dsn", "public_url", "webhook_url")
+            shown = f"\n# {key} = " if commented else f"\n{key} = "
             assert shown in text, f"{section}.{key} is not in default.toml"
 
 
@@ -94,7 +102,7 @@ def test_unknown_key_lists_the_valid_keys_of_its_table() -> None:
 def test_unknown_top_level_key_lists_the_top_level_keys() -> None:
     detail = config_error("nodename = 'x'\n")
     assert "nodename: unknown key; valid keys here: " in detail
-    assert "api, listeners, log, node, sealing, store" in detail
+    assert "api, listeners, log, node, pki, sealing, store" in detail
 
 
 def test_unknown_key_inside_a_listener_lists_listener_keys() -> None:

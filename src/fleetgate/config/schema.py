@@ -85,6 +85,40 @@ class SealingConfig(Frozen):
     master_key_file: str = "master.key"
 
 
+class AlertConfig(Frozen):
+    """Expiry alerts for every certificate and CRL fleetgate holds."""
+
+    thresholds_days: tuple[float, ...] = (30.0, 7.0, 1.0)
+    webhook_url: str | None = Field(default=None, pattern=r"^https?://")
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=120)
+    max_attempts: int = Field(default=8, ge=1, le=100)
+
+
+class PkiConfig(Frozen):
+    """The built-in CA: algorithms, lifetimes, revocation publishing, renewal."""
+
+    public_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^/]+$",
+        description="Base URL of /pki/… as devices and relying parties reach it",
+    )
+    key_algorithm: Literal["ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096", "ed25519"] = (
+        "ec-p256"
+    )
+    root_lifetime_days: int = Field(default=7300, ge=365, le=36500)
+    issuing_lifetime_days: int = Field(default=1825, ge=30, le=36500)
+    device_lifetime_days: int = Field(default=365, ge=1, le=3650)
+    server_lifetime_days: int = Field(default=90, ge=1, le=825)
+    ocsp_responder_lifetime_days: int = Field(default=30, ge=1, le=365)
+    crl_lifetime_s: int = Field(default=7 * 86400, ge=600, le=90 * 86400)
+    crl_refresh_fraction: float = Field(default=0.5, gt=0, lt=1)
+    ocsp_validity_s: int = Field(default=3600, ge=60, le=7 * 86400)
+    renew_at_fraction: float = Field(default=0.6667, gt=0, lt=1)
+    maintenance_interval_s: float = Field(default=60.0, ge=1, le=3600)
+    device_dns_templates: tuple[str, ...] = ()
+    alerts: AlertConfig = AlertConfig()
+
+
 class ListenerConfig(Frozen):
     """A device-facing entry point. Plain TCP relays to ``forward_to`` for registered devices."""
 
@@ -110,4 +144,5 @@ class Config(Frozen):
     log: LogConfig = LogConfig()
     store: StoreConfig = StoreConfig()
     sealing: SealingConfig = SealingConfig()
+    pki: PkiConfig = PkiConfig()
     listeners: dict[ListenerName, ListenerConfig] = {}

@@ -8,7 +8,7 @@ from fleetgate.clock import Clock
 from fleetgate.records import NewAuditEntry
 from fleetgate.sealing import Keyring, Secret, open_box, seal
 from fleetgate.services.context import Caller
-from fleetgate.store import Database
+from fleetgate.store import Database, Tx
 from fleetgate.store.audit import AuditRepo
 from fleetgate.store.sealed import SealedSecretRepo
 
@@ -29,13 +29,19 @@ class Vault:
         self._clock = clock
 
     async def put(self, name: str, value: Secret) -> None:
-        box = seal(self.keyring, name, value)
         async with self._db.transaction() as tx:
-            await SealedSecretRepo(tx).put(name, box, self._clock.now())
+            await self.put_in(tx, name, value)
 
     async def get(self, name: str) -> Secret | None:
         async with self._db.snapshot() as tx:
-            box = await SealedSecretRepo(tx).get(name)
+            return await self.get_in(tx, name)
+
+    async def put_in(self, tx: Tx, name: str, value: Secret) -> None:
+        """Seal ``value`` as part of the caller's transaction."""
+        await SealedSecretRepo(tx).put(name, seal(self.keyring, name, value), self._clock.now())
+
+    async def get_in(self, tx: Tx, name: str) -> Secret | None:
+        box = await SealedSecretRepo(tx).get(name)
         return open_box(self.keyring, name, box) if box is not None else None
 
     async def delete(self, name: str) -> bool:

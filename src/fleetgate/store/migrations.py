@@ -55,6 +55,76 @@ _AUDIT_APPEND_ONLY = Step(
     """,
 )
 
+_PKI = Step("""
+    CREATE TABLE certificate_authorities (
+        id TEXT PRIMARY KEY,
+        role TEXT NOT NULL CHECK (role IN ('root', 'issuing', 'trusted')),
+        name TEXT NOT NULL,
+        certificate {blob} NOT NULL,
+        key_secret TEXT,
+        parent_id TEXT REFERENCES certificate_authorities(id),
+        active INTEGER NOT NULL DEFAULT 0,
+        not_after BIGINT NOT NULL,
+        created_at BIGINT NOT NULL
+    );
+    CREATE UNIQUE INDEX certificate_authorities_one_active
+        ON certificate_authorities (role) WHERE active = 1;
+    CREATE TABLE certificates (
+        serial TEXT PRIMARY KEY,
+        issuer_id TEXT NOT NULL REFERENCES certificate_authorities(id),
+        profile TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        sans TEXT NOT NULL DEFAULT '[]',
+        device_id TEXT,
+        credential_id TEXT,
+        key_algorithm TEXT NOT NULL,
+        not_before BIGINT NOT NULL,
+        not_after BIGINT NOT NULL,
+        der {blob} NOT NULL,
+        revoked_at BIGINT,
+        revocation_reason TEXT,
+        renewed_by TEXT,
+        created_at BIGINT NOT NULL
+    );
+    CREATE INDEX certificates_by_not_after ON certificates (not_after);
+    CREATE INDEX certificates_by_device ON certificates (device_id);
+    CREATE INDEX certificates_by_issuer_revoked ON certificates (issuer_id, revoked_at);
+    CREATE TABLE crls (
+        issuer_id TEXT PRIMARY KEY REFERENCES certificate_authorities(id),
+        number BIGINT NOT NULL,
+        this_update BIGINT NOT NULL,
+        next_update BIGINT NOT NULL,
+        der {blob} NOT NULL
+    );
+    CREATE TABLE credentials (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL CHECK (kind IN ('x509', 'password', 'psk', 'hmac', 'api_token')),
+        description TEXT NOT NULL DEFAULT '',
+        device_id TEXT,
+        public TEXT NOT NULL DEFAULT '{{}}',
+        certificate_serial TEXT,
+        certificate {blob},
+        chain TEXT,
+        not_after BIGINT,
+        has_secret INTEGER NOT NULL DEFAULT 0,
+        exported_at BIGINT,
+        created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL,
+        revision BIGINT NOT NULL DEFAULT 1
+    );
+    CREATE INDEX credentials_by_device ON credentials (device_id);
+    CREATE INDEX credentials_by_not_after ON credentials (not_after);
+    CREATE TABLE expiry_alerts (
+        subject TEXT NOT NULL,
+        threshold_s BIGINT NOT NULL,
+        claimed_at BIGINT NOT NULL,
+        sent_at BIGINT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        PRIMARY KEY (subject, threshold_s)
+    );
+""")
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
@@ -129,6 +199,7 @@ MIGRATIONS: tuple[Migration, ...] = (
             _AUDIT_APPEND_ONLY,
         ),
     ),
+    Migration(2, "pki", (_PKI,)),
 )
 
 _LEDGER = """
