@@ -238,7 +238,7 @@ async def test_device_change_and_its_entry_commit_together(
             with pytest.raises(NotFound):
                 await devices.get(SYSTEM_CALLER, "dev-2")
         elif action == "device.update":
-            with pytest.raises(IntegrityViolation):
+            with pytest.raises((IntegrityViolation, Conflict)):
                 await devices.update(
                     SYSTEM_CALLER, "dev-1", DevicePatch(name="x", addresses=("10.0.0.3",))
                 )

@@ -366,8 +366,15 @@ class AuthorityService:
             renewed_by=None,
             created_at=now,
         )
-        await repo.insert(record)
+        await repo.insert(record, renew_after=self.renew_after(record))
         return record, pem(ca.certificate)
+
+    def renew_after(self, record: IssuedCertificate) -> datetime | None:
+        """When a certificate whose key fleetgate holds is due for renewal (None: not ours)."""
+        if record.credential_id is None:
+            return None
+        lifetime = record.not_after - record.not_before
+        return record.not_before + lifetime * self.config.renew_at_fraction
 
     async def _audit_ca(
         self, tx: Tx, caller: Caller, action: str, ca: CertificateAuthority
@@ -406,7 +413,3 @@ def _require_ca(certificate: x509.Certificate, field: str, *, signing: bool) -> 
             return
         if not usage.key_cert_sign:
             raise InvalidRequest("the CA certificate may not sign certificates", field=field)
-
-
-def not_after_or_none(moment: datetime | None) -> str | None:
-    return moment.isoformat() if moment else None

@@ -5,13 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fleetgate.clock import Clock
+from fleetgate.config.schema import PkiConfig
 from fleetgate.sealing import Keyring
 from fleetgate.services.audit import AuditService
+from fleetgate.services.authority import AuthorityService
+from fleetgate.services.credentials import CredentialService
 from fleetgate.services.devices import DeviceService
 from fleetgate.services.groups import GroupService
+from fleetgate.services.lifecycle import LifecycleService
+from fleetgate.services.revocation import RevocationService
 from fleetgate.services.tokens import TokenService
 from fleetgate.services.vault import Vault
 from fleetgate.store import Database
+
+DEFAULT_PUBLIC_URL = "http://127.0.0.1:8080"
 
 
 @dataclass(frozen=True)
@@ -22,14 +29,34 @@ class Services:
     tokens: TokenService
     audit: AuditService
     vault: Vault
+    authority: AuthorityService
+    revocation: RevocationService
+    credentials: CredentialService
+    lifecycle: LifecycleService
 
     @classmethod
-    def build(cls, db: Database, keyring: Keyring, clock: Clock) -> Services:
+    def build(
+        cls,
+        db: Database,
+        keyring: Keyring,
+        clock: Clock,
+        *,
+        pki: PkiConfig | None = None,
+        public_url: str = DEFAULT_PUBLIC_URL,
+    ) -> Services:
+        vault = Vault(db, keyring, clock)
+        authority = AuthorityService(db, vault, clock, pki or PkiConfig(), public_url)
+        revocation = RevocationService(db, vault, authority, clock)
+        credentials = CredentialService(db, vault, authority, clock)
         return cls(
             db=db,
             devices=DeviceService(db, clock),
             groups=GroupService(db, clock),
             tokens=TokenService(db, clock),
             audit=AuditService(db),
-            vault=Vault(db, keyring, clock),
+            vault=vault,
+            authority=authority,
+            revocation=revocation,
+            credentials=credentials,
+            lifecycle=LifecycleService(db, vault, authority, revocation, clock),
         )

@@ -167,6 +167,15 @@ class DeviceService:
     async def update(
         self, caller: Caller, device_id: str, patch: DevicePatch, *, if_revision: int | None = None
     ) -> Device:
+        try:
+            return await self._update(caller, device_id, patch, if_revision)
+        except IntegrityViolation as exc:
+            # Another writer claimed the same address or IMSI between our check and our write.
+            raise Conflict(f"device {device_id} conflicts with another device: {exc}") from None
+
+    async def _update(
+        self, caller: Caller, device_id: str, patch: DevicePatch, if_revision: int | None
+    ) -> Device:
         async with self._db.transaction() as tx:
             repo = DeviceRepo(tx)
             current = await repo.get(device_id)

@@ -255,7 +255,10 @@ class RevocationService:
         await self.make_responder(ca)
         return await self.responder(ca)
 
-    async def make_responder(self, ca: CertificateAuthority) -> None:
+    async def make_responder(
+        self, ca: CertificateAuthority, *, replacing: str | None = None
+    ) -> None:
+        """Issue ``ca``'s responder certificate (again, when ``replacing`` names the old serial)."""
         algorithm = algorithm_of(ca.certificate.public_key())
         key = await asyncio.to_thread(generate_key, algorithm)
         credential_id = responder_credential_id(ca.id)
@@ -263,7 +266,12 @@ class RevocationService:
             repo = CredentialRepo(tx)
             existing = await repo.get(credential_id)
             now = self._clock.now()
-            if existing is not None and existing.not_after and existing.not_after > now:
+            if (
+                existing is not None
+                and existing.certificate_serial != replacing
+                and existing.not_after
+                and existing.not_after > now
+            ):
                 return  # another task or node made one meanwhile
             # The responder must be signed by the CA it answers for, not the active one.
             issuer = await self._authority.issuer(tx, ca)
@@ -299,7 +307,9 @@ class RevocationService:
                 renewed_by=None,
                 created_at=now,
             )
-            await CertificateRepo(tx).insert(record)
+            await CertificateRepo(tx).insert(
+                record, renew_after=self._authority.renew_after(record)
+            )
             fresh = Credential(
                 id=credential_id,
                 kind=CredentialKind.X509,
@@ -321,6 +331,8 @@ class RevocationService:
             else:
                 await repo.replace(fresh, expected_revision=existing.revision)
             await self._vault.put_in(tx, secret_name(credential_id), Secret(private_key_pem(key)))
+            if replacing is not None:
+                await CertificateRepo(tx).mark_renewed(replacing, record.serial)
 
 
 def unsuccessful(status: ocsp.OCSPResponseStatus) -> bytes:

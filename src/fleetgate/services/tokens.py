@@ -9,12 +9,13 @@ from typing import Any
 from fleetgate.auth.authz import Principal, can_see_token, require_admin, require_grantable
 from fleetgate.auth.bearer import MAX_TOKEN_CHARS, digest, new_bearer, new_token_id
 from fleetgate.clock import Clock
-from fleetgate.errors import Forbidden, InvalidRequest, NotFound, Unauthenticated
+from fleetgate.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unauthenticated
 from fleetgate.records import ApiToken, NewAuditEntry, Page, Role, check_group_name
 from fleetgate.sealing import Secret
 from fleetgate.services.context import Caller, check_limit, decode_cursor, encode_cursor
 from fleetgate.store import Database
 from fleetgate.store.audit import AuditRepo
+from fleetgate.store.database import lock_table
 from fleetgate.store.groups import GroupRepo
 from fleetgate.store.tokens import TokenRepo
 
@@ -57,6 +58,7 @@ class TokenService:
         groups: Sequence[str],
         expires_at: datetime | None,
         bearer: Secret | None = None,
+        only_if_none_exist: bool = False,
     ) -> tuple[ApiToken, Secret]:
         """Mint a token; the bearer string is returned here once and never stored."""
         if not name.strip() or len(name) > MAX_TOKEN_NAME_CHARS:
@@ -78,6 +80,10 @@ class TokenService:
             created_by=caller.principal.actor,
         )
         async with self._db.transaction() as tx:
+            if only_if_none_exist:
+                await lock_table(tx, "api_tokens")
+                if await TokenRepo(tx).count() > 0:
+                    raise Conflict("a token already exists")
             for group in token.groups:
                 if await GroupRepo(tx).get(group) is None:
                     raise NotFound(f"group {group} does not exist", field="groups")
@@ -90,14 +96,18 @@ class TokenService:
         async with self._db.snapshot() as tx:
             if await TokenRepo(tx).count() > 0:
                 return None
-        _, secret = await self.create(
-            caller,
-            name="bootstrap admin",
-            role=Role.ADMIN,
-            groups=(),
-            expires_at=None,
-            bearer=bearer,
-        )
+        try:
+            _, secret = await self.create(
+                caller,
+                name="bootstrap admin",
+                role=Role.ADMIN,
+                groups=(),
+                expires_at=None,
+                bearer=bearer,
+                only_if_none_exist=True,
+            )
+        except Conflict:
+            return None  # another process bootstrapped first
         return secret
 
     async def get(self, caller: Caller, token_id: str) -> ApiToken:

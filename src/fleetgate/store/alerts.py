@@ -15,31 +15,41 @@ class AlertRepo:
 
     async def claim(self, subject: str, threshold_s: int, at: datetime) -> bool:
         changed = await self._tx.execute(
-            "INSERT INTO expiry_alerts (subject, threshold_s, claimed_at) VALUES (?, ?, ?) "
-            "ON CONFLICT (subject, threshold_s) DO NOTHING",
+            "INSERT INTO expiry_alerts (subject, threshold_s, claimed_at, next_attempt_at) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT (subject, threshold_s) DO NOTHING",
             subject,
             threshold_s,
+            to_epoch_us(at),
             to_epoch_us(at),
         )
         return changed == 1
 
     async def record_attempt(
-        self, subject: str, threshold_s: int, *, sent_at: datetime | None, error: str | None
+        self,
+        subject: str,
+        threshold_s: int,
+        *,
+        sent_at: datetime | None,
+        error: str | None,
+        next_attempt_at: datetime,
     ) -> None:
         await self._tx.execute(
-            "UPDATE expiry_alerts SET attempts = attempts + 1, sent_at = ?, last_error = ? "
-            "WHERE subject = ? AND threshold_s = ?",
+            "UPDATE expiry_alerts SET attempts = attempts + 1, sent_at = ?, last_error = ?, "
+            "next_attempt_at = ? WHERE subject = ? AND threshold_s = ?",
             to_epoch_us(sent_at) if sent_at else None,
             error,
+            to_epoch_us(next_attempt_at),
             subject,
             threshold_s,
         )
 
-    async def pending(self, *, max_attempts: int) -> list[tuple[str, int, int]]:
-        """Claimed but unsent alerts that may be retried: (subject, threshold_s, attempts)."""
+    async def due(self, now: datetime, *, max_attempts: int) -> list[tuple[str, int, int]]:
+        """Alerts to (re)send now: (subject, threshold_s, attempts so far)."""
         rows = await self._tx.fetch(
             "SELECT subject, threshold_s, attempts FROM expiry_alerts "
-            "WHERE sent_at IS NULL AND attempts < ? ORDER BY claimed_at",
+            "WHERE sent_at IS NULL AND attempts < ? AND next_attempt_at <= ? "
+            "ORDER BY claimed_at",
             max_attempts,
+            to_epoch_us(now),
         )
         return [(r["subject"], int(r["threshold_s"]), int(r["attempts"])) for r in rows]

@@ -18,6 +18,7 @@ _COLUMNS = (
     "serial, issuer_id, profile, subject, sans, device_id, credential_id, key_algorithm, "
     "not_before, not_after, der, revoked_at, revocation_reason, renewed_by, created_at"
 )
+_INSERT_COLUMNS = _COLUMNS + ", renew_after"
 
 
 def _certificate(row: Row) -> IssuedCertificate:
@@ -58,10 +59,11 @@ class CertificateRepo:
     def __init__(self, tx: Tx) -> None:
         self._tx = tx
 
-    async def insert(self, cert: IssuedCertificate) -> None:
+    async def insert(self, cert: IssuedCertificate, *, renew_after: datetime | None = None) -> None:
+        """Record ``cert``; ``renew_after`` marks one whose key fleetgate holds for renewal."""
         await self._tx.execute(
-            f"INSERT INTO certificates ({_COLUMNS}) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO certificates ({_INSERT_COLUMNS}) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             cert.serial,
             cert.issuer_id,
             cert.profile.value,
@@ -77,6 +79,7 @@ class CertificateRepo:
             cert.revocation_reason.value if cert.revocation_reason else None,
             cert.renewed_by,
             to_epoch_us(cert.created_at),
+            to_epoch_us(renew_after) if renew_after else None,
         )
 
     async def exists(self, serial: str) -> bool:
@@ -111,6 +114,16 @@ class CertificateRepo:
         await self._tx.execute(
             "UPDATE certificates SET device_id = ? WHERE serial = ?", device_id, serial
         )
+
+    async def due_for_renewal(self, now: datetime, *, limit: int) -> list[IssuedCertificate]:
+        rows = await self._tx.fetch(
+            f"SELECT {_COLUMNS} FROM certificates WHERE credential_id IS NOT NULL "
+            "AND renewed_by IS NULL AND revoked_at IS NULL AND renew_after <= ? "
+            "ORDER BY renew_after LIMIT ?",
+            to_epoch_us(now),
+            limit,
+        )
+        return [_certificate(r) for r in rows]
 
     async def revoked_by(self, issuer_id: str, *, still_valid_at: datetime) -> list[Row]:
         """Revoked, unexpired certificates of one issuer: what its CRL must list."""

@@ -55,6 +55,22 @@ class Database(Protocol):
     async def close(self) -> None: ...
 
 
+async def lock_table(tx: Tx, table: str) -> None:
+    """Serialize writers of ``table`` until the transaction ends.
+
+    SQLite needs nothing: ``BEGIN IMMEDIATE`` already gives one writer at a time. PostgreSQL
+    takes a lock that conflicts with itself and with writers, but not with readers.
+    """
+    if tx.dialect == "postgresql":
+        await tx.execute(f"LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE")
+
+
+async def advisory_lock(tx: Tx, key: int) -> None:
+    """A transaction-scoped lock on a number (PostgreSQL); SQLite's writer lock suffices."""
+    if tx.dialect == "postgresql":
+        await tx.execute("SELECT pg_advisory_xact_lock(?)", key)
+
+
 def to_dollar_placeholders(sql: str) -> str:
     """``?`` -> ``$1``, ``$2``… (our SQL never has a ``?`` inside a literal)."""
     parts = sql.split("?")

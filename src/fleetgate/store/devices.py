@@ -34,7 +34,7 @@ class DeviceRepo:
             attributes[r["device_id"]][r["key"]] = r["value"]
         for r in await self._tx.fetch(
             "SELECT device_id, address FROM device_addresses "
-            f"WHERE device_id IN ({_marks(len(ids))}) ORDER BY address",
+            f"WHERE device_id IN ({_marks(len(ids))})",
             *ids,
         ):
             addresses[r["device_id"]].append(r["address"])
@@ -45,7 +45,8 @@ class DeviceRepo:
                 group=r["group_name"],
                 status=DeviceStatus(r["status"]),
                 attributes=dict(sorted(attributes[r["id"]].items())),
-                addresses=tuple(addresses[r["id"]]),
+                # Sorted here, not by the database, whose collation may not be code-point order.
+                addresses=tuple(sorted(addresses[r["id"]])),
                 created_at=from_epoch_us(r["created_at"]),
                 updated_at=from_epoch_us(r["updated_at"]),
                 revision=int(r["revision"]),

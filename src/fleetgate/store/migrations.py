@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from fleetgate.clock import Clock, to_epoch_us
 from fleetgate.errors import ConfigError
-from fleetgate.store.database import Database, Dialect, IntegrityViolation, Tx
+from fleetgate.store.database import Database, Dialect, IntegrityViolation, Tx, advisory_lock
 
 _TOKENS: dict[Dialect, dict[str, str]] = {
     "sqlite": {"pk_serial": "INTEGER PRIMARY KEY AUTOINCREMENT", "blob": "BLOB"},
@@ -84,9 +84,12 @@ _PKI = Step("""
         revoked_at BIGINT,
         revocation_reason TEXT,
         renewed_by TEXT,
+        renew_after BIGINT,
         created_at BIGINT NOT NULL
     );
     CREATE INDEX certificates_by_not_after ON certificates (not_after);
+    CREATE INDEX certificates_by_renew_after ON certificates (renew_after)
+        WHERE credential_id IS NOT NULL AND renewed_by IS NULL AND revoked_at IS NULL;
     CREATE INDEX certificates_by_device ON certificates (device_id);
     CREATE INDEX certificates_by_issuer_revoked ON certificates (issuer_id, revoked_at);
     CREATE TABLE crls (
@@ -118,6 +121,7 @@ _PKI = Step("""
         subject TEXT NOT NULL,
         threshold_s BIGINT NOT NULL,
         claimed_at BIGINT NOT NULL,
+        next_attempt_at BIGINT NOT NULL,
         sent_at BIGINT,
         attempts INTEGER NOT NULL DEFAULT 0,
         last_error TEXT,
@@ -237,8 +241,13 @@ async def _run_script(tx: Tx, sql: str) -> None:
         await tx.execute(statement)
 
 
+# Nodes starting together migrate one at a time (the number is arbitrary but fixed).
+MIGRATION_LOCK = 0x666C6774
+
+
 async def applied_versions(db: Database) -> list[int]:
     async with db.transaction() as tx:
+        await advisory_lock(tx, MIGRATION_LOCK)
         await tx.execute(_LEDGER)
         rows = await tx.fetch("SELECT version FROM schema_migrations ORDER BY version")
     return [int(r["version"]) for r in rows]
@@ -259,8 +268,9 @@ async def migrate(db: Database, clock: Clock) -> list[int]:
             continue
         try:
             async with db.transaction() as tx:
-                # Another node may be migrating at the same moment: the ledger's primary key
-                # makes one of us wait and then lose, and the loser's steps roll back.
+                # Another node may be migrating at the same moment: the lock makes it wait, and
+                # the ledger's primary key makes the later one lose and roll back its steps.
+                await advisory_lock(tx, MIGRATION_LOCK)
                 await tx.execute(
                     "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
                     migration.version,

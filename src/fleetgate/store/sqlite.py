@@ -28,6 +28,7 @@ class _Connection:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sqlite-{name}")
         self._path = path
         self._conn: sqlite3.Connection | None = None
+        self._closed = False
         self.lock = asyncio.Lock()
 
     def _open(self) -> None:
@@ -61,6 +62,10 @@ class _Connection:
         return await asyncio.get_running_loop().run_in_executor(self._executor, run)
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+
         def shut() -> None:
             if self._conn is not None:
                 self._conn.close()
