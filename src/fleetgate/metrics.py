@@ -56,6 +56,13 @@ class Metrics:
             ["listener", "direction"],
             registry=self.registry,
         )
+        self.not_after = Gauge(
+            "fleetgate_certificate_not_after_timestamp_seconds",
+            "End of validity of every certificate fleetgate issued or holds (kind: certificate, "
+            "imported, ca) and of every CRL (kind: crl, its nextUpdate)",
+            ["kind", "id", "subject", "device", "credential"],
+            registry=self.registry,
+        )
         self.config_reloads = Counter(
             "fleetgate_config_reloads",
             "Configuration reloads by result",

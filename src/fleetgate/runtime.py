@@ -21,7 +21,7 @@ from fleetgate.config import Config, load_config
 from fleetgate.config.schema import split_host_port
 from fleetgate.datadir import DataDir, prepare
 from fleetgate.dataplane.listeners import ListenerSet
-from fleetgate.errors import ConfigError, Unauthenticated
+from fleetgate.errors import ConfigError, FleetgateError, Unauthenticated
 from fleetgate.health import Health
 from fleetgate.metrics import Metrics
 from fleetgate.sealing import Keyring, Secret
@@ -73,6 +73,21 @@ async def open_keyring(
     return keyring
 
 
+def public_url(config: Config) -> str:
+    """Where relying parties reach /pki: configured, or the API's own address."""
+    if config.pki.public_url:
+        return config.pki.public_url
+    host, port = split_host_port(config.api.listen)
+    if host in ("0.0.0.0", "::", ""):  # noqa: S104 - recognising a wildcard, not binding one
+        log.warning(
+            "pki.public_url_guessed",
+            detail="api.listen is a wildcard; certificates will point at 127.0.0.1",
+            fix="set pki.public_url to the address devices and brokers reach",
+        )
+        host = "127.0.0.1"
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
 def _bind_api_socket(address: str) -> socket.socket:
     host, port = split_host_port(address)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -122,9 +137,14 @@ class Gateway:
         if applied:
             log.info("store.migrated", backend=db.dialect, versions=applied)
         keyring = await open_keyring(self.data, self.config, db, self.options.env)
-        services = Services.build(db, keyring, self.clock)
+        services = Services.build(
+            db, keyring, self.clock, pki=self.config.pki, public_url=public_url(self.config)
+        )
         await services.groups.ensure_default()
         await self._bootstrap_token(services)
+        await services.authority.ensure_hierarchy(SYSTEM_CALLER)
+        # The first pass makes the OCSP responder and the CRL before anyone asks for them.
+        await services.lifecycle.maintain(self.config.pki.alerts)
 
         listeners = ListenerSet(
             services.devices.find_by_address, self.metrics, self.clock, self.health
@@ -168,10 +188,12 @@ class Gateway:
             async with asyncio.TaskGroup() as tg:
                 api_task = tg.create_task(server.serve(sockets=[sock]))
                 reload_task = tg.create_task(self._reload_loop(reloads, listeners))
+                maintenance_task = tg.create_task(self._maintenance_loop(services))
                 await self.stop.wait()
                 log.info("gateway.draining", timeout_s=self.config.api.drain_timeout_s)
                 self.health.draining = True
                 reload_task.cancel()
+                maintenance_task.cancel()
                 server.should_exit = True
                 await listeners.close(self.config.api.drain_timeout_s)
                 await api_task
@@ -201,6 +223,29 @@ class Gateway:
         else:
             log.info("bootstrap.admin_token_created", source="generated")
             _announce_admin_token(secret)
+
+    async def _maintenance_loop(self, services: Services) -> None:
+        """Renewals, CRL refreshes and expiry alerts, every pki.maintenance_interval_s."""
+        while True:
+            await asyncio.sleep(self.config.pki.maintenance_interval_s)
+            try:
+                report = await services.lifecycle.maintain(self.config.pki.alerts)
+            except FleetgateError as exc:
+                log.error("pki.maintenance_failed", reason=exc.kind.slug, detail=exc.detail)
+                continue
+            if (
+                report.crls_refreshed
+                or report.renewed
+                or report.alerts_sent
+                or report.alerts_failed
+            ):
+                log.info(
+                    "pki.maintenance",
+                    crls_refreshed=report.crls_refreshed,
+                    renewed=len(report.renewed),
+                    alerts_sent=len(report.alerts_sent),
+                    alerts_failed=len(report.alerts_failed),
+                )
 
     async def _reload_loop(self, reloads: asyncio.Queue[None], listeners: ListenerSet) -> None:
         while True:

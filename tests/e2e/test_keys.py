@@ -43,6 +43,10 @@ def test_rotate_reseals_every_secret_and_retires_the_old_key(
     data = gw.data_dir
     old_key_id = Keyring.from_file(data / "master.key").active.key_id
     asyncio.run(_seal_all(data))
+    # The CA and OCSP responder keys made on first start are sealed too.
+    _, before = asyncio.run(_open_all(data))
+    total = before[old_key_id]
+    assert total > len(SECRETS)
 
     result = subprocess.run(
         fleetgate_argv("keys", "rotate", "--data", str(data), "--json"),
@@ -54,16 +58,16 @@ def test_rotate_reseals_every_secret_and_retires_the_old_key(
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["resealed"] == len(SECRETS)
+    assert report["resealed"] == total
     assert report["retired_key_ids"] == [old_key_id]
     keyring = Keyring.from_file(data / "master.key")
     assert keyring.key_ids == [report["active_key_id"]] != [old_key_id]
 
     opened, usage = asyncio.run(_open_all(data))
     assert opened == SECRETS
-    assert usage == {report["active_key_id"]: len(SECRETS)}
+    assert usage == {report["active_key_id"]: total}
 
     gw.start()
     with gw.client("t") as api:
         entries = api.get("/v1/audit", params={"action": "keys.rotate"}).json()["items"]
-    assert entries[0]["after"] == {"active_key_id": report["active_key_id"], "resealed": 5}
+    assert entries[0]["after"] == {"active_key_id": report["active_key_id"], "resealed": total}

@@ -12,9 +12,12 @@ from fleetgate import __version__
 from fleetgate.api import problems
 from fleetgate.api.middleware import RequestContext
 from fleetgate.api.routes_audit import router as audit_router
+from fleetgate.api.routes_ca import router as ca_router
+from fleetgate.api.routes_credentials import router as credentials_router
 from fleetgate.api.routes_devices import router as devices_router
 from fleetgate.api.routes_groups import router as groups_router
 from fleetgate.api.routes_ops import router as ops_router
+from fleetgate.api.routes_pki import router as pki_router
 from fleetgate.api.routes_tokens import router as tokens_router
 from fleetgate.api.schemas import Problem
 from fleetgate.clock import Clock
@@ -48,7 +51,16 @@ def build_app(
     app.state.metrics = metrics
     app.state.clock = clock
     problems.install(app)
-    for router in (ops_router, devices_router, groups_router, tokens_router, audit_router):
+    for router in (
+        ops_router,
+        pki_router,
+        devices_router,
+        groups_router,
+        tokens_router,
+        audit_router,
+        ca_router,
+        credentials_router,
+    ):
         app.include_router(router)
 
     # Swagger UI from a Python package, so /docs works on a network with no way out.

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, Request, Response, status
 from fleetgate.api.deps import CallerDep, RevisionDep, ServicesDep
 from fleetgate.api.query import attribute_filters, reject_unknown
 from fleetgate.api.schemas import DeviceIn, DeviceOut, DevicePage, DevicePatchIn
+from fleetgate.api.schemas_pki import ReplaceIn, ReplaceOut
 from fleetgate.records import DeviceStatus
 from fleetgate.services.context import DEFAULT_PAGE, MAX_PAGE
 from fleetgate.services.devices import DevicePatch, DeviceQuery, NewDevice
@@ -96,6 +97,30 @@ async def update_device(
     )
     _etag(response, device.revision)
     return DeviceOut.of(device)
+
+
+@router.post("/{device_id}/replace", response_model=ReplaceOut)
+async def replace_device(
+    device_id: str, body: ReplaceIn, caller: CallerDep, svc: ServicesDep
+) -> ReplaceOut:
+    """Swap in a new device: it takes the old one's group, attributes, addresses (unless given)
+    and credentials; the old one's certificates are revoked (superseded) and re-issued to the
+    new device where fleetgate holds the key. The old device stays, disabled and empty."""
+    done = await svc.replacement.replace(
+        caller,
+        device_id,
+        body.with_,
+        name=body.name,
+        addresses=tuple(body.addresses) if body.addresses is not None else None,
+        attributes=body.attributes,
+    )
+    return ReplaceOut(
+        old=DeviceOut.of(done.old),
+        new=DeviceOut.of(done.new),
+        revoked=list(done.revoked),
+        reissued=[{"credential_id": c, "serial": s} for c, s in done.reissued],
+        rebound=list(done.rebound),
+    )
 
 
 @router.delete("/{device_id}", status_code=status.HTTP_204_NO_CONTENT)

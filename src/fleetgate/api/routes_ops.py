@@ -53,9 +53,20 @@ async def metrics(request: Request, svc: ServicesDep) -> Response:
     instruments: Metrics = request.app.state.metrics
     try:
         counts = await svc.devices.counts()
+        inventory = await svc.lifecycle.inventory()
         instruments.store_up.set(1)
         for state in ("enabled", "disabled"):
             instruments.devices.labels(state).set(counts.get(state, 0))
+        # Rebuilt on every scrape, so a renewed or revoked certificate's series disappears.
+        instruments.not_after.clear()
+        for item in inventory:
+            instruments.not_after.labels(
+                item.kind.value,
+                item.id,
+                item.subject[:200],
+                item.device_id or "",
+                item.credential_id or "",
+            ).set(item.not_after.timestamp())
     except FleetgateError:
         instruments.store_up.set(0)
     return Response(generate_latest(instruments.registry), media_type=CONTENT_TYPE_LATEST)

@@ -81,6 +81,23 @@ class ApiClient:
         params: list[tuple[str, str]] | None = None,
         headers: dict[str, str] | None = None,
     ) -> Any:
+        response = self._send(method, path, json=json, params=params, headers=headers)
+        if response.status_code == 204 or not response.content:
+            return None
+        return response.json()
+
+    def request_bytes(self, method: str, path: str, *, json: Any = None) -> bytes:
+        return self._send(method, path, json=json, params=None, headers=None).content
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any,
+        params: list[tuple[str, str]] | None,
+        headers: dict[str, str] | None,
+    ) -> httpx.Response:
         sent = dict(headers or {})
         if self.token:
             sent["Authorization"] = f"Bearer {self.token}"
@@ -101,9 +118,7 @@ class ApiClient:
             ) from None
         if response.status_code >= 400:
             raise _failure(response)
-        if response.status_code == 204 or not response.content:
-            return None
-        return response.json()
+        return response
 
 
 def _failure(response: httpx.Response) -> CliFailure:

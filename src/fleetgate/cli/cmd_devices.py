@@ -176,6 +176,50 @@ def enable(ctx: click.Context, device_id: str, as_json: bool) -> None:
     _patch(ctx, device_id, {"status": "enabled"}, as_json)
 
 
+@device.command("replace")
+@click.argument("old_id")
+@click.option("--with", "new_id", required=True, help="The new device's id (made if absent).")
+@click.option("--name")
+@click.option(
+    "--address",
+    "addresses",
+    multiple=True,
+    help="The new device's addresses (default: the old one's).",
+)
+@click.option(
+    "--attr",
+    "attrs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a moved attribute (e.g. the new unit's serial).",
+)
+@json_option
+@click.pass_context
+def replace(
+    ctx: click.Context,
+    old_id: str,
+    new_id: str,
+    name: str | None,
+    addresses: tuple[str, ...],
+    attrs: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Swap a device for a new one that inherits its identity and rights."""
+    body: dict[str, Any] = {"with": new_id, "name": name}
+    if addresses:
+        body["addresses"] = list(addresses)
+    if attrs:
+        body["attributes"] = key_values(attrs, "--attr")
+    done = client_from(ctx).request("POST", f"{_path(old_id)}/replace", json=body)
+    if as_json:
+        emit(done, True)
+        return
+    click.echo(
+        f"{old_id} -> {new_id}: {len(done['revoked'])} certificate(s) revoked, "
+        f"{len(done['reissued'])} re-issued, {len(done['rebound'])} credential(s) moved"
+    )
+
+
 @device.command("delete")
 @click.argument("device_id")
 @click.pass_context

@@ -6,9 +6,11 @@ import click
 
 from fleetgate import __version__
 from fleetgate.cli.cmd_audit import audit
+from fleetgate.cli.cmd_credentials import credential
 from fleetgate.cli.cmd_devices import device
 from fleetgate.cli.cmd_groups import group
 from fleetgate.cli.cmd_local import config_group, keys_group, serve_command
+from fleetgate.cli.cmd_pki import ca, cert
 from fleetgate.cli.cmd_tokens import token
 
 
@@ -28,7 +30,18 @@ def cli(url: str | None, token: str | None) -> None:
     """
 
 
-for command in (serve_command, config_group, keys_group, device, group, token, audit):
+for command in (
+    serve_command,
+    config_group,
+    keys_group,
+    device,
+    group,
+    token,
+    audit,
+    ca,
+    cert,
+    credential,
+):
     cli.add_command(command)
 
 

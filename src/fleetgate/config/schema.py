@@ -116,6 +116,7 @@ class PkiConfig(Frozen):
     renew_at_fraction: float = Field(default=0.6667, gt=0, lt=1)
     maintenance_interval_s: float = Field(default=60.0, ge=1, le=3600)
     device_dns_templates: tuple[str, ...] = ()
+    device_uri_templates: tuple[str, ...] = ()
     alerts: AlertConfig = AlertConfig()
 
 

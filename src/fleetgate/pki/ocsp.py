@@ -66,10 +66,12 @@ def parse_request(data: bytes) -> OcspQuery:
 
 def issuer_hashes(issuer: x509.Certificate, algorithm: hashes.HashAlgorithm) -> tuple[bytes, bytes]:
     """(issuerNameHash, issuerKeyHash) of ``issuer`` under ``algorithm``, as a request has them."""
-    # The library computes both when it builds a request; a request about the issuer itself
-    # carries exactly the issuer's hashes.
+    name = hashes.Hash(algorithm)
+    name.update(issuer.subject.public_bytes())
+    # The key hash covers the BIT STRING inside the SPKI; the library computes it for a
+    # request about any certificate the issuer signed, the issuer's own included.
     probe = ocsp.OCSPRequestBuilder().add_certificate(issuer, issuer, algorithm).build()
-    return probe.issuer_name_hash, probe.issuer_key_hash
+    return name.finalize(), probe.issuer_key_hash
 
 
 def build_response(

@@ -13,6 +13,7 @@ from fleetgate.services.credentials import CredentialService
 from fleetgate.services.devices import DeviceService
 from fleetgate.services.groups import GroupService
 from fleetgate.services.lifecycle import LifecycleService
+from fleetgate.services.replacement import ReplacementService
 from fleetgate.services.revocation import RevocationService
 from fleetgate.services.tokens import TokenService
 from fleetgate.services.vault import Vault
@@ -33,6 +34,7 @@ class Services:
     revocation: RevocationService
     credentials: CredentialService
     lifecycle: LifecycleService
+    replacement: ReplacementService
 
     @classmethod
     def build(
@@ -59,4 +61,5 @@ class Services:
             revocation=revocation,
             credentials=credentials,
             lifecycle=LifecycleService(db, vault, authority, revocation, clock),
+            replacement=ReplacementService(db, vault, authority, revocation, clock),
         )

@@ -9,7 +9,6 @@ as ``aws-#{imsi}``, with a default.
 from __future__ import annotations
 
 import asyncio
-import base64
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -23,9 +22,9 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from fleetgate.auth.authz import require_group, require_write
 from fleetgate.clock import Clock
 from fleetgate.errors import Conflict, InvalidRequest, NotFound
-from fleetgate.pki.authority import Subject
 from fleetgate.pki.csr import parse_csr
 from fleetgate.pki.keys import KeyAlgorithm, generate_key, load_private_key_pem, private_key_pem
+from fleetgate.pki.name_policy import allowed_names, subject_for
 from fleetgate.pki.profiles import Profile
 from fleetgate.pki.records import Credential, CredentialKind, IssuedCertificate
 from fleetgate.records import Device, NewAuditEntry, Page
@@ -43,7 +42,6 @@ CREDENTIAL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")
 MAX_SECRET_BYTES = 16 * 1024
 MIN_PSK_BYTES = 16
 MIN_HMAC_BYTES = 32
-DEVICE_URI_PREFIX = "urn:fleetgate:device:"
 _REQUIRED_PUBLIC = {
     CredentialKind.PASSWORD: "username",
     CredentialKind.PSK: "identity",
@@ -417,38 +415,14 @@ class CredentialService:
         life = lifetime or timedelta(days=config.device_lifetime_days)
         async with self._db.transaction() as tx:
             device = await self._device(tx, caller, device_id, write=True)
-            allowed_dns = tuple(
-                Template.parse(t, "pki.device_dns_templates").expand(
-                    device.id, device.group, device.attributes
-                )
-                for t in config.device_dns_templates
+            allowed = allowed_names(
+                device, config.device_dns_templates, config.device_uri_templates
             )
-            uri = DEVICE_URI_PREFIX + device.id
-            dns: tuple[str, ...] = ()
+            subject = subject_for(device, allowed, parsed.names if parsed else None)
             if parsed is not None:
-                names = parsed.names
-                if names.common_name not in (None, device.id):
-                    raise InvalidRequest(
-                        f"the CSR's common name {names.common_name[:80]!r} is not the device id "
-                        f"{device.id!r}",
-                        field="csr",
-                    )
-                outside = [f"DNS:{d}" for d in names.dns_names if d not in allowed_dns]
-                outside += [f"URI:{u}" for u in names.uris if u != uri]
-                outside += [f"IP:{a}" for a in names.ip_addresses]
-                outside += [f"email:{e}" for e in names.emails]
-                if outside:
-                    allowed = ", ".join([f"URI:{uri}", *(f"DNS:{d}" for d in allowed_dns)])
-                    raise InvalidRequest(
-                        f"the CSR asks for {', '.join(outside)[:300]}, outside this device's "
-                        f"name policy; allowed: {allowed}",
-                        field="csr",
-                    )
-                dns = names.dns_names
                 public_key = parsed.public_key
             else:
                 assert key is not None
-                dns = allowed_dns
                 public_key = key.public_key()
             chosen_id = None
             if key is not None:
@@ -457,7 +431,7 @@ class CredentialService:
                 tx,
                 Issuance(
                     profile=Profile.DEVICE_CLIENT,
-                    subject=Subject(device.id, dns_names=dns, uris=(uri,)),
+                    subject=subject,
                     public_key=public_key,
                     lifetime=life,
                     device_id=device.id,
@@ -576,7 +550,3 @@ class CredentialService:
             before=before,
             after=after,
         )
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()

@@ -14,12 +14,11 @@ from typing import Any
 
 import httpx
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from fleetgate.clock import Clock
 from fleetgate.config.schema import AlertConfig
 from fleetgate.logs import get_logger
-from fleetgate.pki.authority import Subject
+from fleetgate.pki.authority import BACKDATE, Subject
 from fleetgate.pki.keys import load_private_key_pem
 from fleetgate.pki.profiles import Profile
 from fleetgate.pki.records import CaRole, IssuedCertificate
@@ -59,6 +58,7 @@ class InventoryItem:
     credential_id: str | None = None
     profile: str | None = None
     renews_automatically: bool = False
+    renew_by: datetime | None = None  # when fleetgate renews it by itself
 
     @property
     def key(self) -> str:
@@ -109,7 +109,8 @@ class LifecycleService:
                     limit=PAGE,
                     after=after,
                 )
-                items.extend(_certificate_item(c) for c in batch)
+                fraction = self._authority.config.renew_at_fraction
+                items.extend(_certificate_item(c, fraction) for c in batch)
                 if len(batch) < PAGE:
                     break
                 after = batch[-1].serial
@@ -144,6 +145,8 @@ class LifecycleService:
                     )
                 )
             for crl in await CrlRepo(tx).all():
+                lifetime = crl.next_update - crl.this_update
+                refresh = crl.this_update + lifetime * self._authority.config.crl_refresh_fraction
                 items.append(
                     InventoryItem(
                         ItemKind.CRL,
@@ -151,6 +154,7 @@ class LifecycleService:
                         f"CRL of {crl.issuer_id}",
                         crl.next_update,
                         renews_automatically=True,
+                        renew_by=refresh,
                     )
                 )
         if horizon is not None:
@@ -231,7 +235,7 @@ class LifecycleService:
                     profile=old.profile,
                     subject=_subject_of(old.subject, previous),
                     public_key=key.public_key(),
-                    lifetime=old.not_after - old.not_before,
+                    lifetime=old.not_after - old.not_before - BACKDATE,
                     device_id=old.device_id,
                     credential_id=credential.id,
                 ),
@@ -273,7 +277,14 @@ class LifecycleService:
         now = self._clock.now()
         thresholds = sorted({int(d * 86400) for d in config.thresholds_days} | {0}, reverse=True)
         widest = timedelta(seconds=thresholds[0])
-        items = {i.key: i for i in await self.inventory(expiring_within=widest)}
+        # What fleetgate renews by itself is alerted on only once its renewal is overdue:
+        # an alert then means "renewal is failing", not "this will expire".
+        grace = timedelta(seconds=max(3 * self._authority.config.maintenance_interval_s, 600))
+        items = {
+            i.key: i
+            for i in await self.inventory(expiring_within=widest)
+            if i.renew_by is None or now >= i.renew_by + grace
+        }
         async with self._db.transaction() as tx:
             repo = AlertRepo(tx)
             for item in items.values():
@@ -365,7 +376,8 @@ class LifecycleService:
         return None
 
 
-def _certificate_item(c: IssuedCertificate) -> InventoryItem:
+def _certificate_item(c: IssuedCertificate, fraction: float) -> InventoryItem:
+    held = c.credential_id is not None
     return InventoryItem(
         ItemKind.CERTIFICATE,
         c.serial,
@@ -374,7 +386,8 @@ def _certificate_item(c: IssuedCertificate) -> InventoryItem:
         device_id=c.device_id,
         credential_id=c.credential_id,
         profile=c.profile.value,
-        renews_automatically=c.credential_id is not None,
+        renews_automatically=held,
+        renew_by=c.not_before + (c.not_after - c.not_before) * fraction if held else None,
     )
 
 
@@ -397,7 +410,3 @@ def _subject_of(common_name: str, certificate: x509.Certificate) -> Subject:
         uris=tuple(san.get_values_for_type(x509.UniformResourceIdentifier)),
         emails=tuple(san.get_values_for_type(x509.RFC822Name)),
     )
-
-
-def der_to_pem(der: bytes) -> str:
-    return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM).decode()
