@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.x509.oid import ExtensionOID, NameOID
 
 from fleetgate.errors import InvalidRequest
@@ -30,6 +31,17 @@ class ParsedCsr:
 
 def parse_csr(data: bytes) -> ParsedCsr:
     """A checked CSR, or :class:`InvalidRequest` saying what is wrong with it."""
+    try:
+        return _parse(data)
+    except InvalidRequest:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the library raises many kinds on hostile DER
+        raise InvalidRequest(
+            f"not a usable CSR: {type(exc).__name__}: {exc}"[:300], field="csr"
+        ) from None
+
+
+def _parse(data: bytes) -> ParsedCsr:
     if len(data) > MAX_CSR_BYTES:
         raise InvalidRequest(f"a CSR is at most {MAX_CSR_BYTES} bytes", field="csr")
     try:
@@ -38,12 +50,12 @@ def parse_csr(data: bytes) -> ParsedCsr:
             if data.lstrip().startswith(b"-----")
             else x509.load_der_x509_csr(data)
         )
-    except ValueError as exc:
+    except (ValueError, UnsupportedAlgorithm) as exc:
         raise InvalidRequest(f"not a PKCS#10 CSR (PEM or DER): {exc}", field="csr") from None
     try:
         valid = csr.is_signature_valid
         public_key = csr.public_key()
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise InvalidRequest(f"the CSR cannot be checked: {exc}", field="csr") from None
     if not valid:
         raise InvalidRequest("the CSR's signature does not match its key", field="csr")
@@ -67,6 +79,6 @@ def parse_csr(data: bytes) -> ParsedCsr:
             )
         except x509.ExtensionNotFound:
             names = RequestedNames(common_name, (), (), (), ())
-    except (ValueError, TypeError, UnicodeError) as exc:
+    except (ValueError, TypeError, UnicodeError, UnsupportedAlgorithm) as exc:
         raise InvalidRequest(f"the CSR's names cannot be read: {exc}", field="csr") from None
     return ParsedCsr(public_key=public_key, names=names)

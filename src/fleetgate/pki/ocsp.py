@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
@@ -42,6 +43,16 @@ class Answer:
 
 
 def parse_request(data: bytes) -> OcspQuery:
+    """A checked OCSP request for one certificate, or :class:`InvalidRequest`."""
+    try:
+        return _parse(data)
+    except InvalidRequest:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the library raises many kinds on hostile DER
+        raise InvalidRequest(f"not a usable OCSP request: {type(exc).__name__}"[:300]) from None
+
+
+def _parse(data: bytes) -> OcspQuery:
     if not data or len(data) > MAX_REQUEST_BYTES:
         raise InvalidRequest(f"an OCSP request is 1-{MAX_REQUEST_BYTES} bytes")
     try:
@@ -57,8 +68,10 @@ def parse_request(data: bytes) -> OcspQuery:
             hash_algorithm=request.hash_algorithm,
             nonce=nonce,
         )
-    except (ValueError, TypeError, x509.UnsupportedGeneralNameType) as exc:
+    except (ValueError, TypeError, x509.UnsupportedGeneralNameType, UnsupportedAlgorithm) as exc:
         raise InvalidRequest(f"not a DER OCSP request for one certificate: {exc}") from None
+    if not 0 < query.serial < 2**160:  # RFC 5280 §4.1.2.2: positive, at most 20 octets
+        raise InvalidRequest("the serial number in the OCSP request is out of range")
     if nonce is not None and not 1 <= len(nonce) <= MAX_NONCE_BYTES:
         raise InvalidRequest(f"an OCSP nonce is 1-{MAX_NONCE_BYTES} bytes")
     return query

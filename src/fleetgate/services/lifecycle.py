@@ -193,7 +193,7 @@ class LifecycleService:
         for old in due:
             try:
                 successor = await self._renew(old)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - one bad certificate must not stop the rest
                 log.error("pki.renewal_failed", serial=old.serial, detail=str(exc))
                 continue
             if successor is not None:
