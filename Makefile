@@ -8,7 +8,7 @@ test:
 	scripts/test
 
 lint:
-	.venv/bin/ruff check src tests && .venv/bin/ruff format --check src tests && .venv/bin/mypy
+	.venv/bin/ruff check src tests bench && .venv/bin/ruff format --check src tests bench && .venv/bin/mypy
 
 fmt:
-	.venv/bin/ruff format src tests && .venv/bin/ruff check --fix src tests
+	.venv/bin/ruff format src tests bench && .venv/bin/ruff check --fix src tests bench
