@@ -16,6 +16,7 @@ from fleetgate.api.schemas_pki import (
     CaTrustIn,
     CertificateOut,
     CertificatePage,
+    GatewayIssueIn,
     InventoryList,
     InventoryOut,
     IssuedOut,
@@ -109,6 +110,36 @@ async def issue_for_device(
     now = request.app.state.clock.now()
     return IssuedOut(
         certificate=CertificateOut.of(issued.certificate, now),
+        certificate_pem=issued.certificate_pem,
+        chain_pem=issued.chain_pem,
+        credential_id=issued.credential_id,
+    )
+
+
+@router.post("/v1/certificates", status_code=status.HTTP_201_CREATED, response_model=IssuedOut)
+async def issue_for_gateway(
+    body: GatewayIssueIn,
+    caller: CallerDep,
+    svc: ServicesDep,
+    request: Request,
+    response: Response,
+) -> IssuedOut:
+    """A certificate for the gateway itself (a listener's server certificate, a client
+    certificate towards an upstream): fleetgate makes the key, keeps it in the credential and
+    renews the certificate by itself."""
+    issued = await svc.credentials.issuing.issue_for_gateway(
+        caller,
+        body.credential_id,
+        profile=Profile(body.profile),
+        common_name=body.common_name,
+        dns_names=tuple(body.dns_names),
+        ip_addresses=tuple(body.ip_addresses),
+        algorithm=KeyAlgorithm(body.algorithm),
+        lifetime=timedelta(days=body.lifetime_days) if body.lifetime_days else None,
+    )
+    response.headers["Location"] = f"/v1/certificates/{issued.certificate.serial}"
+    return IssuedOut(
+        certificate=CertificateOut.of(issued.certificate, request.app.state.clock.now()),
         certificate_pem=issued.certificate_pem,
         chain_pem=issued.chain_pem,
         credential_id=issued.credential_id,

@@ -122,6 +122,16 @@ class IssueIn(Strict):
     lifetime_days: int | None = Field(default=None, ge=1, le=3650)
 
 
+class GatewayIssueIn(Strict):
+    credential_id: str = Field(max_length=128, examples=["gateway-mqtt-server"])
+    profile: Literal["gateway_server", "upstream_client"]
+    common_name: str = Field(max_length=64)
+    dns_names: list[str] = Field(default_factory=list, max_length=100)
+    ip_addresses: list[str] = Field(default_factory=list, max_length=100)
+    algorithm: KeyAlgorithmName = "ec-p256"
+    lifetime_days: int | None = Field(default=None, ge=1, le=825)
+
+
 class IssuedOut(BaseModel):
     certificate: CertificateOut
     certificate_pem: str

@@ -243,6 +243,46 @@ def cert_issue(
         )
 
 
+@cert.command("issue-gateway")
+@click.argument("credential_id")
+@click.option(
+    "--profile",
+    type=click.Choice(["gateway_server", "upstream_client"]),
+    default="gateway_server",
+    show_default=True,
+)
+@click.option("--cn", "common_name", required=True)
+@click.option("--dns", "dns_names", multiple=True)
+@click.option("--ip", "ip_addresses", multiple=True)
+@click.option("--algorithm", type=ALGORITHMS, default="ec-p256", show_default=True)
+@click.option("--days", "lifetime_days", type=click.IntRange(1, 825))
+@json_option
+@click.pass_context
+def cert_issue_gateway(
+    ctx: click.Context,
+    credential_id: str,
+    profile: str,
+    common_name: str,
+    dns_names: tuple[str, ...],
+    ip_addresses: tuple[str, ...],
+    algorithm: str,
+    lifetime_days: int | None,
+    as_json: bool,
+) -> None:
+    """A certificate for the gateway itself, kept and renewed in credential CREDENTIAL_ID."""
+    body = {
+        "credential_id": credential_id,
+        "profile": profile,
+        "common_name": common_name,
+        "dns_names": list(dns_names),
+        "ip_addresses": list(ip_addresses),
+        "algorithm": algorithm,
+        "lifetime_days": lifetime_days,
+    }
+    issued = client_from(ctx).request("POST", "/v1/certificates", json=body)
+    emit(issued if as_json else issued["certificate"], as_json, fields=CERT_FIELDS)
+
+
 @cert.command("list")
 @click.option("--device", "device_id")
 @click.option("--status", type=click.Choice(["valid", "revoked"]))

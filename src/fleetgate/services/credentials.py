@@ -8,8 +8,6 @@ as ``aws-#{imsi}``, with a default.
 
 from __future__ import annotations
 
-import asyncio
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
@@ -22,15 +20,19 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from fleetgate.auth.authz import require_group, require_write
 from fleetgate.clock import Clock
 from fleetgate.errors import Conflict, InvalidRequest, NotFound
-from fleetgate.pki.csr import parse_csr
-from fleetgate.pki.keys import KeyAlgorithm, generate_key, load_private_key_pem, private_key_pem
-from fleetgate.pki.name_policy import allowed_names, subject_for
-from fleetgate.pki.profiles import Profile
-from fleetgate.pki.records import Credential, CredentialKind, IssuedCertificate
+from fleetgate.pki.keys import KeyAlgorithm, load_private_key_pem, private_key_pem
+from fleetgate.pki.records import Credential, CredentialKind
 from fleetgate.records import Device, NewAuditEntry, Page
 from fleetgate.sealing import Secret
-from fleetgate.services.authority import AuthorityService, Issuance, load_certificates_pem, pem
+from fleetgate.services.authority import AuthorityService, load_certificates_pem, pem
 from fleetgate.services.context import Caller, check_limit, decode_cursor, encode_cursor
+from fleetgate.services.credential_records import (
+    audit_credential,
+    check_credential_id,
+    credential_entry,
+    credential_snapshot,
+)
+from fleetgate.services.issuing import IssuedBundle, IssuingService
 from fleetgate.services.vault import Vault
 from fleetgate.store import Database, Tx
 from fleetgate.store.audit import AuditRepo
@@ -38,7 +40,6 @@ from fleetgate.store.credentials import CredentialRepo, secret_name
 from fleetgate.store.devices import DeviceRepo
 from fleetgate.templates import Template
 
-CREDENTIAL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")
 MAX_SECRET_BYTES = 16 * 1024
 MIN_PSK_BYTES = 16
 MIN_HMAC_BYTES = 32
@@ -47,19 +48,6 @@ _REQUIRED_PUBLIC = {
     CredentialKind.PSK: "identity",
     CredentialKind.HMAC: "key_id",
 }
-
-
-def check_credential_id(value: str) -> str:
-    if not CREDENTIAL_ID_RE.fullmatch(value):
-        raise InvalidRequest(
-            f"credential id {value[:140]!r} must be 1-128 letters, digits or . _ : @ + -",
-            field="id",
-        )
-    return value
-
-
-def device_credential_id(device_id: str) -> str:
-    return f"device-{device_id}"
 
 
 @dataclass(frozen=True)
@@ -72,14 +60,6 @@ class CredentialInput:
     secret: Secret | None = None
     certificate_pem: str | None = None
     chain_pem: str | None = None
-
-
-@dataclass(frozen=True)
-class DeviceCertificate:
-    certificate: IssuedCertificate
-    certificate_pem: str
-    chain_pem: str
-    credential_id: str | None
 
 
 def _check_public(kind: CredentialKind, public: Mapping[str, Any]) -> None:
@@ -107,19 +87,6 @@ def _check_secret(kind: CredentialKind, secret: Secret) -> Secret:
     return secret
 
 
-def credential_snapshot(c: Credential) -> dict[str, Any]:
-    """The audit log's picture: public parts only."""
-    return {
-        "id": c.id,
-        "kind": c.kind.value,
-        "device_id": c.device_id,
-        "public": dict(c.public),
-        "certificate_serial": c.certificate_serial,
-        "not_after": c.not_after.isoformat() if c.not_after else None,
-        "has_secret": c.has_secret,
-    }
-
-
 class CredentialService:
     def __init__(
         self, db: Database, vault: Vault, authority: AuthorityService, clock: Clock
@@ -128,6 +95,7 @@ class CredentialService:
         self._vault = vault
         self._authority = authority
         self._clock = clock
+        self.issuing = IssuingService(db, vault, authority, clock)
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -405,107 +373,15 @@ class CredentialService:
         generate: KeyAlgorithm | None,
         lifetime: timedelta | None,
         credential_id: str | None = None,
-    ) -> DeviceCertificate:
-        """A device client certificate, from the device's CSR or a key fleetgate makes and keeps."""
-        if (csr is None) == (generate is None):
-            raise InvalidRequest("give csr or generate_key, not both", field="csr")
-        key = await asyncio.to_thread(generate_key, generate) if generate else None
-        parsed = parse_csr(csr) if csr is not None else None
-        config = self._authority.config
-        life = lifetime or timedelta(days=config.device_lifetime_days)
-        async with self._db.transaction() as tx:
-            device = await self._device(tx, caller, device_id, write=True)
-            allowed = allowed_names(
-                device, config.device_dns_templates, config.device_uri_templates
-            )
-            subject = subject_for(device, allowed, parsed.names if parsed else None)
-            if parsed is not None:
-                public_key = parsed.public_key
-            else:
-                assert key is not None
-                public_key = key.public_key()
-            chosen_id = None
-            if key is not None:
-                chosen_id = check_credential_id(credential_id or device_credential_id(device.id))
-            record, chain = await self._authority.issue_in(
-                tx,
-                Issuance(
-                    profile=Profile.DEVICE_CLIENT,
-                    subject=subject,
-                    public_key=public_key,
-                    lifetime=life,
-                    device_id=device.id,
-                    credential_id=chosen_id,
-                ),
-            )
-            if key is not None and chosen_id is not None:
-                await self._store_issued(tx, caller, chosen_id, device.id, record, chain, key)
-            await AuditRepo(tx).append(
-                NewAuditEntry(
-                    actor=caller.principal.actor,
-                    action="certificate.issue",
-                    target_type="certificate",
-                    target_id=record.serial,
-                    group=device.group,
-                    request_id=caller.request_id,
-                    source=caller.source,
-                    after={
-                        "device_id": device.id,
-                        "profile": record.profile.value,
-                        "subject": record.subject,
-                        "sans": list(record.sans),
-                        "not_after": record.not_after.isoformat(),
-                        "key": "generated" if key else "csr",
-                        "credential_id": chosen_id,
-                    },
-                ),
-                self._clock.now(),
-            )
-        certificate = x509.load_der_x509_certificate(record.der)
-        return DeviceCertificate(record, pem(certificate), chain, chosen_id)
-
-    async def _store_issued(
-        self,
-        tx: Tx,
-        caller: Caller,
-        credential_id: str,
-        device_id: str,
-        record: IssuedCertificate,
-        chain: str,
-        key: Any,
-    ) -> None:
-        repo = CredentialRepo(tx)
-        existing = await repo.get(credential_id)
-        now = self._clock.now()
-        if existing is not None and existing.device_id not in (None, device_id):
-            raise Conflict(f"credential {credential_id} belongs to device {existing.device_id}")
-        fresh = Credential(
-            id=credential_id,
-            kind=CredentialKind.X509,
-            description=existing.description if existing else f"issued for {device_id}",
-            device_id=device_id,
-            public={},
-            certificate_serial=record.serial,
-            certificate=record.der,
-            chain=chain,
-            not_after=record.not_after,
-            has_secret=True,
-            exported_at=None,
-            created_at=existing.created_at if existing else now,
-            updated_at=now,
-            revision=existing.revision + 1 if existing else 1,
-        )
-        if existing is None:
-            await repo.insert(fresh)
-        elif not await repo.replace(fresh, expected_revision=existing.revision):
-            raise Conflict(f"credential {credential_id} changed meanwhile; try again")
-        await self._vault.put_in(tx, secret_name(credential_id), Secret(private_key_pem(key)))
-        await self._audit(
-            tx,
+    ) -> IssuedBundle:
+        """See :meth:`IssuingService.issue_for_device`."""
+        return await self.issuing.issue_for_device(
             caller,
-            "credential.create" if existing is None else "credential.update",
-            existing,
-            fresh,
+            device_id,
+            csr=csr,
+            generate=generate,
+            lifetime=lifetime,
+            credential_id=credential_id,
         )
 
     async def _audit(
@@ -518,19 +394,7 @@ class CredentialService:
         *,
         extra: Mapping[str, Any] | None = None,
     ) -> None:
-        subject = after or before
-        assert subject is not None
-        after_snapshot = credential_snapshot(after) | dict(extra or {}) if after else None
-        await AuditRepo(tx).append(
-            self._entry(
-                caller,
-                action,
-                credential_snapshot(before) if before else None,
-                after_snapshot,
-                subject,
-            ),
-            self._clock.now(),
-        )
+        await audit_credential(tx, caller, action, before, after, self._clock.now(), extra=extra)
 
     @staticmethod
     def _entry(
@@ -540,13 +404,4 @@ class CredentialService:
         after: dict[str, Any] | None,
         subject: Credential,
     ) -> NewAuditEntry:
-        return NewAuditEntry(
-            actor=caller.principal.actor,
-            action=action,
-            target_type="credential",
-            target_id=subject.id,
-            request_id=caller.request_id,
-            source=caller.source,
-            before=before,
-            after=after,
-        )
+        return credential_entry(caller, action, before, after, subject)
