@@ -28,8 +28,10 @@ from fleetgate.sealing import Keyring, Secret
 from fleetgate.sealing.keyring import ENV_VAR as MASTER_KEY_ENV
 from fleetgate.sealing.keyring import load_keyring
 from fleetgate.services.bundle import Services
+from fleetgate.services.changes import ChangeFollower
 from fleetgate.services.context import SYSTEM_CALLER
 from fleetgate.store import Database, open_database
+from fleetgate.store.changes import Change
 from fleetgate.store.migrations import migrate
 from fleetgate.store.sealed import SealedSecretRepo
 
@@ -150,6 +152,13 @@ class Gateway:
             services.devices.find_by_address, self.metrics, self.clock, self.health
         )
         await listeners.apply(self.config.listeners)
+        follower = ChangeFollower(db, self.clock)
+        await follower.start_from_now()
+
+        async def on_change(change: Change) -> None:
+            await listeners.on_change(change, services.devices.find)
+
+        follower.subscribe(on_change)
         sock = _bind_api_socket(self.config.api.listen)
         app = build_app(
             services,
@@ -189,11 +198,13 @@ class Gateway:
                 api_task = tg.create_task(server.serve(sockets=[sock]))
                 reload_task = tg.create_task(self._reload_loop(reloads, listeners))
                 maintenance_task = tg.create_task(self._maintenance_loop(services))
+                follower_task = tg.create_task(follower.run())
                 await self.stop.wait()
                 log.info("gateway.draining", timeout_s=self.config.api.drain_timeout_s)
                 self.health.draining = True
                 reload_task.cancel()
                 maintenance_task.cancel()
+                follower_task.cancel()
                 server.should_exit = True
                 await listeners.close(self.config.api.drain_timeout_s)
                 await api_task

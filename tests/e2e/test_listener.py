@@ -122,3 +122,28 @@ def test_listener_that_cannot_bind_makes_readyz_fail(gateway_factory: GatewayFac
             ready = api.get("/readyz")
         assert ready.status_code == 503
         assert "cannot bind" in ready.json()["checks"]["listeners"]["plc"]
+
+
+def test_disabling_a_device_cuts_its_live_connection_only(relay: Relay) -> None:
+    gw, port = relay.gateway, relay.port
+    with gw.client(ADMIN) as api:
+        for device, address in (("plc-a", "127.0.0.1"), ("plc-b", "127.0.0.3")):
+            body = {"id": device, "addresses": [address]}
+            assert api.post("/v1/devices", json=body).is_success
+    kept = socket.create_connection(
+        ("127.0.0.1", port), timeout=10, source_address=("127.0.0.3", 0)
+    )
+    doomed = socket.create_connection(("127.0.0.1", port), timeout=10)
+    with kept, doomed:
+        for s in (kept, doomed):  # both relayed end to end before the change
+            s.sendall(b"ping")
+            assert s.recv(16) == b"ping"
+        mark = gw.mark()
+        with gw.client(ADMIN) as api:
+            assert api.patch("/v1/devices/plc-a", json={"status": "disabled"}).is_success
+        cut = gw.wait_for("listener.connection_cut", since=mark, timeout_s=10)
+        assert cut["device"] == "plc-a"
+        assert cut["reason"] == "device_disabled"
+        assert doomed.recv(16) == b""  # closed by the gateway
+        kept.sendall(b"still here")
+        assert kept.recv(32) == b"still here"

@@ -43,6 +43,8 @@ class TcpListener:
         self._clock = clock
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        # Relayed connections by device, with their source address: what a revocation cuts.
+        self._by_device: dict[str, dict[asyncio.Task[None], str]] = {}
 
     @property
     def active(self) -> int:
@@ -76,6 +78,28 @@ class TcpListener:
             for task in still:
                 task.cancel()
             await asyncio.gather(*still, return_exceptions=True)
+
+    def devices_connected(self) -> set[str]:
+        return set(self._by_device)
+
+    def cut(self, device_id: str, reason: str, *, keep_sources: tuple[str, ...] = ()) -> int:
+        """Close ``device_id``'s live connections (except from ``keep_sources``); how many."""
+        cut = 0
+        for task, source in list(self._by_device.get(device_id, {}).items()):
+            if source in keep_sources:
+                continue
+            task.cancel()
+            cut += 1
+            log.warning(
+                "listener.connection_cut",
+                listener=self.name,
+                device=device_id,
+                source=source,
+                reason=reason,
+            )
+        if cut:
+            self._metrics.listener_connections.labels(self.name, f"cut_{reason}").inc(cut)
+        return cut
 
     async def _on_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -135,6 +159,9 @@ class TcpListener:
             self._metrics.listener_connections.labels(self.name, "relayed").inc()
             self._metrics.listener_active.labels(self.name).inc()
             log.info("listener.connected", destination=self.config.forward_to)
+            task = asyncio.current_task()
+            assert task is not None
+            self._by_device.setdefault(device.id, {})[task] = source
             try:
                 stats, reason = await relay(
                     (reader, writer),
@@ -143,6 +170,10 @@ class TcpListener:
                     idle_timeout_s=self.config.idle_timeout_s,
                 )
             finally:
+                mine = self._by_device.get(device.id, {})
+                mine.pop(task, None)
+                if not mine:
+                    self._by_device.pop(device.id, None)
                 self._metrics.listener_active.labels(self.name).dec()
                 upstream[1].close()
             self._metrics.listener_bytes.labels(self.name, "up").inc(stats.up_bytes)

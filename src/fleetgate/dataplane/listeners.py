@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from fleetgate.clock import Clock
 from fleetgate.config.schema import ListenerConfig
@@ -10,8 +10,11 @@ from fleetgate.dataplane.listener import DeviceLookup, TcpListener
 from fleetgate.health import Health
 from fleetgate.logs import get_logger
 from fleetgate.metrics import Metrics
+from fleetgate.records import Device, DeviceStatus
+from fleetgate.store.changes import Change
 
 log = get_logger("fleetgate.dataplane")
+DeviceFinder = Callable[[str], Awaitable[Device | None]]
 
 
 class ListenerSet:
@@ -56,6 +59,25 @@ class ListenerSet:
         for name, config in configs.items():
             if name not in self._listeners:
                 await self._start(name, config)
+
+    async def on_change(self, change: Change, find: DeviceFinder) -> None:
+        """Cut the live connections a registry change no longer allows (within the poll
+        interval of the change follower, on every process)."""
+        if change.target_type != "device":
+            return
+        everyone = [*self._listeners.values(), *self._retired]
+        if not any(change.target_id in lst.devices_connected() for lst in everyone):
+            return
+        device = await find(change.target_id)
+        keep: tuple[str, ...]
+        if device is None:
+            reason, keep = "device_deleted", ()
+        elif device.status is not DeviceStatus.ENABLED:
+            reason, keep = "device_disabled", ()
+        else:
+            reason, keep = "address_removed", device.addresses
+        for listener in everyone:
+            listener.cut(change.target_id, reason, keep_sources=keep)
 
     async def close(self, drain_timeout_s: float) -> None:
         everyone = [*self._listeners.values(), *self._retired]

@@ -139,6 +139,11 @@ class DeviceService:
         require_group(caller.principal, device.group)
         return device
 
+    async def find(self, device_id: str) -> Device | None:
+        """A device by id for the data path (no caller: nothing is disclosed)."""
+        async with self._db.snapshot() as tx:
+            return await DeviceRepo(tx).get(device_id)
+
     async def find_by_address(self, address: str) -> Device | None:
         """The data path's identity lookup (no caller: the network is the credential)."""
         async with self._db.snapshot() as tx:

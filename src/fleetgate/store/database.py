@@ -7,7 +7,7 @@ repositories in this package never know which backend they run on.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal, Protocol
 
@@ -50,6 +50,11 @@ class Database(Protocol):
 
     async def ping(self) -> None:
         """Raise :class:`StoreUnavailable` unless a trivial query succeeds."""
+        ...
+
+    def watch_changes(self, wake: Callable[[], None]) -> AbstractAsyncContextManager[None]:
+        """While open, call ``wake`` soon after any process commits a change (best effort:
+        followers poll as well)."""
         ...
 
     async def close(self) -> None: ...

@@ -129,6 +129,16 @@ _PKI = Step("""
     );
 """)
 
+_NOTIFY_CHANGES = Step(
+    sqlite="SELECT 1",
+    postgresql="""
+        CREATE FUNCTION audit_log_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN PERFORM pg_notify('fleetgate_changes', NEW.id::text); RETURN NULL; END $$;
+        CREATE TRIGGER audit_log_notify AFTER INSERT ON audit_log
+        FOR EACH ROW EXECUTE FUNCTION audit_log_notify();
+    """,
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
@@ -204,6 +214,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
     ),
     Migration(2, "pki", (_PKI,)),
+    Migration(3, "change notifications", (_NOTIFY_CHANGES,)),
 )
 
 _LEDGER = """

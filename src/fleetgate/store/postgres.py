@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Literal
 
@@ -13,6 +13,7 @@ from asyncpg.pool import PoolConnectionProxy
 from fleetgate.errors import StoreUnavailable
 from fleetgate.store.database import IntegrityViolation, Row, to_dollar_placeholders
 
+CHANGES_CHANNEL = "fleetgate_changes"
 _UNAVAILABLE = (OSError, asyncpg.CannotConnectNowError, asyncpg.ConnectionDoesNotExistError)
 
 
@@ -90,6 +91,23 @@ class PostgresDatabase:
 
     def snapshot(self) -> AbstractAsyncContextManager[PostgresTx]:
         return self._tx(readonly=True)
+
+    @asynccontextmanager
+    async def watch_changes(self, wake: Callable[[], None]) -> AsyncIterator[None]:
+        """LISTEN on a connection of its own; the audit log's trigger NOTIFYs on every insert."""
+        conn = await self._pool.acquire()
+
+        def notified(*_: object) -> None:
+            wake()
+
+        try:
+            await conn.add_listener(CHANGES_CHANNEL, notified)
+            try:
+                yield
+            finally:
+                await conn.remove_listener(CHANGES_CHANNEL, notified)
+        finally:
+            await asyncio.shield(self._pool.release(conn))
 
     async def ping(self) -> None:
         try:

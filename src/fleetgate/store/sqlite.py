@@ -176,6 +176,12 @@ class SqliteDatabase:
     def snapshot(self) -> AbstractAsyncContextManager[SqliteTx]:
         return self._tx(self._reader, "BEGIN", wait_commit=False)
 
+    @asynccontextmanager
+    async def watch_changes(self, wake: Callable[[], None]) -> AsyncIterator[None]:
+        """SQLite has no cross-process notification; followers poll."""
+        del wake
+        yield
+
     async def ping(self) -> None:
         try:
             await self._reader.call(lambda c: c.execute("SELECT 1").fetchall())
