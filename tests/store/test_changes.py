@@ -24,6 +24,15 @@ async def _append(db: Database, clock: FakeClock, target: str) -> int:
         )
 
 
+async def _append_then_roll_back(db: Database, clock: FakeClock) -> None:
+    async with db.transaction() as tx:
+        await AuditRepo(tx).append(
+            NewAuditEntry(actor="t", action="x", target_type="device", target_id="gone"),
+            clock.now(),
+        )
+        raise RuntimeError("roll back")
+
+
 async def test_follower_sees_each_change_once_in_order(db: Database, clock: FakeClock) -> None:
     await _append(db, clock, "before")
     follower = ChangeFollower(db, clock)
@@ -47,13 +56,8 @@ async def test_a_hole_is_waited_for_then_skipped(db: Database, clock: FakeClock)
     await follower.start_from_now()
     first = await _append(db, clock, "a")
     # A transaction that took an id and rolled back leaves a hole (PostgreSQL sequences do).
-    with pytest.raises(RuntimeError):
-        async with db.transaction() as tx:
-            await AuditRepo(tx).append(
-                NewAuditEntry(actor="t", action="x", target_type="device", target_id="gone"),
-                clock.now(),
-            )
-            raise RuntimeError("roll back")
+    with pytest.raises(RuntimeError, match="roll back"):
+        await _append_then_roll_back(db, clock)
     third = await _append(db, clock, "c")
     handled = await follower.poll_once()
     assert [c.target_id for c in handled] == ["a", "c"]
