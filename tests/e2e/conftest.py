@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import socket
+import socketserver
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,3 +37,22 @@ def gateway_factory(tmp_path: Path) -> Iterator[GatewayFactory]:
 def gateway(gateway_factory: GatewayFactory) -> Gateway:
     """A running gateway on SQLite whose first admin token is ADMIN."""
     return gateway_factory(FLEETGATE_ADMIN_TOKEN=ADMIN).start()
+
+
+class _Echo(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        while data := sock.recv(65536):
+            sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)  # echo the half-close back
+
+
+@pytest.fixture
+def echo_server() -> Iterator[int]:
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()

@@ -3,34 +3,12 @@
 from __future__ import annotations
 
 import socket
-import socketserver
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 
 from e2e.conftest import ADMIN
 from e2e.gateway import Gateway, GatewayFactory, free_port
-
-
-class _Echo(socketserver.BaseRequestHandler):
-    def handle(self) -> None:
-        sock: socket.socket = self.request
-        while data := sock.recv(65536):
-            sock.sendall(data)
-        sock.shutdown(socket.SHUT_WR)  # echo the half-close back
-
-
-@pytest.fixture
-def echo_server() -> Iterator[int]:
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from e2e.conftest import ADMIN
-from e2e.gateway import GatewayFactory
+from e2e.gateway import GatewayFactory, free_port
 from support.postgres import PostgresServer
 
 pytestmark = pytest.mark.postgres
@@ -59,3 +61,33 @@ def test_unreachable_postgresql_fails_start_without_leaking_the_password(
     code = gw.wait_exit()
     assert code == 74
     assert "hunter2secret" not in repr(gw.events)
+
+
+def test_disabling_on_one_node_cuts_the_device_on_another(
+    gateway_factory: GatewayFactory, pg_server: PostgresServer, echo_server: int
+) -> None:
+    dsn = pg_server.create_database_sync()
+    port = free_port()
+    shared = {
+        "FLEETGATE_STORE__BACKEND": "postgresql",
+        "FLEETGATE_STORE__POSTGRESQL_DSN": dsn,
+        "FLEETGATE_ADMIN_TOKEN": ADMIN,
+    }
+    relaying = gateway_factory(
+        **shared,
+        FLEETGATE_LISTENERS__PLC__BIND=f"127.0.0.1:{port}",
+        FLEETGATE_LISTENERS__PLC__FORWARD_TO=f"127.0.0.1:{echo_server}",
+    ).start()
+    key = (relaying.data_dir / "master.key").read_text().split()[-1]
+    managing = gateway_factory(**shared, FLEETGATE_MASTER_KEY=key).start()
+    with managing.client(ADMIN) as api:
+        assert api.post("/v1/devices", json={"id": "plc", "addresses": ["127.0.0.1"]}).is_success
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(b"ping")
+        assert conn.recv(16) == b"ping"
+        mark = relaying.mark()
+        with managing.client(ADMIN) as api:
+            assert api.patch("/v1/devices/plc", json={"status": "disabled"}).is_success
+        cut = relaying.wait_for("listener.connection_cut", since=mark, timeout_s=10)
+        assert cut["reason"] == "device_disabled"
+        assert conn.recv(16) == b""
