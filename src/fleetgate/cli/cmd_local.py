@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from fleetgate.cli.client import CliFailure
+from fleetgate.cli.local import open_local
 from fleetgate.cli.output import emit
 from fleetgate.datadir import DEFAULT_DATA_DIR
 from fleetgate.errors import FleetgateError
@@ -82,30 +83,16 @@ def keys_group() -> None:
 
 
 async def _rotate(data_dir: Path, config_path: Path | None, keep_old: bool) -> dict[str, object]:
-    from fleetgate.clock import SystemClock
-    from fleetgate.config import load_config
-    from fleetgate.datadir import prepare
-    from fleetgate.runtime import open_keyring
     from fleetgate.sealing import MasterKey
-    from fleetgate.services.bundle import Services
     from fleetgate.services.context import SYSTEM_CALLER
-    from fleetgate.store import open_database
-    from fleetgate.store.migrations import migrate
 
-    env = dict(os.environ)
-    data = prepare(data_dir, config_path)
-    config = load_config(data.config_path, env)
-    clock = SystemClock()
-    db = await open_database(config.store, data.path)
-    try:
-        await migrate(db, clock)
-        keyring = await open_keyring(data, config, db, env)
-        from_env = bool(env.get(MASTER_KEY_ENV, "").strip())
-        key_path = data.resolve(config.sealing.master_key_file)
+    async with open_local(data_dir, config_path) as local:
+        keyring, services = local.keyring, local.services
+        from_env = bool(local.env.get(MASTER_KEY_ENV, "").strip())
+        key_path = local.data.resolve(local.config.sealing.master_key_file)
         if not from_env:
             # Step 1: the new key joins the file before anything is sealed under it.
             keyring.write_file(key_path, [*keyring.all_keys(), MasterKey.generate()])
-        services = Services.build(db, keyring, clock)
         report = await services.vault.reseal_all(SYSTEM_CALLER)
         retired = list(report.retired_key_ids)
         if not from_env and not keep_old:
@@ -122,8 +109,6 @@ async def _rotate(data_dir: Path, config_path: Path | None, keep_old: bool) -> d
             "retired_key_ids": retired,
             "key_source": MASTER_KEY_ENV if from_env else str(key_path),
         }
-    finally:
-        await db.close()
 
 
 @keys_group.command("rotate")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -12,6 +11,7 @@ import click
 
 from fleetgate.cli.client import CliFailure
 from fleetgate.cli.common import client_from, fetch_pages, json_option, paging_options
+from fleetgate.cli.local import open_local
 from fleetgate.cli.output import emit
 from fleetgate.errors import FleetgateError
 
@@ -63,25 +63,11 @@ def ca() -> None:
 
 
 async def _init(data_dir: Path, config_path: Path | None, algorithm: str | None) -> dict[str, Any]:
-    from fleetgate.clock import SystemClock
-    from fleetgate.config import load_config
-    from fleetgate.datadir import prepare
     from fleetgate.pki.keys import KeyAlgorithm
-    from fleetgate.runtime import open_keyring, public_url
-    from fleetgate.services.bundle import Services
     from fleetgate.services.context import SYSTEM_CALLER
-    from fleetgate.store import open_database
-    from fleetgate.store.migrations import migrate
 
-    env = dict(os.environ)
-    data = prepare(data_dir, config_path)
-    config = load_config(data.config_path, env)
-    clock = SystemClock()
-    db = await open_database(config.store, data.path)
-    try:
-        await migrate(db, clock)
-        keyring = await open_keyring(data, config, db, env)
-        services = Services.build(db, keyring, clock, pki=config.pki, public_url=public_url(config))
+    async with open_local(data_dir, config_path) as local:
+        services = local.services
         created = await services.authority.ensure_hierarchy(
             SYSTEM_CALLER, KeyAlgorithm(algorithm) if algorithm else None
         )
@@ -97,8 +83,6 @@ async def _init(data_dir: Path, config_path: Path | None, algorithm: str | None)
                 for a in await services.authority.authorities()
             ],
         }
-    finally:
-        await db.close()
 
 
 @ca.command("init")

@@ -330,9 +330,17 @@ class AuthorityService:
 
     # -- issuing --------------------------------------------------------------------------------
 
-    async def issue_in(self, tx: Tx, issuance: Issuance) -> tuple[IssuedCertificate, str]:
-        """Sign and record a certificate inside ``tx``; (record, chain PEM without the root)."""
-        ca, issuer = await self.active_issuer(tx)
+    async def issue_in(
+        self, tx: Tx, issuance: Issuance, *, ca: CertificateAuthority | None = None
+    ) -> tuple[IssuedCertificate, str]:
+        """Sign and record a certificate inside ``tx``; (record, chain PEM without the root).
+
+        The active issuing CA signs unless ``ca`` is given (an OCSP responder must be signed by
+        the CA it answers for)."""
+        if ca is None:
+            ca, issuer = await self.active_issuer(tx)
+        else:
+            issuer = await self.issuer(tx, ca)
         repo = CertificateRepo(tx)
         serial = x509.random_serial_number()  # 159 random bits
         while await repo.exists(serial_hex(serial)):

@@ -11,7 +11,7 @@ import asyncio
 import ipaddress
 import re
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from cryptography import x509
 
@@ -143,34 +143,10 @@ class IssuingService:
         chain: str,
         key: PrivateKey,
     ) -> None:
-        repo = CredentialRepo(tx)
-        existing = await repo.get(credential_id)
         now = self._clock.now()
-        if existing is not None and existing.device_id not in (None, device_id):
-            raise Conflict(f"credential {credential_id} belongs to device {existing.device_id}")
-        fresh = Credential(
-            id=credential_id,
-            kind=CredentialKind.X509,
-            description=existing.description
-            if existing
-            else f"issued for {device_id or record.subject}",
-            device_id=device_id,
-            public={},
-            certificate_serial=record.serial,
-            certificate=record.der,
-            chain=chain,
-            not_after=record.not_after,
-            has_secret=True,
-            exported_at=None,
-            created_at=existing.created_at if existing else now,
-            updated_at=now,
-            revision=existing.revision + 1 if existing else 1,
+        existing, fresh = await keep_in_credential(
+            tx, self._vault, credential_id, device_id, record, chain, key, now
         )
-        if existing is None:
-            await repo.insert(fresh)
-        elif not await repo.replace(fresh, expected_revision=existing.revision):
-            raise Conflict(f"credential {credential_id} changed meanwhile; try again")
-        await self._vault.put_in(tx, secret_name(credential_id), Secret(private_key_pem(key)))
         await audit_credential(
             tx,
             caller,
@@ -252,3 +228,48 @@ class IssuingService:
             )
         certificate = x509.load_der_x509_certificate(record.der)
         return IssuedBundle(record, pem(certificate), chain, credential_id)
+
+
+async def keep_in_credential(
+    tx: Tx,
+    vault: Vault,
+    credential_id: str,
+    device_id: str | None,
+    record: IssuedCertificate,
+    chain: str | None,
+    key: PrivateKey,
+    now: datetime,
+    *,
+    description: str | None = None,
+) -> tuple[Credential | None, Credential]:
+    """Point an x509 credential at a new certificate and seal its key; (before, after)."""
+    repo = CredentialRepo(tx)
+    existing = await repo.get(credential_id)
+    if existing is not None and existing.device_id not in (None, device_id):
+        raise Conflict(f"credential {credential_id} belongs to device {existing.device_id}")
+    fresh = Credential(
+        id=credential_id,
+        kind=CredentialKind.X509,
+        description=(
+            existing.description
+            if existing
+            else description or f"issued for {device_id or record.subject}"
+        ),
+        device_id=device_id,
+        public={},
+        certificate_serial=record.serial,
+        certificate=record.der,
+        chain=chain,
+        not_after=record.not_after,
+        has_secret=True,
+        exported_at=None,
+        created_at=existing.created_at if existing else now,
+        updated_at=now,
+        revision=existing.revision + 1 if existing else 1,
+    )
+    if existing is None:
+        await repo.insert(fresh)
+    elif not await repo.replace(fresh, expected_revision=existing.revision):
+        raise Conflict(f"credential {credential_id} changed meanwhile; try again")
+    await vault.put_in(tx, secret_name(credential_id), Secret(private_key_pem(key)))
+    return existing, fresh

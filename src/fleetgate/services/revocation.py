@@ -18,24 +18,21 @@ from fleetgate.clock import Clock, from_epoch_us
 from fleetgate.config.schema import PkiConfig
 from fleetgate.errors import Conflict, InvalidRequest, NotFound
 from fleetgate.logs import get_logger
-from fleetgate.pki.authority import CertificateRequest, Issuer, Subject, Validity, issue
+from fleetgate.pki.authority import Issuer, Subject
 from fleetgate.pki.crl import RevocationReason, Revoked, build_crl
-from fleetgate.pki.keys import algorithm_of, generate_key, load_private_key_pem, private_key_pem
+from fleetgate.pki.keys import algorithm_of, generate_key, load_private_key_pem
 from fleetgate.pki.ocsp import Answer, CertStatus, OcspQuery, build_response, issuer_hashes
 from fleetgate.pki.profiles import Profile
 from fleetgate.pki.records import (
     CaRole,
     CertificateAuthority,
-    Credential,
-    CredentialKind,
     CrlRecord,
     IssuedCertificate,
-    serial_hex,
 )
 from fleetgate.records import NewAuditEntry
-from fleetgate.sealing import Secret
-from fleetgate.services.authority import AuthorityService
+from fleetgate.services.authority import AuthorityService, Issuance
 from fleetgate.services.context import Caller
+from fleetgate.services.issuing import keep_in_credential
 from fleetgate.services.vault import Vault
 from fleetgate.store import Database, Tx
 from fleetgate.store.audit import AuditRepo
@@ -274,63 +271,28 @@ class RevocationService:
             ):
                 return  # another task or node made one meanwhile
             # The responder must be signed by the CA it answers for, not the active one.
-            issuer = await self._authority.issuer(tx, ca)
-            serial = x509.random_serial_number()
-            certificate = issue(
-                CertificateRequest(
+            record, _ = await self._authority.issue_in(
+                tx,
+                Issuance(
                     profile=Profile.OCSP_RESPONDER,
                     subject=Subject(f"fleetgate OCSP responder {ca.id}"),
                     public_key=key.public_key(),
-                    serial=serial,
-                    validity=Validity.starting(
-                        now,
-                        timedelta(days=self._config.ocsp_responder_lifetime_days),
-                        cap=ca.not_after,
-                    ),
+                    lifetime=timedelta(days=self._config.ocsp_responder_lifetime_days),
+                    credential_id=credential_id,
                 ),
-                issuer,
+                ca=ca,
             )
-            record = IssuedCertificate(
-                serial=serial_hex(serial),
-                issuer_id=ca.id,
-                profile=Profile.OCSP_RESPONDER,
-                subject=f"fleetgate OCSP responder {ca.id}",
-                sans=(),
-                device_id=None,
-                credential_id=credential_id,
-                key_algorithm=algorithm,
-                not_before=certificate.not_valid_before_utc,
-                not_after=certificate.not_valid_after_utc,
-                der=certificate.public_bytes(serialization.Encoding.DER),
-                revoked_at=None,
-                revocation_reason=None,
-                renewed_by=None,
-                created_at=now,
-            )
-            await CertificateRepo(tx).insert(
-                record, renew_after=self._authority.renew_after(record)
-            )
-            fresh = Credential(
-                id=credential_id,
-                kind=CredentialKind.X509,
+            await keep_in_credential(
+                tx,
+                self._vault,
+                credential_id,
+                None,
+                record,
+                None,
+                key,
+                now,
                 description=f"OCSP responder of {ca.id}",
-                device_id=None,
-                public={},
-                certificate_serial=record.serial,
-                certificate=record.der,
-                chain=None,
-                not_after=record.not_after,
-                has_secret=True,
-                exported_at=None,
-                created_at=existing.created_at if existing else now,
-                updated_at=now,
-                revision=existing.revision + 1 if existing else 1,
             )
-            if existing is None:
-                await repo.insert(fresh)
-            else:
-                await repo.replace(fresh, expected_revision=existing.revision)
-            await self._vault.put_in(tx, secret_name(credential_id), Secret(private_key_pem(key)))
             if replacing is not None:
                 await CertificateRepo(tx).mark_renewed(replacing, record.serial)
 
