@@ -161,8 +161,12 @@ class CredentialService:
         async with self._db.snapshot() as tx:
             repo = CredentialRepo(tx)
             found = await repo.get(wanted)
+            if found is not None and found.device_id not in (None, device.id):
+                found = None  # another device's credential is never handed out
             if found is None and default:
                 found = await repo.get(default)
+                if found is not None and found.device_id not in (None, device.id):
+                    found = None
         return found
 
     async def secret(self, credential: Credential) -> Secret | None:

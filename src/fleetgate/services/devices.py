@@ -25,6 +25,8 @@ from fleetgate.records import (
 from fleetgate.services.context import Caller, check_limit, decode_cursor, encode_cursor
 from fleetgate.store import Database, IntegrityViolation, Tx
 from fleetgate.store.audit import AuditRepo
+from fleetgate.store.certificates import CertificateQuery, CertificateRepo
+from fleetgate.store.credentials import CredentialRepo
 from fleetgate.store.devices import DeviceRepo
 from fleetgate.store.groups import GroupRepo
 
@@ -249,10 +251,27 @@ class DeviceService:
                 raise PreconditionFailed(
                     f"device {device_id} is at revision {current.revision}, not {if_revision}"
                 )
+            await self._check_nothing_bound(tx, device_id)
             await repo.delete(device_id)
             await AuditRepo(tx).append(
                 self._audit(caller, "device.delete", current, device_snapshot(current), None),
                 self._clock.now(),
+            )
+
+    async def _check_nothing_bound(self, tx: Tx, device_id: str) -> None:
+        """A device with live certificates or credentials is not silently forgotten."""
+        now = self._clock.now()
+        live = await CertificateRepo(tx).list(
+            CertificateQuery(device_id=device_id, revoked=False, valid_at=now), limit=1
+        )
+        if live:
+            raise Conflict(
+                f"device {device_id} has valid certificates (e.g. {live[0].serial}); revoke them "
+                "or replace the device first"
+            )
+        if await CredentialRepo(tx).list(limit=1, device_id=device_id):
+            raise Conflict(
+                f"device {device_id} still has credentials; delete them or replace the device"
             )
 
     async def counts(self) -> dict[str, int]:

@@ -241,10 +241,17 @@ async def keep_in_credential(
     now: datetime,
     *,
     description: str | None = None,
+    expected_revision: int | None = None,
 ) -> tuple[Credential | None, Credential]:
-    """Point an x509 credential at a new certificate and seal its key; (before, after)."""
+    """Point an x509 credential at a new certificate and seal its key; (before, after).
+
+    With ``expected_revision``, refuse if the credential changed since the caller read it."""
     repo = CredentialRepo(tx)
     existing = await repo.get(credential_id)
+    if expected_revision is not None and (
+        existing is None or existing.revision != expected_revision
+    ):
+        raise Conflict(f"credential {credential_id} changed meanwhile; try again")
     if existing is not None and existing.device_id not in (None, device_id):
         raise Conflict(f"credential {credential_id} belongs to device {existing.device_id}")
     fresh = Credential(

@@ -37,6 +37,10 @@ from fleetgate.store.crls import CrlRepo
 
 log = get_logger("fleetgate.pki")
 PAGE = 500
+# Sending an alert holds it this long; another node retries it only after.
+ALERT_LEASE = timedelta(minutes=5)
+# Certificates that ended this recently still get their at-expiry alert.
+EXPIRED_ALERT_WINDOW = timedelta(days=7)
 RENEWALS_PER_PASS = 200
 MAX_BACKOFF = timedelta(hours=6)
 
@@ -64,6 +68,12 @@ class InventoryItem:
     def key(self) -> str:
         return f"{self.kind.value}:{self.id}"
 
+    @property
+    def alert_key(self) -> str:
+        """One alert history per thing *and* end date: a re-imported credential or a new CRL
+        under the same id starts afresh."""
+        return f"{self.key}@{int(self.not_after.timestamp())}"
+
 
 @dataclass
 class MaintenanceReport:
@@ -90,13 +100,19 @@ class LifecycleService:
 
     # -- inventory -------------------------------------------------------------------------------
 
-    async def inventory(self, *, expiring_within: timedelta | None = None) -> list[InventoryItem]:
+    async def inventory(
+        self,
+        *,
+        expiring_within: timedelta | None = None,
+        expired_within: timedelta | None = None,
+    ) -> list[InventoryItem]:
         """Everything with an end date that fleetgate issued or holds, soonest first.
 
-        Certificates already revoked, expired, or superseded by a renewal are left out: nothing
-        more can be done about them.
+        Certificates revoked or superseded by a renewal are left out, and so are expired ones
+        unless they ended within ``expired_within``.
         """
         now = self._clock.now()
+        valid_at = now - expired_within if expired_within is not None else now
         horizon = now + expiring_within if expiring_within is not None else None
         items: list[InventoryItem] = []
         async with self._db.snapshot() as tx:
@@ -104,7 +120,7 @@ class LifecycleService:
             while True:
                 batch = await CertificateRepo(tx).list(
                     CertificateQuery(
-                        revoked=False, renewed=False, valid_at=now, expiring_before=horizon
+                        revoked=False, renewed=False, valid_at=valid_at, expiring_before=horizon
                     ),
                     limit=PAGE,
                     after=after,
@@ -281,8 +297,10 @@ class LifecycleService:
         # an alert then means "renewal is failing", not "this will expire".
         grace = timedelta(seconds=max(3 * self._authority.config.maintenance_interval_s, 600))
         items = {
-            i.key: i
-            for i in await self.inventory(expiring_within=widest)
+            i.alert_key: i
+            for i in await self.inventory(
+                expiring_within=widest, expired_within=EXPIRED_ALERT_WINDOW
+            )
             if i.renew_by is None or now >= i.renew_by + grace
         }
         async with self._db.transaction() as tx:
@@ -294,17 +312,23 @@ class LifecycleService:
                     continue
                 closest = min(crossed)
                 for threshold in crossed:
-                    claimed = await repo.claim(item.key, threshold, now)
+                    claimed = await repo.claim(item.alert_key, threshold, now)
                     if claimed and threshold != closest:
                         # Crossed several at once (an import with days left): send one alert.
                         await repo.record_attempt(
-                            item.key,
+                            item.alert_key,
                             threshold,
                             sent_at=now,
                             error="superseded by a closer threshold",
                             next_attempt_at=now,
                         )
-            due = await repo.due(now, max_attempts=config.max_attempts)
+            due = []
+            for subject, threshold, attempts in await repo.due(
+                now, max_attempts=config.max_attempts
+            ):
+                # Take a lease first: a node that finds the row leased leaves it alone.
+                if await repo.lease(subject, threshold, now, until=now + ALERT_LEASE):
+                    due.append((subject, threshold, attempts))
         sent: list[str] = []
         failed: list[str] = []
         for subject, threshold, attempts in due:
@@ -324,7 +348,9 @@ class LifecycleService:
                         actor=SYSTEM_CALLER.principal.actor,
                         action="alert.expiry",
                         target_type=found.kind.value if found else subject.split(":", 1)[0],
-                        target_id=found.id if found else subject.split(":", 1)[-1],
+                        target_id=found.id
+                        if found
+                        else subject.split(":", 1)[-1].rsplit("@", 1)[0],
                         after={
                             "threshold_days": threshold / 86400,
                             "attempt": attempts + 1,
@@ -335,7 +361,8 @@ class LifecycleService:
                     ),
                     now,
                 )
-            (failed if error else sent).append(f"{subject}@{threshold}")
+            shown = found.key if found else subject.rsplit("@", 1)[0]
+            (failed if error else sent).append(f"{shown}@{threshold}")
         return sent, failed
 
     async def _deliver(
@@ -349,7 +376,7 @@ class LifecycleService:
         """None when delivered (or there is nowhere to deliver to), else why not."""
         payload: dict[str, Any] = {
             "event": "expiry",
-            "subject": subject,
+            "subject": item.key if item is not None else subject.rsplit("@", 1)[0],
             "threshold_days": threshold / 86400,
             "at": now.isoformat(),
         }

@@ -40,6 +40,7 @@ from fleetgate.store.authorities import AuthorityRepo
 from fleetgate.store.certificates import CertificateRepo
 from fleetgate.store.credentials import CredentialRepo, secret_name
 from fleetgate.store.crls import CrlRepo
+from fleetgate.store.database import advisory_lock, lock_key
 from fleetgate.store.devices import DeviceRepo
 
 log = get_logger("fleetgate.pki")
@@ -82,9 +83,9 @@ class RevocationService:
                     group = device.group
                     require_write(caller.principal, group)
             if group is None:
-                require_write(caller.principal, "")
                 if caller.principal.scoped:
                     raise NotFound(f"no certificate with serial {serial} was issued here")
+                require_write(caller.principal, "")
             if cert.revoked:
                 raise Conflict(f"certificate {serial} was revoked at {cert.revoked_at}")
             now = self._clock.now()
@@ -129,6 +130,9 @@ class RevocationService:
     # -- CRLs ------------------------------------------------------------------------------------
 
     async def regenerate_crl(self, tx: Tx, issuer_id: str) -> CrlRecord:
+        # One writer per issuer's CRL at a time, so concurrent revocations each see the
+        # others' and CRL numbers never collide.
+        await advisory_lock(tx, lock_key(f"crl:{issuer_id}"))
         ca = await AuthorityRepo(tx).get(issuer_id)
         if ca is None:
             raise NotFound(f"no CA {issuer_id}")
@@ -292,9 +296,12 @@ class RevocationService:
                 key,
                 now,
                 description=f"OCSP responder of {ca.id}",
+                expected_revision=existing.revision if existing else None,
             )
-            if replacing is not None:
-                await CertificateRepo(tx).mark_renewed(replacing, record.serial)
+            if replacing is not None and not await CertificateRepo(tx).mark_renewed(
+                replacing, record.serial
+            ):
+                raise Conflict(f"the OCSP responder of {ca.id} was renewed by another node")
 
 
 def unsuccessful(status: ocsp.OCSPResponseStatus) -> bytes:

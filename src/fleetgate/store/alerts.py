@@ -43,6 +43,20 @@ class AlertRepo:
             threshold_s,
         )
 
+    async def lease(
+        self, subject: str, threshold_s: int, now: datetime, *, until: datetime
+    ) -> bool:
+        """Take an unsent, due alert for sending; False if another node took it first."""
+        changed = await self._tx.execute(
+            "UPDATE expiry_alerts SET next_attempt_at = ? WHERE subject = ? AND threshold_s = ? "
+            "AND sent_at IS NULL AND next_attempt_at <= ?",
+            to_epoch_us(until),
+            subject,
+            threshold_s,
+            to_epoch_us(now),
+        )
+        return changed == 1
+
     async def due(self, now: datetime, *, max_attempts: int) -> list[tuple[str, int, int]]:
         """Alerts to (re)send now: (subject, threshold_s, attempts so far)."""
         rows = await self._tx.fetch(

@@ -7,6 +7,7 @@ repositories in this package never know which backend they run on.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal, Protocol
@@ -68,6 +69,12 @@ async def lock_table(tx: Tx, table: str) -> None:
     """
     if tx.dialect == "postgresql":
         await tx.execute(f"LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE")
+
+
+def lock_key(name: str) -> int:
+    """A stable 64-bit lock number for a name."""
+    digest = hashlib.sha256(b"fleetgate lock\0" + name.encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 async def advisory_lock(tx: Tx, key: int) -> None:
