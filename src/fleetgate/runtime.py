@@ -30,6 +30,7 @@ from fleetgate.sealing.keyring import load_keyring
 from fleetgate.services.bundle import Services
 from fleetgate.services.changes import ChangeFollower
 from fleetgate.services.context import SYSTEM_CALLER
+from fleetgate.services.lifecycle import MaintenanceReport
 from fleetgate.store import Database, open_database
 from fleetgate.store.changes import Change
 from fleetgate.store.migrations import migrate
@@ -146,7 +147,7 @@ class Gateway:
         await self._bootstrap_token(services)
         await services.authority.ensure_hierarchy(SYSTEM_CALLER)
         # The first pass makes the OCSP responder and the CRL before anyone asks for them.
-        await services.lifecycle.maintain(self.config.pki.alerts)
+        await self._maintain_once(services)
 
         listeners = ListenerSet(
             services.devices.find_by_address, self.metrics, self.clock, self.health
@@ -235,14 +236,22 @@ class Gateway:
             log.info("bootstrap.admin_token_created", source="generated")
             _announce_admin_token(secret)
 
+    async def _maintain_once(self, services: Services) -> MaintenanceReport | None:
+        """One maintenance pass; a failure is logged and the gateway keeps serving."""
+        try:
+            return await services.lifecycle.maintain(self.config.pki.alerts)
+        except FleetgateError as exc:
+            log.error("pki.maintenance_failed", reason=exc.kind.slug, detail=exc.detail)
+        except Exception as exc:  # noqa: BLE001 - the API and listeners must outlive a PKI fault
+            log.error("pki.maintenance_failed", reason="internal", detail=repr(exc)[:500])
+        return None
+
     async def _maintenance_loop(self, services: Services) -> None:
         """Renewals, CRL refreshes and expiry alerts, every pki.maintenance_interval_s."""
         while True:
             await asyncio.sleep(self.config.pki.maintenance_interval_s)
-            try:
-                report = await services.lifecycle.maintain(self.config.pki.alerts)
-            except FleetgateError as exc:
-                log.error("pki.maintenance_failed", reason=exc.kind.slug, detail=exc.detail)
+            report = await self._maintain_once(services)
+            if report is None:
                 continue
             if (
                 report.crls_refreshed

@@ -70,15 +70,9 @@ async def ca_der(ca_id: CA_ID, svc: ServicesDep) -> Response:
     raise NotFound(f"no CA {ca_id}")
 
 
-async def _crl(
-    svc: ServicesDep, issuer_id: str | None, *, as_pem: bool, request: Request
-) -> Response:
+async def _crl(svc: ServicesDep, issuer_id: str | None, *, request: Request) -> Response:
     record = await svc.revocation.crl(issuer_id)
-    if as_pem:
-        body = load_der_x509_crl(record.der).public_bytes(serialization.Encoding.PEM)
-        response = Response(body, media_type=PEM_TYPE)
-    else:
-        response = Response(record.der, media_type="application/pkix-crl")
+    response = Response(record.der, media_type="application/pkix-crl")
     _cache(response, record.next_update, request.app.state.clock.now())
     response.headers["Last-Modified"] = format_datetime(record.this_update, usegmt=True)
     return response
@@ -86,19 +80,33 @@ async def _crl(
 
 @router.get("/crl.der", response_class=Response)
 async def crl_der(svc: ServicesDep, request: Request) -> Response:
-    """The active issuing CA's CRL (DER), regenerated on every revocation."""
-    return await _crl(svc, None, as_pem=False, request=request)
+    """The active issuing CA's CRL (DER holds one CRL; after a rotation the previous issuer's
+    is at /pki/crl/<issuer>.der, the distribution point its certificates name)."""
+    return await _crl(svc, None, request=request)
 
 
 @router.get("/crl.pem", response_class=Response)
 async def crl_pem(svc: ServicesDep, request: Request) -> Response:
-    return await _crl(svc, None, as_pem=True, request=request)
+    """Every issuing CA's current CRL, concatenated (what mosquitto's ``crlfile`` and nginx's
+    ``ssl_crl`` expect), so certificates from before an issuing-CA rotation stay checkable."""
+    records = await svc.revocation.all_crls()
+    if not records:
+        raise NotFound("there is no issuing CA yet")
+    body = b"".join(
+        load_der_x509_crl(r.der).public_bytes(serialization.Encoding.PEM) for r in records
+    )
+    response = Response(body, media_type=PEM_TYPE)
+    _cache(response, min(r.next_update for r in records), request.app.state.clock.now())
+    response.headers["Last-Modified"] = format_datetime(
+        max(r.this_update for r in records), usegmt=True
+    )
+    return response
 
 
 @router.get("/crl/{ca_id}.der", response_class=Response)
 async def crl_of(ca_id: CA_ID, svc: ServicesDep, request: Request) -> Response:
     """The CRL of one issuing CA (the distribution point written into its certificates)."""
-    return await _crl(svc, ca_id, as_pem=False, request=request)
+    return await _crl(svc, ca_id, request=request)
 
 
 async def _answer(svc: ServicesDep, data: bytes, request: Request) -> Response:

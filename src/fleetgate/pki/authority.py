@@ -139,6 +139,18 @@ def _builder(request: CertificateRequest, issuer_name: x509.Name) -> x509.Certif
     return builder
 
 
+def authority_key_identifier(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    """What a certificate or CRL signed by ``issuer`` names it by: its SKI, else one derived
+    from its key (imported CAs do not always carry an SKI)."""
+    try:
+        ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(
+            issuer.public_key()  # type: ignore[arg-type]
+        )
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+
 def self_signed(request: CertificateRequest, key: PrivateKey) -> x509.Certificate:
     """A root CA certificate."""
     builder = _builder(request, request.subject.name()).add_extension(
@@ -149,8 +161,7 @@ def self_signed(request: CertificateRequest, key: PrivateKey) -> x509.Certificat
 
 def issue(request: CertificateRequest, issuer: Issuer) -> x509.Certificate:
     """A certificate for ``request`` signed by ``issuer``."""
-    ski = issuer.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
     builder = _builder(request, issuer.certificate.subject).add_extension(
-        x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski.value), critical=False
+        authority_key_identifier(issuer.certificate), critical=False
     )
     return builder.sign(issuer.key, signature_hash(issuer.key))

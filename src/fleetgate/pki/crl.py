@@ -9,7 +9,7 @@ from datetime import datetime
 
 from cryptography import x509
 
-from fleetgate.pki.authority import Issuer
+from fleetgate.pki.authority import Issuer, authority_key_identifier
 from fleetgate.pki.keys import signature_hash
 
 
@@ -53,17 +53,13 @@ def build_crl(
     this_update: datetime,
     next_update: datetime,
 ) -> x509.CertificateRevocationList:
-    ski = issuer.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
     builder = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(issuer.certificate.subject)
         .last_update(this_update)
         .next_update(next_update)
         .add_extension(x509.CRLNumber(number), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski.value),
-            critical=False,
-        )
+        .add_extension(authority_key_identifier(issuer.certificate), critical=False)
     )
     for entry in revoked:
         item = (

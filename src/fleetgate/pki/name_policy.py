@@ -7,7 +7,8 @@ produce for this device; a CSR asking for anything else is refused with the allo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from fleetgate.errors import InvalidRequest
@@ -27,18 +28,38 @@ class DeviceNames:
         return ", ".join(allowed) or "no subjectAltName (the common name is the device id)"
 
 
+_DNS_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:[\x21-\x7e]+$")
+
+
+def _valid_uri(name: str) -> bool:
+    return _URI.fullmatch(name) is not None
+
+
+def _valid_dns(name: str) -> bool:
+    return len(name) <= 253 and all(_DNS_LABEL.fullmatch(label) for label in name.split("."))
+
+
 def allowed_names(
     device: Device, dns_templates: Sequence[str], uri_templates: Sequence[str]
 ) -> DeviceNames:
-    def expand(templates: Sequence[str], key: str) -> tuple[str, ...]:
-        return tuple(
-            Template.parse(t, key).expand(device.id, device.group, device.attributes)
-            for t in templates
-        )
+    def expand(
+        templates: Sequence[str], key: str, valid: Callable[[str], bool], what: str
+    ) -> tuple[str, ...]:
+        names = []
+        for text in templates:
+            name = Template.parse(text, key).expand(device.id, device.group, device.attributes)
+            if not valid(name):
+                raise InvalidRequest(
+                    f"{key} template {text!r} gives {name[:100]!r} for device {device.id}, "
+                    f"which is not {what}; change the template or the device's attributes"
+                )
+            names.append(name)
+        return tuple(names)
 
     return DeviceNames(
-        dns_names=expand(dns_templates, "pki.device_dns_templates"),
-        uris=expand(uri_templates, "pki.device_uri_templates"),
+        dns_names=expand(dns_templates, "pki.device_dns_templates", _valid_dns, "a DNS name"),
+        uris=expand(uri_templates, "pki.device_uri_templates", _valid_uri, "an ASCII absolute URI"),
     )
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from cryptography import x509
 
+from fleetgate.errors import InvalidRequest
 from fleetgate.pki.crl import RevocationReason
 from fleetgate.pki.keys import KeyAlgorithm
 from fleetgate.pki.profiles import Profile
@@ -97,3 +98,12 @@ class Credential:
 
 def serial_hex(serial: int) -> str:
     return format(serial, "x")
+
+
+def normalize_serial(text: str) -> str:
+    """Any common spelling of a serial (``0A:1B…``, ``0x0a1b``, ``0A1B``) as stored: lowercase
+    hex without leading zeros."""
+    cleaned = text.strip().lower().removeprefix("0x").replace(":", "")
+    if not cleaned or len(cleaned) > 64 or any(c not in "0123456789abcdef" for c in cleaned):
+        raise InvalidRequest(f"{text[:80]!r} is not a certificate serial number (hex)")
+    return cleaned.lstrip("0") or "0"

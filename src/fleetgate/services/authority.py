@@ -8,6 +8,7 @@ never change under the same id.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -67,8 +68,18 @@ def load_certificates_pem(data: str, field: str) -> list[x509.Certificate]:
         raise InvalidRequest(f"at most {MAX_PEM_BYTES} bytes of PEM", field=field)
     try:
         found = x509.load_pem_x509_certificates(data.encode())
-    except ValueError as exc:
-        raise InvalidRequest(f"not PEM certificates: {exc}", field=field) from None
+        for certificate in found:
+            # The library parses lazily: read everything now, so a certificate that cannot be
+            # fully read is refused here rather than failing later, deep inside issuing.
+            _ = certificate.extensions, certificate.subject, certificate.issuer
+            algorithm_of(certificate.public_key())
+            certificate.subject.rfc4514_string()
+    except InvalidRequest as exc:
+        raise InvalidRequest(exc.detail, field=field) from None
+    except Exception as exc:  # noqa: BLE001 - hostile PEM raises many kinds
+        raise InvalidRequest(
+            f"not usable PEM certificates: {type(exc).__name__}: {exc}"[:300], field=field
+        ) from None
     return found
 
 
@@ -256,6 +267,16 @@ class AuthorityService:
             raise InvalidRequest("the key does not belong to the certificate", field="key")
         _require_ca(certificate, "certificate", signing=True)
         chain = load_certificates_pem(chain_pem, "chain") if chain_pem else []
+        links = [certificate, *chain]
+        for position, (child, parent) in enumerate(itertools.pairwise(links)):
+            try:
+                child.verify_directly_issued_by(parent)
+            except Exception:  # noqa: BLE001 - ValueError, TypeError or InvalidSignature
+                raise InvalidRequest(
+                    f"chain[{position}] ({common_name(parent)}) did not sign "
+                    f"{common_name(child)}; give the chain nearest issuer first, up to the root",
+                    field="chain",
+                ) from None
         now = self._clock.now()
         if certificate.not_valid_after_utc <= now:
             raise InvalidRequest("the CA certificate has expired", field="certificate")

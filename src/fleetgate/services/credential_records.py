@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from fleetgate.errors import InvalidRequest
+from fleetgate.errors import Forbidden, InvalidRequest
 from fleetgate.pki.records import Credential
 from fleetgate.records import NewAuditEntry
 from fleetgate.services.context import Caller
@@ -17,13 +17,34 @@ from fleetgate.store.audit import AuditRepo
 CREDENTIAL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")
 
 
+# Credentials fleetgate keeps for itself (the OCSP responder's key) carry this prefix; the API
+# can neither create, change, export nor delete them.
+SYSTEM_PREFIX = "fleetgate-"
+
+
+def is_system(credential_id: str) -> bool:
+    return credential_id.startswith(SYSTEM_PREFIX)
+
+
 def check_credential_id(value: str) -> str:
     if not CREDENTIAL_ID_RE.fullmatch(value):
         raise InvalidRequest(
             f"credential id {value[:140]!r} must be 1-128 letters, digits or . _ : @ + -",
             field="id",
         )
+    if is_system(value):
+        raise InvalidRequest(
+            f"credential ids starting {SYSTEM_PREFIX} are fleetgate's own", field="id"
+        )
     return value
+
+
+def refuse_system(credential_id: str, what: str) -> None:
+    if is_system(credential_id):
+        raise Forbidden(
+            f"credential {credential_id} is fleetgate's own (an OCSP responder key); it cannot "
+            f"be {what} through the API"
+        )
 
 
 def device_credential_id(device_id: str) -> str:

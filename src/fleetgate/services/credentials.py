@@ -31,6 +31,7 @@ from fleetgate.services.credential_records import (
     check_credential_id,
     credential_entry,
     credential_snapshot,
+    refuse_system,
 )
 from fleetgate.services.issuing import IssuedBundle, IssuingService
 from fleetgate.services.vault import Vault
@@ -268,6 +269,7 @@ class CredentialService:
             current = await repo.get(credential_id)
             if current is None:
                 raise NotFound(f"credential {credential_id} does not exist")
+            refuse_system(credential_id, "changed")
             await self._authorize(tx, caller, current, write=True)
             if public is not None:
                 _check_public(current.kind, public)
@@ -305,6 +307,7 @@ class CredentialService:
             current = await repo.get(credential_id)
             if current is None:
                 raise NotFound(f"credential {credential_id} does not exist")
+            refuse_system(credential_id, "deleted")
             await self._authorize(tx, caller, current, write=True)
             await repo.delete(credential_id)
             await self._vault_delete(tx, credential_id)
@@ -324,6 +327,7 @@ class CredentialService:
             current = await repo.get(credential_id)
             if current is None:
                 raise NotFound(f"credential {credential_id} does not exist")
+            refuse_system(credential_id, "exported")
             await self._authorize(tx, caller, current, write=True)
             if current.kind is not CredentialKind.X509 or not current.has_secret:
                 raise InvalidRequest("only an x509 credential with a key can be exported")

@@ -28,6 +28,7 @@ from fleetgate.pki.records import (
     CertificateAuthority,
     CrlRecord,
     IssuedCertificate,
+    normalize_serial,
 )
 from fleetgate.records import NewAuditEntry
 from fleetgate.services.authority import AuthorityService, Issuance
@@ -70,7 +71,7 @@ class RevocationService:
     async def revoke(
         self, caller: Caller, serial: str, reason: RevocationReason
     ) -> IssuedCertificate:
-        serial = serial.lower().lstrip("0") or "0"
+        serial = normalize_serial(serial)
         async with self._db.transaction() as tx:
             repo = CertificateRepo(tx)
             cert = await repo.get(serial)
@@ -117,7 +118,7 @@ class RevocationService:
 
     async def certificate(self, caller: Caller, serial: str) -> IssuedCertificate:
         async with self._db.snapshot() as tx:
-            cert = await CertificateRepo(tx).get(serial.lower())
+            cert = await CertificateRepo(tx).get(normalize_serial(serial))
             if cert is not None and cert.device_id is not None:
                 device = await DeviceRepo(tx).get(cert.device_id)
                 if device is not None:
@@ -176,6 +177,17 @@ class RevocationService:
         async with self._db.transaction() as tx:
             existing = await CrlRepo(tx).get(issuer_id)
             return existing if existing is not None else await self.regenerate_crl(tx, issuer_id)
+
+    async def all_crls(self) -> list[CrlRecord]:
+        """The CRL of every issuing CA still valid whose key fleetgate holds, active first."""
+        now = self._clock.now()
+        issuing = [
+            ca
+            for ca in await self._authority.authorities()
+            if ca.role is CaRole.ISSUING and ca.key_secret is not None and ca.not_after > now
+        ]
+        issuing.sort(key=lambda ca: (not ca.active, ca.id))
+        return [await self.crl(ca.id) for ca in issuing]
 
     async def refresh_crls(self) -> list[str]:
         """Regenerate every CRL past its refresh point (well before nextUpdate); ids refreshed."""
