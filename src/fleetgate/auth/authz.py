@@ -41,10 +41,15 @@ def require_group(principal: Principal, group: str) -> None:
         raise Forbidden(f"this token is limited to groups {', '.join(principal.groups)}")
 
 
-def require_write(principal: Principal, group: str) -> None:
-    """Devices: operators and admins write, within their groups."""
+def require_writer(principal: Principal) -> None:
+    """Operators and admins make changes; viewers only read."""
     if principal.role is Role.VIEWER:
         raise Forbidden("a viewer token cannot make changes; use an operator or admin token")
+
+
+def require_write(principal: Principal, group: str) -> None:
+    """Devices: operators and admins write, within their groups."""
+    require_writer(principal)
     require_group(principal, group)
 
 

@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from fleetgate.auth.authz import require_group, require_write
+from fleetgate.auth.authz import require_group, require_write, require_writer
 from fleetgate.clock import Clock
 from fleetgate.errors import Conflict, InvalidRequest, NotFound
 from fleetgate.pki.keys import KeyAlgorithm, load_private_key_pem, private_key_pem
@@ -119,7 +119,7 @@ class CredentialService:
         if caller.principal.scoped:
             raise NotFound(f"credential {credential.id} does not exist")
         if write:
-            require_write(caller.principal, "")
+            require_writer(caller.principal)
 
     async def get(self, caller: Caller, credential_id: str) -> Credential:
         async with self._db.snapshot() as tx:
@@ -217,7 +217,7 @@ class CredentialService:
                     field="device_id",
                 )
             else:
-                require_write(caller.principal, "")
+                require_writer(caller.principal)
             repo = CredentialRepo(tx)
             if await repo.get(spec.id) is not None:
                 raise Conflict(f"credential {spec.id} already exists", field="id")

@@ -13,7 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
-from fleetgate.auth.authz import require_group, require_write
+from fleetgate.auth.authz import require_group, require_write, require_writer
 from fleetgate.clock import Clock, from_epoch_us
 from fleetgate.config.schema import PkiConfig
 from fleetgate.errors import Conflict, InvalidRequest, NotFound
@@ -86,7 +86,7 @@ class RevocationService:
             if group is None:
                 if caller.principal.scoped:
                     raise NotFound(f"no certificate with serial {serial} was issued here")
-                require_write(caller.principal, "")
+                require_writer(caller.principal)
             if cert.revoked:
                 raise Conflict(f"certificate {serial} was revoked at {cert.revoked_at}")
             now = self._clock.now()
