@@ -39,6 +39,7 @@ from fleetgate.store import Database, Tx
 from fleetgate.store.audit import AuditRepo
 from fleetgate.store.credentials import CredentialRepo, secret_name
 from fleetgate.store.devices import DeviceRepo
+from fleetgate.store.sealed import SealedSecretRepo
 from fleetgate.templates import Template
 
 MAX_SECRET_BYTES = 16 * 1024
@@ -266,11 +267,7 @@ class CredentialService:
         """Change public parts or replace the secret (rotating a password, PSK or key)."""
         async with self._db.transaction() as tx:
             repo = CredentialRepo(tx)
-            current = await repo.get(credential_id)
-            if current is None:
-                raise NotFound(f"credential {credential_id} does not exist")
-            refuse_system(credential_id, "changed")
-            await self._authorize(tx, caller, current, write=True)
+            current = await self._for_change(tx, caller, credential_id, "changed")
             if public is not None:
                 _check_public(current.kind, public)
             if secret is not None:
@@ -304,18 +301,23 @@ class CredentialService:
     async def delete(self, caller: Caller, credential_id: str) -> None:
         async with self._db.transaction() as tx:
             repo = CredentialRepo(tx)
-            current = await repo.get(credential_id)
-            if current is None:
-                raise NotFound(f"credential {credential_id} does not exist")
-            refuse_system(credential_id, "deleted")
-            await self._authorize(tx, caller, current, write=True)
+            current = await self._for_change(tx, caller, credential_id, "deleted")
             await repo.delete(credential_id)
             await self._vault_delete(tx, credential_id)
             await self._audit(tx, caller, "credential.delete", current, None)
 
-    async def _vault_delete(self, tx: Tx, credential_id: str) -> None:
-        from fleetgate.store.sealed import SealedSecretRepo
+    async def _for_change(
+        self, tx: Tx, caller: Caller, credential_id: str, what: str
+    ) -> Credential:
+        """The credential, if it exists, is not fleetgate's own, and the caller may change it."""
+        current = await CredentialRepo(tx).get(credential_id)
+        if current is None:
+            raise NotFound(f"credential {credential_id} does not exist")
+        refuse_system(credential_id, what)
+        await self._authorize(tx, caller, current, write=True)
+        return current
 
+    async def _vault_delete(self, tx: Tx, credential_id: str) -> None:
         await SealedSecretRepo(tx).delete(secret_name(credential_id))
 
     async def export(
@@ -324,11 +326,7 @@ class CredentialService:
         """An x509 credential's key, once: (media type, body). PEM or password-protected PKCS#12."""
         async with self._db.transaction() as tx:
             repo = CredentialRepo(tx)
-            current = await repo.get(credential_id)
-            if current is None:
-                raise NotFound(f"credential {credential_id} does not exist")
-            refuse_system(credential_id, "exported")
-            await self._authorize(tx, caller, current, write=True)
+            current = await self._for_change(tx, caller, credential_id, "exported")
             if current.kind is not CredentialKind.X509 or not current.has_secret:
                 raise InvalidRequest("only an x509 credential with a key can be exported")
             if current.exported_at is not None:

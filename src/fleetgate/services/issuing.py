@@ -12,6 +12,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from cryptography import x509
 
@@ -109,26 +110,16 @@ class IssuingService:
             )
             if key is not None and chosen_id is not None:
                 await self._store_issued(tx, caller, chosen_id, device.id, record, chain, key)
-            await AuditRepo(tx).append(
-                NewAuditEntry(
-                    actor=caller.principal.actor,
-                    action="certificate.issue",
-                    target_type="certificate",
-                    target_id=record.serial,
-                    group=device.group,
-                    request_id=caller.request_id,
-                    source=caller.source,
-                    after={
-                        "device_id": device.id,
-                        "profile": record.profile.value,
-                        "subject": record.subject,
-                        "sans": list(record.sans),
-                        "not_after": record.not_after.isoformat(),
-                        "key": "generated" if key else "csr",
-                        "credential_id": chosen_id,
-                    },
-                ),
-                self._clock.now(),
+            await self._audit_issue(
+                tx,
+                caller,
+                record,
+                group=device.group,
+                extra={
+                    "device_id": device.id,
+                    "key": "generated" if key else "csr",
+                    "credential_id": chosen_id,
+                },
             )
         certificate = x509.load_der_x509_certificate(record.der)
         return IssuedBundle(record, pem(certificate), chain, chosen_id)
@@ -154,6 +145,35 @@ class IssuingService:
             existing,
             fresh,
             now,
+        )
+
+    async def _audit_issue(
+        self,
+        tx: Tx,
+        caller: Caller,
+        record: IssuedCertificate,
+        *,
+        group: str | None = None,
+        extra: dict[str, Any],
+    ) -> None:
+        await AuditRepo(tx).append(
+            NewAuditEntry(
+                actor=caller.principal.actor,
+                action="certificate.issue",
+                target_type="certificate",
+                target_id=record.serial,
+                group=group,
+                request_id=caller.request_id,
+                source=caller.source,
+                after={
+                    "profile": record.profile.value,
+                    "subject": record.subject,
+                    "sans": list(record.sans),
+                    "not_after": record.not_after.isoformat(),
+                    **extra,
+                },
+            ),
+            self._clock.now(),
         )
 
     async def issue_for_gateway(
@@ -208,24 +228,7 @@ class IssuingService:
                 ),
             )
             await self._store_issued(tx, caller, credential_id, None, record, chain, key)
-            await AuditRepo(tx).append(
-                NewAuditEntry(
-                    actor=caller.principal.actor,
-                    action="certificate.issue",
-                    target_type="certificate",
-                    target_id=record.serial,
-                    request_id=caller.request_id,
-                    source=caller.source,
-                    after={
-                        "profile": profile.value,
-                        "subject": record.subject,
-                        "sans": list(record.sans),
-                        "not_after": record.not_after.isoformat(),
-                        "credential_id": credential_id,
-                    },
-                ),
-                self._clock.now(),
-            )
+            await self._audit_issue(tx, caller, record, extra={"credential_id": credential_id})
         certificate = x509.load_der_x509_certificate(record.der)
         return IssuedBundle(record, pem(certificate), chain, credential_id)
 
