@@ -28,9 +28,15 @@ from fleetgate.services.bundle import Services
 _ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     code: {"model": Problem, "description": text, "content": {"application/problem+json": {}}}
     for code, text in (
+        (400, "The body is not valid JSON"),
         (401, "Missing, unknown or expired token"),
         (403, "The token's role or groups do not allow this"),
+        (404, "No such resource (or not visible to this token)"),
+        (409, "Conflicts with existing state"),
+        (412, "If-Match names a revision that is no longer current"),
+        (413, "The body is larger than api.max_body_bytes"),
         (422, "A field is invalid; `errors` names each one"),
+        (503, "The store is unavailable"),
     )
 }
 
