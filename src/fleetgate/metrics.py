@@ -60,7 +60,7 @@ class Metrics:
             "fleetgate_certificate_not_after_timestamp_seconds",
             "End of validity of every certificate fleetgate issued or holds (kind: certificate, "
             "imported, ca) and of every CRL (kind: crl, its nextUpdate)",
-            ["kind", "id", "subject", "device", "credential"],
+            ["kind", "id", "subject", "device", "credential", "auto_renew"],
             registry=self.registry,
         )
         self.config_reloads = Counter(

@@ -61,10 +61,22 @@ async def open_keyring(
 ) -> Keyring:
     """The configured keyring; a key file is created only while nothing is sealed yet."""
     key_path = data.resolve(config.sealing.master_key_file)
-    if env.get(MASTER_KEY_ENV, "").strip() or key_path.exists():
-        return load_keyring(key_path, dict(env))
     async with db.snapshot() as tx:
         in_use = await SealedSecretRepo(tx).key_ids_in_use()
+    from_env = bool(env.get(MASTER_KEY_ENV, "").strip())
+    if from_env or key_path.exists():
+        keyring = load_keyring(key_path, dict(env))
+        missing = sorted(set(in_use) - set(keyring.key_ids))
+        if missing:
+            # Starting anyway would seal new secrets under a key that cannot open the old ones.
+            source = MASTER_KEY_ENV if from_env else str(key_path)
+            raise ConfigError(
+                f"sealing: {sum(in_use[k] for k in missing)} secrets in the store are sealed "
+                f"under {', '.join(missing)}, which {source} does not hold (it holds "
+                f"{', '.join(keyring.key_ids)}); give the right master key(s) — with "
+                f"{MASTER_KEY_ENV}, list the new key first and the old ones after it"
+            )
+        return keyring
     if in_use:
         raise ConfigError(
             f"sealing.master_key_file: {key_path} is missing but {sum(in_use.values())} secrets "

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from e2e.gateway import GatewayFactory, base_env, fleetgate_argv
 from fleetgate.clock import SystemClock
-from fleetgate.sealing import Keyring, Secret
+from fleetgate.sealing import Keyring, MasterKey, Secret
 from fleetgate.services.vault import Vault
 from fleetgate.store.sqlite import SqliteDatabase
 
@@ -59,7 +59,9 @@ def test_rotate_reseals_every_secret_and_retires_the_old_key(
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["resealed"] == total
-    assert report["retired_key_ids"] == [old_key_id]
+    assert report["removed_key_ids"] == [old_key_id]
+    assert report["unused_key_ids"] == []
+    assert "backups" in result.stderr
     keyring = Keyring.from_file(data / "master.key")
     assert keyring.key_ids == [report["active_key_id"]] != [old_key_id]
 
@@ -71,3 +73,19 @@ def test_rotate_reseals_every_secret_and_retires_the_old_key(
     with gw.client("t") as api:
         entries = api.get("/v1/audit", params={"action": "keys.rotate"}).json()["items"]
     assert entries[0]["after"] == {"active_key_id": report["active_key_id"], "resealed": total}
+
+
+def test_a_master_key_that_cannot_open_the_store_is_refused_at_start(
+    gateway_factory: GatewayFactory,
+) -> None:
+    gw = gateway_factory(FLEETGATE_ADMIN_TOKEN="t").start()
+    assert gw.stop() == 0  # the CA's keys are sealed now
+    wrong = MasterKey.generate().encoded()
+    again = gateway_factory(data_dir=gw.data_dir, FLEETGATE_MASTER_KEY=wrong).start(wait=False)
+    assert again.wait_exit() == 78
+    refusal = " ".join(str(e) for e in again.events)
+    assert "does not hold" in refusal
+    assert wrong not in refusal
+    # Nothing was sealed under the wrong key: the right one still opens everything.
+    _, usage = asyncio.run(_open_all(gw.data_dir))
+    assert set(usage) == {Keyring.from_file(gw.data_dir / "master.key").active.key_id}

@@ -115,7 +115,13 @@ def test_crl_lints_clean_empty_and_with_entries(gateway: Gateway, tmp_path: Path
     assert len(list(x509.load_der_x509_crl(listed.read_bytes()))) == 3
     assert_lint_clean("lint_crl", listed, "-t", "CRL", "-p", "PKIX")
     pem = fetch(gateway, "/pki/crl.pem", tmp_path / "listed.pem")
-    assert_lint_clean("lint_crl", pem, "-t", "CRL", "-p", "PKIX")
+    blocks = pem.read_text().split("-----END X509 CRL-----")
+    crls = [b + "-----END X509 CRL-----\n" for b in blocks if "BEGIN X509 CRL" in b]
+    assert len(crls) == 2  # the issuing CA's and the root's
+    for n, text in enumerate(crls):
+        one = tmp_path / f"listed-{n}.pem"
+        one.write_text(text.lstrip())
+        assert_lint_clean("lint_crl", one, "-t", "CRL", "-p", "PKIX")
 
 
 def test_ocsp_responses_lint_clean(shared: Gateway, tmp_path: Path) -> None:

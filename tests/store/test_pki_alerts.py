@@ -16,6 +16,7 @@ import pytest
 
 from fleetgate.clock import FakeClock
 from fleetgate.config.schema import AlertConfig
+from fleetgate.pki.records import CaRole
 from fleetgate.records import AuditEntry
 from fleetgate.services.bundle import Services
 from fleetgate.services.context import SYSTEM_CALLER
@@ -230,7 +231,11 @@ async def test_self_renewed_items_are_alerted_once_their_renewal_is_overdue(
     # Maintenance stops; alerts alone keep running. Once the renewal point (and a grace of a
     # few maintenance intervals) has passed, the alert says renewal is failing.
     clock.advance(10 * DAY)
-    assert await pki.lifecycle.send_alerts(config) == ([key(f"crl:{ca.id}", ZERO)], [])
+    # Every CA that publishes a CRL is overdue: the issuing CA's and the root's.
+    sent, failed = await pki.lifecycle.send_alerts(config)
+    root = next(a for a in await pki.authority.authorities() if a.role is CaRole.ROOT)
+    assert failed == []
+    assert sorted(sent) == sorted([key(f"crl:{ca.id}", ZERO), key(f"crl:{root.id}", ZERO)])
     clock.advance(10 * DAY + 3600)
     sent, failed = await pki.lifecycle.send_alerts(config)
     responder = await pki.credentials.get(SYSTEM_CALLER, responder_credential_id(ca.id))

@@ -66,6 +66,7 @@ async def metrics(request: Request, svc: ServicesDep) -> Response:
                 item.subject[:200],
                 item.device_id or "",
                 item.credential_id or "",
+                "true" if item.renews_automatically else "false",
             ).set(item.not_after.timestamp())
     except FleetgateError:
         instruments.store_up.set(0)

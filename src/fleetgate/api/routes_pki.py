@@ -27,10 +27,14 @@ PEM_TYPE = "application/x-pem-file"
 CA_ID = Annotated[str, Path(pattern=r"^[a-z]+-[0-9a-f]{8}$")]
 
 
+# Caches may keep revocation data this long at most, so a revocation reaches everyone behind a
+# cache within a minute (relying parties still trust a CRL until its nextUpdate).
+MAX_CACHE_S = 60
+
+
 def _cache(response: Response, until: datetime, now: datetime) -> None:
-    seconds = max(0, int((until - now).total_seconds()))
+    seconds = max(0, min(MAX_CACHE_S, int((until - now).total_seconds())))
     response.headers["Cache-Control"] = f"public, max-age={seconds}, no-transform"
-    response.headers["Expires"] = format_datetime(until, usegmt=True)
 
 
 @router.get("/ca.pem", response_class=Response)
@@ -87,8 +91,9 @@ async def crl_der(svc: ServicesDep, request: Request) -> Response:
 
 @router.get("/crl.pem", response_class=Response)
 async def crl_pem(svc: ServicesDep, request: Request) -> Response:
-    """Every issuing CA's current CRL, concatenated (what mosquitto's ``crlfile`` and nginx's
-    ``ssl_crl`` expect), so certificates from before an issuing-CA rotation stay checkable."""
+    """Every CA's current CRL, concatenated (what mosquitto's ``crlfile``, nginx's ``ssl_crl``
+    and ``openssl verify -crl_check_all`` expect): the issuing CAs' (so certificates from before
+    a rotation stay checkable) and the root's (which lists revoked issuing CAs)."""
     records = await svc.revocation.all_crls()
     if not records:
         raise NotFound("there is no issuing CA yet")

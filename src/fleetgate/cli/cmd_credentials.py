@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import getpass
+import os
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import click
 
+from fleetgate.cli.client import CliFailure
 from fleetgate.cli.common import client_from, fetch_pages, json_option, paging_options
 from fleetgate.cli.output import emit, key_values
+from fleetgate.errors import kind_for_slug
 
 COLUMNS = [
     ("id", lambda c: c["id"]),
@@ -172,22 +176,50 @@ def delete(ctx: click.Context, credential_id: str) -> None:
 @click.option(
     "--format", "fmt", type=click.Choice(["pem", "pkcs12"]), default="pem", show_default=True
 )
-@click.option("--out", "out_file", type=click.File("wb"), required=True)
+@click.option(
+    "--out",
+    "out_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    required=True,
+    help="Written 0600; must not exist yet.",
+)
 @click.option("--password-file", type=click.File("r"), help="PKCS#12 password (else asked).")
 @click.pass_context
 def export(
-    ctx: click.Context, credential_id: str, fmt: str, out_file: Any, password_file: Any
+    ctx: click.Context, credential_id: str, fmt: str, out_path: Path, password_file: Any
 ) -> None:
     """Write an x509 credential's key, certificate and chain, once."""
-    body: dict[str, Any] = {"format": fmt}
-    if fmt == "pkcs12":
-        body["password"] = (
-            password_file.read().rstrip("\n") if password_file else getpass.getpass("password: ")
-        )
-    client = client_from(ctx)
-    data = client.request_bytes("POST", f"{_path(credential_id)}/export", json=body)
-    out_file.write(data)
-    click.echo(f"wrote {len(data)} bytes; fleetgate will not export this key again", err=True)
+    if out_path.exists():
+        raise click.UsageError(f"{out_path} exists; the key is exported once, to a new file")
+    # Open the file before asking, so a bad path costs nothing; the key itself leaves
+    # fleetgate only once, so it must land on disk.
+    try:
+        fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise click.UsageError(f"cannot create {out_path}: {exc.strerror}") from None
+    with os.fdopen(fd, "wb") as out:
+        try:
+            body: dict[str, Any] = {"format": fmt}
+            if fmt == "pkcs12":
+                body["password"] = (
+                    password_file.read().rstrip("\n")
+                    if password_file
+                    else getpass.getpass("password: ")
+                )
+            data = client_from(ctx).request_bytes(
+                "POST", f"{_path(credential_id)}/export", json=body
+            )
+        except BaseException:
+            out_path.unlink()  # still empty: nothing was exported
+            raise
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    click.echo(
+        f"wrote {len(data)} bytes to {out_path} (mode 0600); fleetgate will not export this key "
+        "again",
+        err=True,
+    )
 
 
 @credential.command("resolve")
@@ -206,6 +238,12 @@ def resolve(
     )
     if as_json:
         emit(found, True)
-        return
-    chosen = found["credential"]["id"] if found["credential"] else "(none)"
-    click.echo(f"{found['template']} -> {found['expanded']} -> {chosen}")
+    else:
+        chosen = found["credential"]["id"] if found["credential"] else "(none)"
+        click.echo(f"{found['template']} -> {found['expanded']} -> {chosen}")
+    if not found["credential"]:
+        raise CliFailure(
+            "no credential for this device: neither the template's nor the default exists "
+            "(or it belongs to another device)",
+            kind_for_slug("not-found").exit_code,
+        )

@@ -94,7 +94,8 @@ async def _rotate(data_dir: Path, config_path: Path | None, keep_old: bool) -> d
             # Step 1: the new key joins the file before anything is sealed under it.
             keyring.write_file(key_path, [*keyring.all_keys(), MasterKey.generate()])
         report = await services.vault.reseal_all(SYSTEM_CALLER)
-        retired = list(report.retired_key_ids)
+        unused = list(report.retired_key_ids)
+        removed: list[str] = []
         if not from_env and not keep_old:
             # Step 3: drop old keys, except any that another process sealed with meanwhile.
             in_use = await services.vault.key_usage()
@@ -102,11 +103,13 @@ async def _rotate(data_dir: Path, config_path: Path | None, keep_old: bool) -> d
                 k for k in keyring.all_keys() if k.key_id == report.key_id or k.key_id in in_use
             ]
             keyring.write_file(key_path, keep)
-            retired = [k for k in retired if k not in in_use]
+            removed = [k for k in unused if k not in in_use]
+            unused = []
         return {
             "active_key_id": report.key_id,
             "resealed": report.resealed,
-            "retired_key_ids": retired,
+            "removed_key_ids": removed,
+            "unused_key_ids": unused,
             "key_source": MASTER_KEY_ENV if from_env else str(key_path),
         }
 
@@ -126,4 +129,14 @@ def keys_rotate(data_dir: Path, config_path: Path | None, keep_old: bool, as_jso
         result = asyncio.run(_rotate(data_dir, config_path, keep_old))
     except FleetgateError as exc:
         raise _fail(exc) from None
-    emit(result, as_json, fields=("active_key_id", "resealed", "retired_key_ids", "key_source"))
+    emit(
+        result,
+        as_json,
+        fields=("active_key_id", "resealed", "removed_key_ids", "unused_key_ids", "key_source"),
+    )
+    if result["removed_key_ids"]:
+        click.echo(
+            "note: the removed keys are gone from the key file; database backups taken before "
+            "now need a copy of the old key file (or rotate with --keep-old)",
+            err=True,
+        )

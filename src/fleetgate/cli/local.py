@@ -37,6 +37,7 @@ async def open_local(data_dir: Path, config_path: Path | None) -> AsyncIterator[
     from fleetgate.store import open_database
     from fleetgate.store.migrations import migrate
 
+    os.umask(0o077)  # the database and keys are nobody else's business, as under serve
     env = dict(os.environ)
     data = prepare(data_dir, config_path)
     config = load_config(data.config_path, env)

@@ -178,24 +178,29 @@ class RevocationService:
             existing = await CrlRepo(tx).get(issuer_id)
             return existing if existing is not None else await self.regenerate_crl(tx, issuer_id)
 
-    async def all_crls(self) -> list[CrlRecord]:
-        """The CRL of every issuing CA still valid whose key fleetgate holds, active first."""
+    async def _publishing(self) -> list[CertificateAuthority]:
+        """Every CA still valid whose key fleetgate holds: each publishes a CRL. The active
+        issuing CA first, then older issuing CAs, then roots (whose CRLs list issuing CAs)."""
         now = self._clock.now()
-        issuing = [
+        found = [
             ca
             for ca in await self._authority.authorities()
-            if ca.role is CaRole.ISSUING and ca.key_secret is not None and ca.not_after > now
+            if ca.role in (CaRole.ISSUING, CaRole.ROOT)
+            and ca.key_secret is not None
+            and ca.not_after > now
         ]
-        issuing.sort(key=lambda ca: (not ca.active, ca.id))
-        return [await self.crl(ca.id) for ca in issuing]
+        found.sort(key=lambda ca: (ca.role is CaRole.ROOT, not ca.active, ca.id))
+        return found
+
+    async def all_crls(self) -> list[CrlRecord]:
+        """The CRL of every CA that publishes one (see :meth:`_publishing`)."""
+        return [await self.crl(ca.id) for ca in await self._publishing()]
 
     async def refresh_crls(self) -> list[str]:
         """Regenerate every CRL past its refresh point (well before nextUpdate); ids refreshed."""
         now = self._clock.now()
         refreshed: list[str] = []
-        for ca in await self._authority.authorities():
-            if ca.role is not CaRole.ISSUING or ca.key_secret is None or ca.not_after <= now:
-                continue
+        for ca in await self._publishing():
             async with self._db.transaction() as tx:
                 current = await CrlRepo(tx).get(ca.id)
                 if current is not None:
