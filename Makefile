@@ -1,8 +1,9 @@
 # The two commands: `make run` starts the gateway, `make test` installs test needs and runs them.
 .PHONY: run test lint fmt
 
+# Arguments for serve: make run ARGS="--data /srv/fleetgate"
 run:
-	scripts/run
+	scripts/run $(ARGS)
 
 test:
 	scripts/test

@@ -38,7 +38,7 @@ from fleetgate.store.sealed import SealedSecretRepo
 
 log = logs.get_logger("fleetgate.runtime")
 ADMIN_TOKEN_ENV = "FLEETGATE_ADMIN_TOKEN"  # noqa: S105 - a variable name
-RESTART_KEYS = ("node", "api", "store", "sealing")
+RESTART_KEYS = ("node", "api", "store", "sealing", "pki")
 
 
 class _ApiServer(uvicorn.Server):
