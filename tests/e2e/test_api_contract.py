@@ -61,7 +61,7 @@ def test_group_scoped_token_sees_only_its_groups(gateway: Gateway) -> None:
         scoped = _token(admin, "operator", ["north"])
     with gateway.client(scoped) as api:
         assert [d["id"] for d in api.get("/v1/devices").json()["items"]] == ["n1"]
-        _problem(api.get("/v1/devices/s1"), 403)
+        _problem(api.get("/v1/devices/s1"), 404)  # not even its existence leaks
         _problem(api.post("/v1/devices", json={"id": "s2", "group": "south"}), 403)
         assert api.post("/v1/devices", json={"id": "n2", "group": "north"}).status_code == 201
         audit = api.get("/v1/audit").json()["items"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fleetgate.errors import Forbidden
+from fleetgate.errors import Forbidden, NotFound
 from fleetgate.records import Role
 from fleetgate.services.context import SYSTEM_CALLER
 from fleetgate.services.devices import DevicePatch, DeviceQuery, DeviceService, NewDevice
@@ -100,11 +100,12 @@ async def test_scoped_pagination_stays_in_scope(devices: DeviceService) -> None:
 
 
 @pytest.mark.usefixtures("two_groups")
-async def test_get_outside_the_scope_is_forbidden(devices: DeviceService) -> None:
+async def test_get_outside_the_scope_looks_absent(devices: DeviceService) -> None:
     assert (await devices.get(OPERATOR_A, "a-1")).group == "a"
-    with pytest.raises(Forbidden):
+    # Not found, not forbidden: a scoped token learns nothing about other groups' devices.
+    with pytest.raises(NotFound):
         await devices.get(OPERATOR_A, "b-1")
-    with pytest.raises(Forbidden):
+    with pytest.raises(NotFound):
         await devices.get(caller(Role.VIEWER, "b"), "a-1")
 
 

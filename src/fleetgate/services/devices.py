@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from fleetgate.auth.authz import require_group, require_write
+from fleetgate.auth.authz import in_scope, require_write
 from fleetgate.clock import Clock
 from fleetgate.errors import Conflict, NotFound, PreconditionFailed
 from fleetgate.records import (
@@ -136,9 +136,9 @@ class DeviceService:
     async def get(self, caller: Caller, device_id: str) -> Device:
         async with self._db.snapshot() as tx:
             device = await DeviceRepo(tx).get(device_id)
-        if device is None:
+        if device is None or not in_scope(caller.principal, device.group):
+            # Outside a token's groups a device is as absent as one never registered.
             raise NotFound(f"device {device_id} does not exist")
-        require_group(caller.principal, device.group)
         return device
 
     async def find(self, device_id: str) -> Device | None:
