@@ -33,7 +33,8 @@ class ProfileRules:
 
 RULES: dict[Profile, ProfileRules] = {
     Profile.ROOT_CA: ProfileRules(True, 1, (), revocation_info=False),
-    Profile.ISSUING_CA: ProfileRules(True, 0, (), revocation_info=False),
+    # Points at the root's CRL and certificate (the root has no OCSP responder).
+    Profile.ISSUING_CA: ProfileRules(True, 0, (), revocation_info=True),
     Profile.DEVICE_CLIENT: ProfileRules(
         False, None, (ExtendedKeyUsageOID.CLIENT_AUTH,), revocation_info=True
     ),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from cryptography import x509
@@ -211,6 +211,7 @@ class AuthorityService:
                     timedelta(days=self.config.issuing_lifetime_days),
                     cap=root.not_after,
                 ),
+                urls=replace(self.urls_for(root.id), ocsp=None),
             ),
             Issuer(root.id, root.certificate, root_key),
         )
