@@ -163,8 +163,11 @@ def run_cli(
     cli_env = base_env(**{"FLEETGATE_URL": gateway.url, **(dict(env) if env else {})})
     if token is not None:
         cli_env["FLEETGATE_TOKEN"] = token
-    # No CLI config file from the developer's home may leak into a test.
-    cli_env["FLEETGATE_CLI_CONFIG"] = str(gateway.data_dir.parent / "no-cli.toml")
+    # No CLI config file from the developer's home may leak into a test: point at an empty one.
+    empty = gateway.data_dir.parent / "empty-cli.toml"
+    if not empty.exists():
+        empty.touch(mode=0o600)
+    cli_env.setdefault("FLEETGATE_CLI_CONFIG", str(empty))
     return subprocess.run(
         fleetgate_argv(*args), env=cli_env, capture_output=True, text=True, timeout=60, check=False
     )

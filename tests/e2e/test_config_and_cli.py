@@ -135,6 +135,26 @@ def test_cli_covers_groups_tokens_and_audit(gateway: Gateway) -> None:
     assert actions[:3] == ["group.delete", "device.delete", "token.delete"]
 
 
+def test_cli_config_problems_are_reported(gateway: Gateway, tmp_path: Path) -> None:
+    missing = run_cli(
+        gateway,
+        "device",
+        "list",
+        token=None,
+        env={"FLEETGATE_CLI_CONFIG": str(tmp_path / "nope.toml")},
+    )
+    assert missing.returncode == 78
+    assert "does not exist" in missing.stderr
+    loose = tmp_path / "loose.toml"
+    loose.write_text(f'token = "{ADMIN}"\n')
+    loose.chmod(0o644)
+    warned = run_cli(
+        gateway, "device", "list", token=None, env={"FLEETGATE_CLI_CONFIG": str(loose)}
+    )
+    assert warned.returncode == 0, warned.stderr
+    assert "chmod 600" in warned.stderr
+
+
 def test_cli_reads_url_and_token_from_its_config_file(
     gateway: Gateway, gateway_factory: GatewayFactory, tmp_path: Path
 ) -> None:

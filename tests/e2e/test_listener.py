@@ -122,6 +122,9 @@ def test_disabling_a_device_cuts_its_live_connection_only(relay: Relay) -> None:
         cut = gw.wait_for("listener.connection_cut", since=mark, timeout_s=10)
         assert cut["device"] == "plc-a"
         assert cut["reason"] == "device_disabled"
+        ended = gw.wait_for("listener.closed", since=mark, timeout_s=10)
+        assert ended["device"] == "plc-a"
+        assert ended["reason"] == "cancelled"
         assert doomed.recv(16) == b""  # closed by the gateway
         kept.sendall(b"still here")
         assert kept.recv(32) == b"still here"

@@ -34,9 +34,8 @@ async def readyz(request: Request, svc: ServicesDep) -> JSONResponse:
     except FleetgateError as exc:
         checks["store"] = exc.detail
         ready = False
-    problems = health.listener_problems()
-    checks["listeners"] = problems or {name: "bound" for name in health.listeners}
-    if problems:
+    checks["listeners"] = dict(health.listeners)  # every listener, bound or why not
+    if health.listener_problems():
         ready = False
     if health.draining:
         checks["draining"] = True

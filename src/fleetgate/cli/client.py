@@ -39,7 +39,14 @@ def cli_config_path() -> Path:
 def _file_settings() -> dict[str, Any]:
     path = cli_config_path()
     if not path.exists():
+        if os.environ.get(CLI_CONFIG_ENV):
+            raise CliFailure(f"{CLI_CONFIG_ENV} names {path}, which does not exist", 78)
         return {}
+    if path.stat().st_mode & 0o077:
+        click.echo(
+            f"warning: {path} can be read by others and may hold a token; chmod 600 {path}",
+            err=True,
+        )
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as exc:

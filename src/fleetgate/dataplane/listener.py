@@ -8,6 +8,7 @@ side is done. Refusals close the connection and log the reason; nobody else is a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import socket
 from collections.abc import Awaitable, Callable
@@ -68,7 +69,8 @@ class TcpListener:
         # Closing the server stops new accepts; live connections are left to drain().
         if self._server is not None:
             self._server.close()
-        self._metrics.listener_up.labels(self.name).set(0)
+        with contextlib.suppress(KeyError):  # never bound
+            self._metrics.listener_up.remove(self.name)
 
     async def drain(self, timeout_s: float) -> None:
         """Let live connections finish for up to ``timeout_s``, then cut the rest."""
@@ -169,6 +171,10 @@ class TcpListener:
                     self._clock,
                     idle_timeout_s=self.config.idle_timeout_s,
                 )
+            except asyncio.CancelledError:
+                # Cut (revocation) or drain (shutdown): the log still says the relay ended.
+                log.info("listener.closed", reason="cancelled")
+                raise
             finally:
                 mine = self._by_device.get(device.id, {})
                 mine.pop(task, None)
