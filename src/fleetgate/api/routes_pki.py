@@ -144,6 +144,12 @@ async def ocsp_post(request: Request, svc: ServicesDep) -> Response:
     return await _answer(svc, bytes(data), request)
 
 
+@router.get("/ocsp/", response_class=Response, include_in_schema=False)
+async def ocsp_get_empty(request: Request, svc: ServicesDep) -> Response:
+    """A GET with no request in it: malformed, answered in OCSP like any other."""
+    return await _answer(svc, b"", request)
+
+
 @router.get("/ocsp/{encoded:path}", response_class=Response)
 async def ocsp_get(encoded: str, request: Request, svc: ServicesDep) -> Response:
     """RFC 6960 over GET: the DER request, base64 and URL-encoded, as the last path segment."""
