@@ -122,7 +122,7 @@ async def issue_held(
     caller: Caller = SYSTEM_CALLER,
 ) -> tuple[Credential, IssuedCertificate]:
     """A device certificate whose key fleetgate generates and keeps (so it renews it)."""
-    await services.credentials.issue_for_device(
+    await services.issuing.issue_for_device(
         caller, device_id, csr=None, generate=KeyAlgorithm.EC_P256, lifetime=lifetime
     )
     credential = await services.credentials.get(SYSTEM_CALLER, held_credential_id(device_id))
@@ -161,7 +161,7 @@ async def issue_csr(
 ) -> IssuedCertificate:
     """A device certificate from the device's own CSR: fleetgate never sees the key."""
     before = {c.serial for c in await certificates_of(services.db, device_id)}
-    await services.credentials.issue_for_device(
+    await services.issuing.issue_for_device(
         SYSTEM_CALLER,
         device_id,
         csr=csr or make_csr(device_id),

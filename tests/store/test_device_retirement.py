@@ -22,7 +22,7 @@ async def test_delete_waits_for_certificates_and_credentials(
 ) -> None:
     services = await build_services(db, clock)
     await services.devices.create(SYSTEM_CALLER, NewDevice(id="meter"))
-    issued = await services.credentials.issue_for_device(
+    issued = await services.issuing.issue_for_device(
         SYSTEM_CALLER,
         "meter",
         csr=None,
@@ -48,7 +48,7 @@ async def test_an_expired_certificate_does_not_hold_the_device(
 ) -> None:
     services = await build_services(db, clock)
     await services.devices.create(SYSTEM_CALLER, NewDevice(id="old"))
-    csr_device_key = await services.credentials.issue_for_device(
+    csr_device_key = await services.issuing.issue_for_device(
         SYSTEM_CALLER,
         "old",
         csr=None,

@@ -22,7 +22,7 @@ async def test_issued_serials_are_distinct_random_and_at_least_64_bits(
     await add_device(pki, "serial-probe")
     csr = make_csr("serial-probe", new_key())
     for _ in range(COUNT):
-        await pki.credentials.issue_for_device(
+        await pki.issuing.issue_for_device(
             SYSTEM_CALLER, "serial-probe", csr=csr, generate=None, lifetime=timedelta(days=1)
         )
     async with db.snapshot() as tx:

@@ -98,7 +98,7 @@ async def issue_for_device(
 ) -> IssuedOut:
     """A device client certificate from the device's CSR, or with a key fleetgate generates and
     keeps sealed in a credential (export it once with POST /v1/credentials/{id}/export)."""
-    issued = await svc.credentials.issue_for_device(
+    issued = await svc.issuing.issue_for_device(
         caller,
         device_id,
         csr=body.csr.encode() if body.csr is not None else None,
@@ -127,7 +127,7 @@ async def issue_for_gateway(
     """A certificate for the gateway itself (a listener's server certificate, a client
     certificate towards an upstream): fleetgate makes the key, keeps it in the credential and
     renews the certificate by itself."""
-    issued = await svc.credentials.issuing.issue_for_gateway(
+    issued = await svc.issuing.issue_for_gateway(
         caller,
         body.credential_id,
         profile=Profile(body.profile),

@@ -12,6 +12,7 @@ from fleetgate.services.authority import AuthorityService
 from fleetgate.services.credentials import CredentialService
 from fleetgate.services.devices import DeviceService
 from fleetgate.services.groups import GroupService
+from fleetgate.services.issuing import IssuingService
 from fleetgate.services.lifecycle import LifecycleService
 from fleetgate.services.replacement import ReplacementService
 from fleetgate.services.revocation import RevocationService
@@ -33,6 +34,7 @@ class Services:
     authority: AuthorityService
     revocation: RevocationService
     credentials: CredentialService
+    issuing: IssuingService
     lifecycle: LifecycleService
     replacement: ReplacementService
 
@@ -60,6 +62,7 @@ class Services:
             authority=authority,
             revocation=revocation,
             credentials=credentials,
+            issuing=IssuingService(db, vault, authority, clock),
             lifecycle=LifecycleService(db, vault, authority, revocation, clock),
             replacement=ReplacementService(db, vault, authority, revocation, clock),
         )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
 from typing import Any
 
 from cryptography import x509
@@ -20,7 +19,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from fleetgate.auth.authz import require_group, require_write, require_writer
 from fleetgate.clock import Clock
 from fleetgate.errors import Conflict, InvalidRequest, NotFound
-from fleetgate.pki.keys import KeyAlgorithm, load_private_key_pem, private_key_pem
+from fleetgate.pki.keys import load_private_key_pem, private_key_pem
 from fleetgate.pki.records import Credential, CredentialKind
 from fleetgate.records import Device, NewAuditEntry, Page
 from fleetgate.sealing import Secret
@@ -33,7 +32,6 @@ from fleetgate.services.credential_records import (
     credential_snapshot,
     refuse_system,
 )
-from fleetgate.services.issuing import IssuedBundle, IssuingService
 from fleetgate.services.vault import Vault
 from fleetgate.store import Database, Tx
 from fleetgate.store.audit import AuditRepo
@@ -97,7 +95,6 @@ class CredentialService:
         self._vault = vault
         self._authority = authority
         self._clock = clock
-        self.issuing = IssuingService(db, vault, authority, clock)
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -369,26 +366,6 @@ class CredentialService:
                 tx, caller, "credential.export", current, exported, extra={"format": fmt}
             )
         return media, body
-
-    async def issue_for_device(
-        self,
-        caller: Caller,
-        device_id: str,
-        *,
-        csr: bytes | None,
-        generate: KeyAlgorithm | None,
-        lifetime: timedelta | None,
-        credential_id: str | None = None,
-    ) -> IssuedBundle:
-        """See :meth:`IssuingService.issue_for_device`."""
-        return await self.issuing.issue_for_device(
-            caller,
-            device_id,
-            csr=csr,
-            generate=generate,
-            lifetime=lifetime,
-            credential_id=credential_id,
-        )
 
     async def _audit(
         self,
