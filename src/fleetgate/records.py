@@ -19,6 +19,9 @@ MAX_ATTRIBUTE_VALUE_CHARS = 256
 MAX_ATTRIBUTES = 64
 MAX_ADDRESSES = 16
 MAX_NAME_CHARS = 200
+# Route keys name listeners and values name destinations, spelled as in the configuration.
+ROUTE_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+MAX_ROUTES = 32
 
 # An attribute with one of these keys names one physical thing (a SIM, a modem, a unit), so two
 # devices may not share a value. The store enforces it with a partial unique index.
@@ -48,6 +51,9 @@ class Device:
     created_at: datetime
     updated_at: datetime
     revision: int
+    # Listener name -> destination name; overrides the group's settings.routes and the
+    # listener's own destination. Last, with a default, so positional constructions still work.
+    routes: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -139,6 +145,29 @@ def check_attributes(attributes: Mapping[str, str], field_name: str = "attribute
             raise InvalidRequest(
                 f"attribute {key} must be a string of at most "
                 f"{MAX_ATTRIBUTE_VALUE_CHARS} characters",
+                field=f"{field_name}.{key}",
+            )
+
+
+def check_routes(routes: object, field_name: str = "routes") -> None:
+    """Listener name -> destination name; whether both exist is the configuration's business."""
+    if not isinstance(routes, Mapping):
+        raise InvalidRequest(
+            "routes must be an object of listener name -> destination name", field=field_name
+        )
+    if len(routes) > MAX_ROUTES:
+        raise InvalidRequest(f"at most {MAX_ROUTES} routes", field=field_name)
+    for key, value in routes.items():
+        if not isinstance(key, str) or not ROUTE_NAME_RE.fullmatch(key):
+            raise InvalidRequest(
+                f"listener name {str(key)[:80]!r} must be 1-63 lowercase letters, digits, '_' "
+                "or '-', starting with a letter",
+                field=f"{field_name}.{str(key)[:80]}",
+            )
+        if not isinstance(value, str) or not ROUTE_NAME_RE.fullmatch(value):
+            raise InvalidRequest(
+                f"destination name {str(value)[:80]!r} for listener {key} must be 1-63 lowercase "
+                "letters, digits, '_' or '-', starting with a letter",
                 field=f"{field_name}.{key}",
             )
 

@@ -35,6 +35,8 @@ from fleetgate.store import Database, open_database
 from fleetgate.store.changes import Change
 from fleetgate.store.migrations import migrate
 from fleetgate.store.sealed import SealedSecretRepo
+from fleetgate.tuning import tune_malloc
+from fleetgate.workers import WorkerPool
 
 log = logs.get_logger("fleetgate.runtime")
 ADMIN_TOKEN_ENV = "FLEETGATE_ADMIN_TOKEN"  # noqa: S105 - a variable name
@@ -139,6 +141,7 @@ class Gateway:
         self.health = Health()
         self.metrics = Metrics()
         self.stop = asyncio.Event()
+        self._workers: WorkerPool | None = None
 
     async def run(self) -> None:
         db = await open_database(self.config.store, self.data.path)
@@ -147,7 +150,8 @@ class Gateway:
         finally:
             await db.close()
 
-    async def _run_with(self, db: Database) -> None:
+    async def _prepare(self, db: Database) -> Services:
+        """Schema, master key, first token, CA: everything before serving."""
         applied = await migrate(db, self.clock)
         if applied:
             log.info("store.migrated", backend=db.dialect, versions=applied)
@@ -160,16 +164,23 @@ class Gateway:
         await services.authority.ensure_hierarchy(SYSTEM_CALLER)
         # The first pass makes the OCSP responder and the CRL before anyone asks for them.
         await self._maintain_once(services)
+        return services
 
+    async def _run_with(self, db: Database) -> None:
+        services = await self._prepare(db)
         listeners = ListenerSet(
-            services.devices.find_by_address, self.metrics, self.clock, self.health
+            services,
+            self.metrics,
+            self.clock,
+            self.health,
+            reuse_port=self.config.node.workers > 1,
         )
-        await listeners.apply(self.config.listeners)
+        await listeners.apply(self.config.listeners, self.config.destinations)
         follower = ChangeFollower(db, self.clock)
         await follower.start_from_now()
 
         async def on_change(change: Change) -> None:
-            await listeners.on_change(change, services.devices.find)
+            await listeners.on_change(change)
 
         follower.subscribe(on_change)
         sock = _bind_api_socket(self.config.api.listen)
@@ -179,6 +190,7 @@ class Gateway:
             self.metrics,
             self.clock,
             max_body_bytes=self.config.api.max_body_bytes,
+            after_write=follower.poll_once,
         )
         server = _ApiServer(
             uvicorn.Config(
@@ -193,6 +205,12 @@ class Gateway:
         )
         loop = asyncio.get_running_loop()
         reloads: asyncio.Queue[None] = asyncio.Queue()
+        workers = WorkerPool(
+            self.config.node.workers,
+            self.data.path,
+            self.options.config_path,
+            self.options.env,
+        )
         loop.add_signal_handler(signal.SIGTERM, self.stop.set)
         loop.add_signal_handler(signal.SIGINT, self.stop.set)
         loop.add_signal_handler(signal.SIGHUP, reloads.put_nowait, None)
@@ -212,6 +230,8 @@ class Gateway:
                 reload_task = tg.create_task(self._reload_loop(reloads, listeners))
                 maintenance_task = tg.create_task(self._maintenance_loop(services))
                 follower_task = tg.create_task(follower.run())
+                workers_task = tg.create_task(workers.run())
+                self._workers = workers
                 await self.stop.wait()
                 log.info("gateway.draining", timeout_s=self.config.api.drain_timeout_s)
                 self.health.draining = True
@@ -219,6 +239,8 @@ class Gateway:
                 maintenance_task.cancel()
                 follower_task.cancel()
                 server.should_exit = True
+                await workers.stop(self.config.api.drain_timeout_s)
+                workers_task.cancel()
                 await listeners.close(self.config.api.drain_timeout_s)
                 await api_task
         finally:
@@ -285,6 +307,8 @@ class Gateway:
             await self.reload(listeners)
 
     async def reload(self, listeners: ListenerSet) -> None:
+        if self._workers is not None:
+            self._workers.signal(signal.SIGHUP)  # each worker reads the file itself
         try:
             fresh = await asyncio.to_thread(load_config, self.data.config_path, self.options.env)
         except ConfigError as exc:
@@ -301,7 +325,7 @@ class Gateway:
                 detail="these sections apply at the next start; the rest is applied now",
             )
         logs.configure(fresh.log.format, fresh.log.level)
-        await listeners.apply(fresh.listeners)
+        await listeners.apply(fresh.listeners, fresh.destinations)
         self.config = fresh.model_copy(
             update={key: getattr(self.config, key) for key in needs_restart}
         )
@@ -316,6 +340,7 @@ def serve(options: ServeOptions, clock: Clock | None = None) -> int:
     config = load_config(data.config_path, options.env)
     logs.configure(config.log.format, config.log.level)
     gateway = Gateway(options, data, config, clock or SystemClock())
+    tune_malloc()
     import uvloop
 
     uvloop.run(gateway.run())

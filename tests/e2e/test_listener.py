@@ -81,7 +81,7 @@ def test_unreachable_destination_is_logged(gateway_factory: GatewayFactory) -> N
     with gw.client(ADMIN) as api:
         assert api.post("/v1/devices", json={"id": "d", "addresses": ["127.0.0.1"]}).is_success
     assert _exchange(port, b"x") == b""
-    failed = gw.wait_for("upstream.connect_failed")
+    failed = gw.wait_for("upstream.refused")
     assert failed["reason"] == "connect_failed"
     assert failed["device"] == "d"
 

@@ -79,6 +79,7 @@ async def test_every_change_is_audited_with_actor_target_and_before_after(
         "status": "enabled",
         "attributes": {"model": "x"},
         "addresses": ["10.0.0.1"],
+        "routes": {},
         "revision": 1,
     }
     assert created.at == clock.now() - timedelta(seconds=2)

@@ -102,7 +102,7 @@ def test_unknown_key_lists_the_valid_keys_of_its_table() -> None:
 def test_unknown_top_level_key_lists_the_top_level_keys() -> None:
     detail = config_error("nodename = 'x'\n")
     assert "nodename: unknown key; valid keys here: " in detail
-    assert "api, listeners, log, node, pki, sealing, store" in detail
+    assert "api, destinations, listeners, log, node, pki, sealing, store" in detail
 
 
 def test_unknown_key_inside_a_listener_lists_listener_keys() -> None:
@@ -139,11 +139,38 @@ def test_bad_address_names_the_key_and_the_fix(address: str, fragment: str) -> N
 
 def test_listener_missing_required_keys_names_each_one() -> None:
     detail = config_error('[listeners.plc]\nprotocol = "tcp"\n')
-    assert detail == (
-        "config: 2 problems:\n"
-        "  listeners.plc.bind: required key is missing; add it\n"
-        "  listeners.plc.forward_to: required key is missing; add it"
+    assert detail == "config: listeners.plc.bind: required key is missing; add it"
+
+
+def test_listener_destination_must_be_configured() -> None:
+    detail = config_error(
+        '[listeners.mqtt]\nprotocol = "mqtt"\nbind = "127.0.0.1:1883"\ndestination = "broker"\n'
     )
+    assert "listeners.mqtt.destination: no [destinations.broker]" in detail
+
+
+def test_destination_checks_pins_templates_and_mounts() -> None:
+    base = '[destinations.broker]\naddress = "broker.example:8883"\n'
+    assert "not a base64 SHA-256" in config_error(base + 'pin_sha256 = ["abc"]\n')
+    assert "placeholder" in config_error(base + 'credential = "aws-#{IMSI}"\n')
+    assert "ends with '/'" in config_error(base + 'topic_mount = "devices/#{device_id}"\n')
+    assert "does not start with '$'" in config_error(base + 'topic_mount = "$SYS/"\n')
+    good = parse_config(
+        base
+        + 'pin_sha256 = ["47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="]\n'
+        + 'credential = "aws-#{imsi}"\ntopic_mount = "devices/#{device_id}/"\n',
+        {},
+    )
+    assert good.destinations["broker"].credential == "aws-#{imsi}"
+
+
+def test_username_identity_needs_a_password_credential_and_a_protocol_with_logins() -> None:
+    mqtt = '[listeners.m]\nprotocol = "mqtt"\nbind = "127.0.0.1:1883"\nidentity = "username"\n'
+    assert "needs password_credential" in config_error(mqtt)
+    tcp = mqtt.replace('"mqtt"', '"tcp"') + 'password_credential = "login-#{device_id}"\n'
+    assert "needs protocol mqtt or http" in config_error(tcp)
+    odd = mqtt + 'password_credential = "l-#{device_id}"\nusername_field = "name"\n'
+    assert "username_field is one of" in config_error(odd)
 
 
 def test_listener_bad_address_names_the_listener() -> None:

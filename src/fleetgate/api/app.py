@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
@@ -42,7 +44,13 @@ _ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
 
 
 def build_app(
-    services: Services, health: Health, metrics: Metrics, clock: Clock, *, max_body_bytes: int
+    services: Services,
+    health: Health,
+    metrics: Metrics,
+    clock: Clock,
+    *,
+    max_body_bytes: int,
+    after_write: Callable[[], Awaitable[object]] | None = None,
 ) -> FastAPI:
     app = FastAPI(
         title="fleetgate",
@@ -82,5 +90,7 @@ def build_app(
             swagger_favicon_url="/docs/static/favicon-32x32.png",
         )
 
-    app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=max_body_bytes)
+    app.add_middleware(
+        RequestContext, metrics=metrics, max_body_bytes=max_body_bytes, after_write=after_write
+    )
     return app

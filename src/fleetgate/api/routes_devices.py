@@ -34,6 +34,7 @@ async def create_device(
             status=body.status,
             attributes=body.attributes,
             addresses=tuple(body.addresses),
+            routes=body.routes,
         ),
     )
     _etag(response, device.revision)
@@ -92,6 +93,7 @@ async def update_device(
             status=body.status,
             attributes=body.attributes,
             addresses=tuple(body.addresses) if body.addresses is not None else None,
+            routes=body.routes,
         ),
         if_revision=revision,
     )
@@ -103,8 +105,8 @@ async def update_device(
 async def replace_device(
     device_id: str, body: ReplaceIn, caller: CallerDep, svc: ServicesDep
 ) -> ReplaceOut:
-    """Swap in a new device: it takes the old one's group, attributes, addresses (unless given)
-    and credentials; the old one's certificates are revoked (superseded) and re-issued to the
+    """Swap in a new device: it takes the old one's group, attributes, routes, addresses (unless
+    given) and credentials; the old one's certificates are revoked (superseded) and re-issued to the
     new device where fleetgate holds the key. The old device stays, disabled and empty."""
     done = await svc.replacement.replace(
         caller,

@@ -11,6 +11,7 @@ from fleetgate.records import (
     DEFAULT_GROUP,
     MAX_ADDRESSES,
     MAX_NAME_CHARS,
+    MAX_ROUTES,
     ApiToken,
     AuditEntry,
     Device,
@@ -24,6 +25,13 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+ROUTES_DESCRIPTION = (
+    "Listener name -> destination name. On that listener this device's connections go to that "
+    "destination, overriding its group's settings.routes and the listener's destination. "
+    f"At most {MAX_ROUTES}; names as in the configuration ([a-z][a-z0-9_-]{{0,62}})."
+)
+
+
 class DeviceIn(Strict):
     id: str = Field(max_length=128, examples=["sensor-0001"])
     name: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
@@ -34,6 +42,9 @@ class DeviceIn(Strict):
     )
     addresses: list[str] = Field(
         default_factory=list, max_length=MAX_ADDRESSES, examples=[["10.20.0.17"]]
+    )
+    routes: dict[str, str] = Field(
+        default_factory=dict, description=ROUTES_DESCRIPTION, examples=[{"mqtt": "aws-iot"}]
     )
 
 
@@ -47,6 +58,11 @@ class DevicePatchIn(Strict):
     addresses: list[str] | None = Field(
         default=None, max_length=MAX_ADDRESSES, description="Replaces the address list."
     )
+    routes: dict[str, str | None] | None = Field(
+        default=None,
+        description="Merged into the current routes; null removes a listener's route. "
+        + ROUTES_DESCRIPTION,
+    )
 
 
 class DeviceOut(BaseModel):
@@ -56,6 +72,7 @@ class DeviceOut(BaseModel):
     status: DeviceStatus
     attributes: dict[str, str]
     addresses: list[str]
+    routes: dict[str, str] = Field(description=ROUTES_DESCRIPTION)
     created_at: datetime
     updated_at: datetime
     revision: int
@@ -69,6 +86,7 @@ class DeviceOut(BaseModel):
             status=device.status,
             attributes=dict(device.attributes),
             addresses=list(device.addresses),
+            routes=dict(device.routes),
             created_at=device.created_at,
             updated_at=device.updated_at,
             revision=device.revision,

@@ -25,10 +25,14 @@ FIELDS = (
     "status",
     "addresses",
     "attributes",
+    "routes",
     "created_at",
     "updated_at",
     "revision",
 )
+
+
+ROUTE_HELP = "Send this device's connections on LISTENER to DESTINATION; repeatable."
 
 
 def _path(device_id: str) -> str:
@@ -46,6 +50,7 @@ def device() -> None:
 @click.option("--group", default="default", show_default=True)
 @click.option("--attr", "attrs", multiple=True, metavar="KEY=VALUE", help="Repeatable.")
 @click.option("--address", "addresses", multiple=True, help="IP address that identifies it.")
+@click.option("--route", "routes", multiple=True, metavar="LISTENER=DESTINATION", help=ROUTE_HELP)
 @click.option("--disabled", is_flag=True, help="Register it disabled.")
 @json_option
 @click.pass_context
@@ -56,6 +61,7 @@ def add(
     group: str,
     attrs: tuple[str, ...],
     addresses: tuple[str, ...],
+    routes: tuple[str, ...],
     disabled: bool,
     as_json: bool,
 ) -> None:
@@ -65,6 +71,7 @@ def add(
         "group": group,
         "attributes": key_values(attrs, "--attr"),
         "addresses": list(addresses),
+        "routes": key_values(routes, "--route"),
         "status": "disabled" if disabled else "enabled",
     }
     if name is not None:
@@ -113,8 +120,16 @@ def show(ctx: click.Context, device_id: str, as_json: bool) -> None:
     emit(client_from(ctx).request("GET", _path(device_id)), as_json, fields=FIELDS)
 
 
-def _patch(ctx: click.Context, device_id: str, body: dict[str, Any], as_json: bool) -> None:
-    updated = client_from(ctx).request("PATCH", _path(device_id), json=body)
+def _patch(
+    ctx: click.Context,
+    device_id: str,
+    body: dict[str, Any],
+    as_json: bool,
+    *,
+    if_revision: int | None = None,
+) -> None:
+    headers = {"If-Match": f'"{if_revision}"'} if if_revision is not None else None
+    updated = client_from(ctx).request("PATCH", _path(device_id), json=body, headers=headers)
     emit(updated, as_json, fields=FIELDS)
 
 
@@ -126,6 +141,13 @@ def _patch(ctx: click.Context, device_id: str, body: dict[str, Any], as_json: bo
 @click.option("--unset-attr", "unset", multiple=True, metavar="KEY", help="Remove; repeatable.")
 @click.option("--address", "addresses", multiple=True, help="Replace the addresses (repeatable).")
 @click.option("--clear-addresses", is_flag=True, help="Remove every address.")
+@click.option("--route", "routes", multiple=True, metavar="LISTENER=DESTINATION", help=ROUTE_HELP)
+@click.option(
+    "--unset-route", "unset_routes", multiple=True, metavar="LISTENER", help="Remove; repeatable."
+)
+@click.option(
+    "--clear-routes", is_flag=True, help="Remove every route (then add any --route given)."
+)
 @json_option
 @click.pass_context
 def update(
@@ -137,9 +159,12 @@ def update(
     unset: tuple[str, ...],
     addresses: tuple[str, ...],
     clear_addresses: bool,
+    routes: tuple[str, ...],
+    unset_routes: tuple[str, ...],
+    clear_routes: bool,
     as_json: bool,
 ) -> None:
-    """Change a device's name, group, attributes or addresses."""
+    """Change a device's name, group, attributes, addresses or routes."""
     body: dict[str, Any] = {}
     if name is not None:
         body["name"] = name
@@ -153,9 +178,20 @@ def update(
         raise click.UsageError("give --address or --clear-addresses, not both")
     if addresses or clear_addresses:
         body["addresses"] = list(addresses)
+    route_changes: dict[str, str | None] = {key: None for key in unset_routes}
+    revision: int | None = None
+    if clear_routes:
+        # The API merges routes, so clearing names each current one; If-Match makes sure no
+        # route added meanwhile survives unseen.
+        current = client_from(ctx).request("GET", _path(device_id))
+        route_changes.update({key: None for key in current["routes"]})
+        revision = int(current["revision"])
+    route_changes.update(key_values(routes, "--route"))
+    if route_changes or clear_routes:
+        body["routes"] = route_changes
     if not body:
         raise click.UsageError("nothing to change; see --help")
-    _patch(ctx, device_id, body, as_json)
+    _patch(ctx, device_id, body, as_json, if_revision=revision)
 
 
 @device.command("disable")

@@ -6,6 +6,7 @@ import click
 
 from fleetgate import __version__
 from fleetgate.cli.cmd_audit import audit
+from fleetgate.cli.cmd_connect import connect_command
 from fleetgate.cli.cmd_credentials import credential
 from fleetgate.cli.cmd_devices import device
 from fleetgate.cli.cmd_groups import group
@@ -41,6 +42,7 @@ for command in (
     ca,
     cert,
     credential,
+    connect_command,
 ):
     cli.add_command(command)
 

@@ -6,12 +6,22 @@ Names follow mosquitto's vocabulary where one exists; listeners are named tables
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
+from fleetgate.errors import InvalidRequest
 from fleetgate.sealing.secret import Secret
+from fleetgate.templates import Template
 
 
 class Frozen(BaseModel):
@@ -120,23 +130,167 @@ class PkiConfig(Frozen):
     alerts: AlertConfig = AlertConfig()
 
 
-class ListenerConfig(Frozen):
-    """A device-facing entry point. Plain TCP relays to ``forward_to`` for registered devices."""
+Name = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$")]
+ListenerName = Name
+DestinationName = Name
+UNIQUE_USERNAME_FIELDS = ("device_id", "imsi", "imei", "iccid", "serial")
 
-    protocol: Literal["tcp"] = "tcp"
+
+def _parse_template(text: str) -> None:
+    try:
+        Template.parse(text)
+    except InvalidRequest as exc:
+        raise ValueError(exc.detail) from None
+
+
+class DestinationConfig(Frozen):
+    """Where a route goes and how fleetgate authenticates it and itself there.
+
+    The destination's server is verified (CA bundle or system roots, hostname, optional SPKI
+    pin, minimum version) with the gateway's clock; the device's own credential, found through
+    the ``credential`` template, is presented as the client certificate.
+    """
+
+    address: Address
+    server_name: str | None = Field(
+        default=None, description="SNI and the name checked; default: the host of address"
+    )
+    ca_file: str | None = Field(default=None, description="PEM bundle; default: system roots")
+    pin_sha256: tuple[str, ...] = Field(
+        default=(), description="base64 SHA-256 of a SubjectPublicKeyInfo in the verified chain"
+    )
+    min_tls: Literal["1.2", "1.3"] = "1.2"
+    alpn: tuple[str, ...] = ()
+    credential: str | None = Field(
+        default=None, description="template naming the device's x509 credential: aws-#{imsi}"
+    )
+    default_credential: str | None = None
+    login_credential: str | None = Field(
+        default=None,
+        description="template naming a password credential injected as MQTT username/password "
+        "or HTTP basic auth",
+    )
+    connect_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    response_timeout_s: float = Field(
+        default=60.0, gt=0, le=3600, description="http/udp: time for the answer to start"
+    )
+    session_resumption: bool = True
+    unsafe_plaintext: bool = Field(
+        default=False, description="speak plain TCP to the destination: no TLS at all"
+    )
+    # tcp
+    proxy_protocol: bool = False
+    # http and udp
+    signing_credential: str | None = Field(
+        default=None, description="hmac credential signing each request (X-Fleetgate-Signature)"
+    )
+    identity_headers: tuple[str, ...] = Field(
+        default=(), description="device attributes passed as X-Fleetgate-Attr-<name> headers"
+    )
+    udp_path: str = Field(default="/", pattern=r"^/")
+    # mqtt
+    client_id: str | None = Field(default=None, description="template: #{device_id}")
+    topic_mount: str | None = Field(
+        default=None, description="template prefixed to every topic: devices/#{device_id}/"
+    )
+
+    @field_validator("topic_mount")
+    @classmethod
+    def _mount_is_a_level(cls, value: str | None) -> str | None:
+        if value is not None and (not value.endswith("/") or value.startswith("$")):
+            raise ValueError(
+                f"{value!r}: a topic mount ends with '/' and does not start with '$' "
+                "(devices/#{device_id}/), so one device's topics never overlap another's"
+            )
+        return value
+
+    @field_validator("pin_sha256")
+    @classmethod
+    def _pins_are_sha256(cls, pins: tuple[str, ...]) -> tuple[str, ...]:
+        for pin in pins:
+            try:
+                raw = base64.b64decode(pin, validate=True)
+            except ValueError:
+                raw = b""
+            if len(raw) != 32:
+                raise ValueError(f"{pin[:60]!r} is not a base64 SHA-256 digest (44 characters)")
+        return pins
+
+    @field_validator(
+        "credential",
+        "default_credential",
+        "login_credential",
+        "client_id",
+        "topic_mount",
+        "signing_credential",
+    )
+    @classmethod
+    def _templates_parse(cls, value: str | None) -> str | None:
+        if value is not None:
+            _parse_template(value)
+        return value
+
+
+class ListenerConfig(Frozen):
+    """A device-facing entry point.
+
+    ``tcp`` relays bytes, ``mqtt`` speaks MQTT 3.1.1/5.0 to the device, ``http`` HTTP/1.1,
+    ``udp`` turns each datagram into an HTTPS POST. The destination is the device's route for
+    this listener (device routes, then its group's ``settings.routes``), else ``destination``.
+    ``forward_to`` is a plain-TCP destination (tcp only), kept for simple internal relays.
+    """
+
+    protocol: Literal["tcp", "mqtt", "http", "udp"] = "tcp"
     bind: Address
-    forward_to: Address
-    identity: Literal["source_address"] = "source_address"
+    destination: DestinationName | None = None
+    forward_to: Address | None = None
+    identity: Literal["source_address", "username"] = "source_address"
+    username_field: str = Field(
+        default="device_id",
+        description="what a username names: device_id or a unique attribute (imsi, imei, ...)",
+    )
+    password_credential: str | None = Field(
+        default=None,
+        description="template naming the password credential a device logs in with: "
+        "login-#{device_id}",
+    )
     max_connections: int = Field(default=10_000, ge=1, le=1_000_000)
     connect_timeout_s: float = Field(default=10.0, gt=0, le=300)
     idle_timeout_s: float = Field(default=3600.0, gt=0)
+    first_packet_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    max_packet_bytes: int = Field(default=1_048_576, ge=1024, le=268_435_455)
+    max_header_bytes: int = Field(default=16_384, ge=1024, le=1_048_576)
+    max_body_bytes: int = Field(default=1_048_576, ge=0, le=1 << 30)
+    max_in_flight: int = Field(default=1000, ge=1, le=100_000)
 
-
-ListenerName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$")]
+    @model_validator(mode="after")
+    def _coherent(self) -> ListenerConfig:
+        if self.forward_to is not None and self.protocol != "tcp":
+            raise ValueError("forward_to is for tcp listeners; use destination for this protocol")
+        if self.forward_to is not None and self.destination is not None:
+            raise ValueError("set destination or forward_to, not both")
+        if self.identity == "username":
+            if self.protocol not in ("mqtt", "http"):
+                raise ValueError("identity = username needs protocol mqtt or http")
+            if self.password_credential is None:
+                raise ValueError(
+                    "identity = username needs password_credential (for example "
+                    '"login-#{device_id}"): the credential each device logs in with'
+                )
+            _parse_template(self.password_credential)
+            if self.username_field not in UNIQUE_USERNAME_FIELDS:
+                raise ValueError(f"username_field is one of {', '.join(UNIQUE_USERNAME_FIELDS)}")
+        return self
 
 
 class NodeConfig(Frozen):
     name: str = Field(default="fleetgate-1", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="processes serving the listeners (SO_REUSEPORT); the first also runs the API",
+    )
 
 
 class Config(Frozen):
@@ -146,4 +300,14 @@ class Config(Frozen):
     store: StoreConfig = StoreConfig()
     sealing: SealingConfig = SealingConfig()
     pki: PkiConfig = PkiConfig()
+    destinations: dict[DestinationName, DestinationConfig] = {}
     listeners: dict[ListenerName, ListenerConfig] = {}
+
+    @model_validator(mode="after")
+    def _listeners_reach_destinations(self) -> Config:
+        for name, listener in self.listeners.items():
+            if listener.destination is not None and listener.destination not in self.destinations:
+                raise ValueError(
+                    f"listeners.{name}.destination: no [destinations.{listener.destination}]"
+                )
+        return self

@@ -1,8 +1,10 @@
-"""A plain TCP listener for devices on a trusted network.
+"""A device-facing stream listener (tcp, mqtt, http): accept, hand each connection to its
+protocol's handler, account for it, and cut it when the registry no longer allows it.
 
-Each connection: the source address names the device (identity), :func:`policy.decide` says
-whether it may pass, the destination is dialled (upstream), and bytes are relayed until either
-side is done. Refusals close the connection and log the reason; nobody else is affected.
+Handlers (``proxy_tcp``, ``proxy_mqtt``, ``proxy_http``) read what they need from the device,
+resolve the device and its route through the :class:`DataPath`, and splice or proxy. A refusal
+is answered in the device's protocol by the handler and logged here with its reason; nobody else
+is affected.
 """
 
 from __future__ import annotations
@@ -10,46 +12,79 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import socket
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
-from fleetgate.clock import Clock
 from fleetgate.config.schema import ListenerConfig, split_host_port
-from fleetgate.dataplane.policy import decide
-from fleetgate.dataplane.relay import relay
-from fleetgate.errors import FleetgateError
+from fleetgate.dataplane.datapath import DataPath, Refused
+from fleetgate.dataplane.endpoint import PlainEndpoint
+from fleetgate.dataplane.splice import SpliceResult
 from fleetgate.logs import bind, get_logger
-from fleetgate.metrics import Metrics
-from fleetgate.records import Device
 
 log = get_logger("fleetgate.dataplane")
 _conn_ids = itertools.count(1)
 
-DeviceLookup = Callable[[str], Awaitable[Device | None]]
+
+@dataclass
+class Conn:
+    """One accepted device connection, as handlers see it."""
+
+    id: str
+    listener: str
+    config: ListenerConfig
+    endpoint: PlainEndpoint
+    source: str
+    path: DataPath
+    device_id: str | None = None
+    on_device: Callable[[Conn, str], None] = field(default=lambda conn, device: None)
+
+    def connected(self, destination: str, **fields: object) -> None:
+        """The destination accepted: from here on bytes are relayed."""
+        self.path.metrics.listener_connections.labels(self.listener, "relayed").inc()
+        log.info("listener.connected", destination=destination, **fields)
+
+    def identified(self, device_id: str) -> None:
+        """The handler knows the device: from now on a revocation can cut this connection."""
+        self.device_id = device_id
+        self.on_device(self, device_id)
 
 
-class TcpListener:
+Handler = Callable[[Conn], Awaitable[SpliceResult | None]]
+
+
+class _Accepted(PlainEndpoint):
+    def __init__(self, on_made: Callable[[_Accepted], None]) -> None:
+        super().__init__()
+        self._on_made = on_made
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._on_made(self)
+
+
+class StreamListener:
     def __init__(
         self,
         name: str,
         config: ListenerConfig,
-        lookup: DeviceLookup,
-        metrics: Metrics,
-        clock: Clock,
+        path: DataPath,
+        handler: Handler,
+        *,
+        reuse_port: bool,
     ) -> None:
         self.name = name
         self.config = config
-        self._lookup = lookup
-        self._metrics = metrics
-        self._clock = clock
+        self._path = path
+        self._handler = handler
+        self._reuse_port = reuse_port
         self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
-        # Relayed connections by device, with their source address: what a revocation cuts.
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Connections by device, with their source address: what a revocation cuts.
         self._by_device: dict[str, dict[asyncio.Task[None], str]] = {}
 
     @property
     def active(self) -> int:
-        return len(self._connections)
+        return len(self._tasks)
 
     @property
     def bound_addresses(self) -> list[tuple[str, int]]:
@@ -59,22 +94,27 @@ class TcpListener:
 
     async def start(self) -> None:
         host, port = split_host_port(self.config.bind)
-        self._server = await asyncio.start_server(
-            self._on_connection, host or None, port, reuse_address=True, backlog=1024
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Accepted(self._accepted),
+            host or None,
+            port,
+            reuse_address=True,
+            reuse_port=self._reuse_port or None,
+            backlog=4096,
         )
-        self._metrics.listener_up.labels(self.name).set(1)
+        self._path.metrics.listener_up.labels(self.name).set(1)
         log.info("listener.bound", listener=self.name, addresses=self.bound_addresses)
 
     async def stop_accepting(self) -> None:
-        # Closing the server stops new accepts; live connections are left to drain().
         if self._server is not None:
             self._server.close()
-        with contextlib.suppress(KeyError):  # never bound
-            self._metrics.listener_up.remove(self.name)
+        with contextlib.suppress(KeyError):
+            self._path.metrics.listener_up.remove(self.name)
 
     async def drain(self, timeout_s: float) -> None:
         """Let live connections finish for up to ``timeout_s``, then cut the rest."""
-        pending = set(self._connections)
+        pending = set(self._tasks)
         if pending:
             _, still = await asyncio.wait(pending, timeout=timeout_s)
             for task in still:
@@ -100,93 +140,79 @@ class TcpListener:
                 reason=reason,
             )
         if cut:
-            self._metrics.listener_connections.labels(self.name, f"cut_{reason}").inc(cut)
+            self._path.metrics.listener_connections.labels(self.name, f"cut_{reason}").inc(cut)
         return cut
 
-    async def _on_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        conn_id = f"{self.name}-{next(_conn_ids)}"
-        peer = writer.get_extra_info("peername")
-        source = peer[0] if peer else "?"
-        self._connections.add(task)
-        with bind(listener=self.name, conn=conn_id, source=source):
-            try:
-                await self._serve(reader, writer, source)
-            except FleetgateError as exc:
-                self._metrics.listener_connections.labels(self.name, "error").inc()
-                log.error("listener.connection_failed", reason=exc.kind.slug, detail=exc.detail)
-            finally:
-                self._connections.discard(task)
-                writer.close()
+    # -- one connection ---------------------------------------------------------------------------
 
-    async def _serve(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, source: str
-    ) -> None:
-        device = await self._lookup(source)
-        # This connection is already counted in _connections.
-        decision = decide(
-            device, active=self.active - 1, max_connections=self.config.max_connections
-        )
-        if not decision.allowed:
-            assert decision.refusal is not None
-            self._metrics.listener_connections.labels(self.name, decision.refusal.value).inc()
-            log.warning(
-                "listener.refused",
-                reason=decision.refusal.value,
-                device=device.id if device else None,
-            )
+    def _accepted(self, endpoint: _Accepted) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(endpoint))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _register(self, conn: Conn, device_id: str) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._by_device.setdefault(device_id, {})[task] = conn.source
+
+    def _unregister(self, conn: Conn) -> None:
+        task = asyncio.current_task()
+        if conn.device_id is None or task is None:
             return
-        assert device is not None
-        with bind(device=device.id):
-            host, port = split_host_port(self.config.forward_to)
+        mine = self._by_device.get(conn.device_id, {})
+        mine.pop(task, None)
+        if not mine:
+            self._by_device.pop(conn.device_id, None)
+
+    async def _serve(self, endpoint: _Accepted) -> None:
+        peer = endpoint.peer_address()
+        source = peer[0] if peer else "?"
+        conn = Conn(
+            id=f"{self.name}-{next(_conn_ids)}",
+            listener=self.name,
+            config=self.config,
+            endpoint=endpoint,
+            source=source,
+            path=self._path,
+            on_device=self._register,
+        )
+        metrics = self._path.metrics
+        with bind(listener=self.name, conn=conn.id, source=source):
+            if self.active > self.config.max_connections:
+                metrics.listener_connections.labels(self.name, "listener_full").inc()
+                log.warning("listener.refused", reason="listener_full")
+                endpoint.abort()
+                return
+            metrics.listener_active.labels(self.name).inc()
             try:
-                async with asyncio.timeout(self.config.connect_timeout_s):
-                    upstream = await asyncio.open_connection(host, port)
-            except (OSError, TimeoutError) as exc:
-                reason = "connect_timeout" if isinstance(exc, TimeoutError) else "connect_failed"
-                self._metrics.listener_connections.labels(self.name, reason).inc()
-                log.warning(
-                    "upstream.connect_failed",
-                    reason=reason,
-                    destination=self.config.forward_to,
+                result = await self._handler(conn)
+            except Refused as exc:
+                metrics.listener_connections.labels(self.name, exc.reason).inc()
+                event = "upstream.refused" if exc.upstream else "listener.refused"
+                log.warning(event, reason=exc.reason, device=conn.device_id, detail=exc.detail)
+            except asyncio.CancelledError:
+                log.info("listener.closed", reason="cancelled", device=conn.device_id)
+                raise
+            except (ConnectionError, OSError, TimeoutError) as exc:
+                metrics.listener_connections.labels(self.name, "connection_lost").inc()
+                log.info(
+                    "listener.closed",
+                    reason="connection_lost",
+                    device=conn.device_id,
                     detail=str(exc) or type(exc).__name__,
                 )
-                return
-            sock = upstream[1].get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._metrics.listener_connections.labels(self.name, "relayed").inc()
-            self._metrics.listener_active.labels(self.name).inc()
-            log.info("listener.connected", destination=self.config.forward_to)
-            task = asyncio.current_task()
-            assert task is not None
-            self._by_device.setdefault(device.id, {})[task] = source
-            try:
-                stats, reason = await relay(
-                    (reader, writer),
-                    upstream,
-                    self._clock,
-                    idle_timeout_s=self.config.idle_timeout_s,
-                )
-            except asyncio.CancelledError:
-                # Cut (revocation) or drain (shutdown): the log still says the relay ended.
-                log.info("listener.closed", reason="cancelled")
-                raise
+            else:
+                if result is not None:
+                    metrics.listener_bytes.labels(self.name, "up").inc(result.up_bytes)
+                    metrics.listener_bytes.labels(self.name, "down").inc(result.down_bytes)
+                    log.info(
+                        "listener.closed",
+                        reason=result.reason,
+                        device=conn.device_id,
+                        up_bytes=result.up_bytes,
+                        down_bytes=result.down_bytes,
+                    )
             finally:
-                mine = self._by_device.get(device.id, {})
-                mine.pop(task, None)
-                if not mine:
-                    self._by_device.pop(device.id, None)
-                self._metrics.listener_active.labels(self.name).dec()
-                upstream[1].close()
-            self._metrics.listener_bytes.labels(self.name, "up").inc(stats.up_bytes)
-            self._metrics.listener_bytes.labels(self.name, "down").inc(stats.down_bytes)
-            log.info(
-                "listener.closed",
-                reason=reason,
-                up_bytes=stats.up_bytes,
-                down_bytes=stats.down_bytes,
-            )
+                metrics.listener_active.labels(self.name).dec()
+                self._unregister(conn)
+                endpoint.close()

@@ -1,38 +1,82 @@
-"""The set of configured listeners: start, reconcile on reload, drain on shutdown."""
+"""The set of configured listeners over one data path: start, reconcile on reload, follow the
+change feed (cache invalidation, cutting what the registry no longer allows), drain."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
+from typing import Protocol
 
 from fleetgate.clock import Clock
-from fleetgate.config.schema import ListenerConfig
-from fleetgate.dataplane.listener import DeviceLookup, TcpListener
+from fleetgate.config.schema import DestinationConfig, ListenerConfig
+from fleetgate.dataplane.datapath import DataPath
+from fleetgate.dataplane.http_upstream import HttpUpstream
+from fleetgate.dataplane.listener import Handler, StreamListener
+from fleetgate.dataplane.proxy_http import make_http_handler
+from fleetgate.dataplane.proxy_mqtt import serve_mqtt
+from fleetgate.dataplane.proxy_tcp import serve_tcp
+from fleetgate.dataplane.proxy_udp import UdpListener
+from fleetgate.dataplane.registry import RegistryView
+from fleetgate.dataplane.upstream import Upstream
 from fleetgate.health import Health
 from fleetgate.logs import get_logger
 from fleetgate.metrics import Metrics
-from fleetgate.records import Device, DeviceStatus
+from fleetgate.records import DeviceStatus
+from fleetgate.services.bundle import Services
 from fleetgate.store.changes import Change
 
 log = get_logger("fleetgate.dataplane")
-DeviceFinder = Callable[[str], Awaitable[Device | None]]
+
+
+class Listener(Protocol):
+    name: str
+    config: ListenerConfig
+
+    @property
+    def active(self) -> int: ...
+    @property
+    def bound_addresses(self) -> list[tuple[str, int]]: ...
+    async def start(self) -> None: ...
+    async def stop_accepting(self) -> None: ...
+    async def drain(self, timeout_s: float) -> None: ...
+    def devices_connected(self) -> set[str]: ...
+    def cut(self, device_id: str, reason: str, *, keep_sources: tuple[str, ...] = ()) -> int: ...
 
 
 class ListenerSet:
     def __init__(
-        self, lookup: DeviceLookup, metrics: Metrics, clock: Clock, health: Health
+        self,
+        services: Services,
+        metrics: Metrics,
+        clock: Clock,
+        health: Health,
+        *,
+        reuse_port: bool = False,
     ) -> None:
-        self._lookup = lookup
-        self._metrics = metrics
-        self._clock = clock
+        self._services = services
         self._health = health
-        self._listeners: dict[str, TcpListener] = {}
-        self._retired: list[TcpListener] = []
+        self._reuse_port = reuse_port
+        self.path = DataPath(RegistryView(services, clock), Upstream(clock), {}, clock, metrics)
+        self.http = HttpUpstream(self.path, clock)
+        self._handlers: dict[str, Handler] = {
+            "tcp": serve_tcp,
+            "mqtt": serve_mqtt,
+            "http": make_http_handler(self.http),
+        }
+        self._listeners: dict[str, Listener] = {}
+        self._retired: list[Listener] = []
 
-    def get(self, name: str) -> TcpListener | None:
+    def get(self, name: str) -> Listener | None:
         return self._listeners.get(name)
 
+    def _make(self, name: str, config: ListenerConfig) -> Listener:
+        if config.protocol == "udp":
+            return UdpListener(name, config, self.path, self.http, reuse_port=self._reuse_port)
+        return StreamListener(
+            name, config, self.path, self._handlers[config.protocol], reuse_port=self._reuse_port
+        )
+
     async def _start(self, name: str, config: ListenerConfig) -> None:
-        listener = TcpListener(name, config, self._lookup, self._metrics, self._clock)
+        listener = self._make(name, config)
         try:
             await listener.start()
         except OSError as exc:
@@ -42,12 +86,18 @@ class ListenerSet:
         self._listeners[name] = listener
         self._health.listeners[name] = "bound"
 
-    async def apply(self, configs: Mapping[str, ListenerConfig]) -> None:
-        """Make the running listeners match ``configs``.
+    async def apply(
+        self,
+        configs: Mapping[str, ListenerConfig],
+        destinations: Mapping[str, DestinationConfig] | None = None,
+    ) -> None:
+        """Make the running listeners match ``configs`` (and the data path ``destinations``).
 
         A removed or changed listener stops accepting; its live connections carry on under the
-        old settings until they end (they are cut only at shutdown).
+        old settings until they end (they are cut only at shutdown). Changed destinations apply
+        to new connections.
         """
+        self.path.reconfigure(destinations or {})
         for name in list(self._listeners):
             if configs.get(name) != self._listeners[name].config:
                 old = self._listeners.pop(name)
@@ -60,15 +110,16 @@ class ListenerSet:
             if name not in self._listeners:
                 await self._start(name, config)
 
-    async def on_change(self, change: Change, find: DeviceFinder) -> None:
-        """Cut the live connections a registry change no longer allows (within the poll
-        interval of the change follower, on every process)."""
+    async def on_change(self, change: Change) -> None:
+        """Invalidate what the change touched, and cut the live connections it no longer
+        allows (within the change follower's interval, on every process)."""
+        self.path.on_change(change)
         if change.target_type != "device":
             return
         everyone = [*self._listeners.values(), *self._retired]
         if not any(change.target_id in lst.devices_connected() for lst in everyone):
             return
-        device = await find(change.target_id)
+        device = await self._services.devices.find(change.target_id)
         keep: tuple[str, ...]
         if device is None:
             reason, keep = "device_deleted", ()
@@ -85,5 +136,6 @@ class ListenerSet:
             await listener.stop_accepting()
         for listener in everyone:
             await listener.drain(drain_timeout_s)
+        self.http.close()
         self._listeners.clear()
         self._retired.clear()

@@ -39,6 +39,7 @@ class ChangeFollower:
         self.watermark = 0  # every id up to here was handled (or given up on)
         self._seen: set[int] = set()  # handled ids above the watermark
         self._gap_since: float | None = None
+        self._lock = asyncio.Lock()  # one poll at a time: a caught-up caller saw it all handled
 
     def subscribe(self, handler: Handler) -> None:
         self._handlers.append(handler)
@@ -52,6 +53,10 @@ class ChangeFollower:
 
     async def poll_once(self) -> list[Change]:
         """Handle every change not yet handled; the ones handled now."""
+        async with self._lock:
+            return await self._poll()
+
+    async def _poll(self) -> list[Change]:
         async with self._db.snapshot() as tx:
             fresh = await ChangeRepo(tx).after(self.watermark, limit=BATCH)
         handled = []

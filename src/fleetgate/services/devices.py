@@ -19,6 +19,7 @@ from fleetgate.records import (
     check_attributes,
     check_device_id,
     check_group_name,
+    check_routes,
     normalize_address,
     normalize_addresses,
 )
@@ -39,17 +40,19 @@ class NewDevice:
     status: DeviceStatus = DeviceStatus.ENABLED
     attributes: Mapping[str, str] | None = None
     addresses: tuple[str, ...] = ()
+    routes: Mapping[str, str] | None = None
 
 
 @dataclass(frozen=True)
 class DevicePatch:
-    """Absent fields stay; ``attributes`` merges (a ``None`` value removes the key)."""
+    """Absent fields stay; ``attributes`` and ``routes`` merge (a ``None`` value removes a key)."""
 
     name: str | None = None
     group: str | None = None
     status: DeviceStatus | None = None
     attributes: Mapping[str, str | None] | None = None
     addresses: tuple[str, ...] | None = None
+    routes: Mapping[str, str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -69,8 +72,20 @@ def device_snapshot(device: Device) -> dict[str, Any]:
         "status": device.status.value,
         "attributes": dict(device.attributes),
         "addresses": list(device.addresses),
+        "routes": dict(device.routes),
         "revision": device.revision,
     }
+
+
+def _merged(current: Mapping[str, str], changes: Mapping[str, str | None] | None) -> dict[str, str]:
+    """``current`` with ``changes`` applied, as in a JSON merge patch: ``None`` removes a key."""
+    merged = dict(current)
+    for key, value in (changes or {}).items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = value
+    return merged
 
 
 class DeviceService:
@@ -106,6 +121,8 @@ class DeviceService:
         require_write(caller.principal, spec.group)
         attributes = dict(spec.attributes or {})
         check_attributes(attributes)
+        routes = dict(spec.routes or {})
+        check_routes(routes)
         now = self._clock.now()
         device = Device(
             id=spec.id,
@@ -117,6 +134,7 @@ class DeviceService:
             created_at=now,
             updated_at=now,
             revision=1,
+            routes=dict(sorted(routes.items())),
         )
         try:
             async with self._db.transaction() as tx:
@@ -193,13 +211,10 @@ class DeviceService:
                 raise PreconditionFailed(
                     f"device {device_id} is at revision {current.revision}, not {if_revision}"
                 )
-            attributes = dict(current.attributes)
-            for key, value in (patch.attributes or {}).items():
-                if value is None:
-                    attributes.pop(key, None)
-                else:
-                    attributes[key] = value
+            attributes = _merged(current.attributes, patch.attributes)
             check_attributes(attributes)
+            routes = _merged(current.routes, patch.routes)
+            check_routes(routes)
             if patch.group is not None:
                 check_group_name(patch.group)
                 require_write(caller.principal, patch.group)
@@ -216,6 +231,7 @@ class DeviceService:
                     if patch.addresses is not None
                     else current.addresses
                 ),
+                routes=dict(sorted(routes.items())),
                 updated_at=self._clock.now(),
                 revision=current.revision + 1,
             )

@@ -10,7 +10,14 @@ from typing import Any
 from fleetgate.auth.authz import require_admin, require_group, require_unscoped_admin
 from fleetgate.clock import Clock
 from fleetgate.errors import Conflict, InvalidRequest, NotFound, PreconditionFailed
-from fleetgate.records import DEFAULT_GROUP, Group, NewAuditEntry, Page, check_group_name
+from fleetgate.records import (
+    DEFAULT_GROUP,
+    Group,
+    NewAuditEntry,
+    Page,
+    check_group_name,
+    check_routes,
+)
 from fleetgate.services.context import Caller, check_limit, decode_cursor, encode_cursor
 from fleetgate.store import Database
 from fleetgate.store.audit import AuditRepo
@@ -31,8 +38,11 @@ def group_snapshot(group: Group) -> dict[str, Any]:
 
 
 def _check_settings(settings: Mapping[str, Any]) -> None:
+    """Free-form, except ``routes``: the data path reads it as listener -> destination."""
     if len(json.dumps(settings)) > MAX_SETTINGS_BYTES:
         raise InvalidRequest(f"settings exceed {MAX_SETTINGS_BYTES} bytes", field="settings")
+    if "routes" in settings:
+        check_routes(settings["routes"], "settings.routes")
 
 
 def _check_description(description: str) -> None:

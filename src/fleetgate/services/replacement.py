@@ -1,7 +1,7 @@
 """Device replacement: the new device takes over the old one's identity and rights.
 
-Group, attributes (and, unless new ones are given, addresses) move to the new device; every
-credential bound to the old device is rebound; the old device's certificates are revoked as
+Group, attributes, routes (and, unless new ones are given, addresses) move to the new device;
+every credential bound to the old device is rebound; the old device's certificates are revoked as
 ``superseded``; where fleetgate holds a credential's key, a fresh key and certificate are issued
 for the new device. The old device stays registered, disabled and empty, for the record.
 All of it commits in one transaction, each step audited.
@@ -177,6 +177,7 @@ class ReplacementService:
             status=DeviceStatus.DISABLED,
             attributes={},
             addresses=(),
+            routes={},
             updated_at=now,
             revision=old.revision + 1,
         )
@@ -195,6 +196,7 @@ class ReplacementService:
                 created_at=now,
                 updated_at=now,
                 revision=1,
+                routes=dict(old.routes),
             )
             await devices.insert(new)
             return old, emptied, new, None
@@ -205,6 +207,7 @@ class ReplacementService:
             status=DeviceStatus.ENABLED,
             attributes=dict(sorted({**existing.attributes, **merged}.items())),
             addresses=tuple(sorted(set(existing.addresses) | set(moved))),
+            routes=dict(sorted({**existing.routes, **old.routes}.items())),
             updated_at=now,
             revision=existing.revision + 1,
         )

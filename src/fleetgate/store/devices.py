@@ -1,7 +1,8 @@
-"""Devices, their attributes and the addresses that identify them."""
+"""Devices, their attributes, their routes and the addresses that identify them."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -9,11 +10,15 @@ from fleetgate.clock import from_epoch_us, to_epoch_us
 from fleetgate.records import Device, DeviceStatus
 from fleetgate.store.database import Row, Tx
 
-_COLUMNS = "id, name, group_name, status, created_at, updated_at, revision"
+_COLUMNS = "id, name, group_name, status, created_at, updated_at, revision, routes"
 
 
 def _marks(count: int) -> str:
     return ", ".join("?" * count)
+
+
+def _routes_json(routes: Mapping[str, str]) -> str:
+    return json.dumps(dict(routes), sort_keys=True, separators=(",", ":"))
 
 
 class DeviceRepo:
@@ -50,6 +55,7 @@ class DeviceRepo:
                 created_at=from_epoch_us(r["created_at"]),
                 updated_at=from_epoch_us(r["updated_at"]),
                 revision=int(r["revision"]),
+                routes=dict(sorted(json.loads(r["routes"]).items())),
             )
             for r in rows
         ]
@@ -85,7 +91,7 @@ class DeviceRepo:
 
     async def insert(self, device: Device) -> None:
         await self._tx.execute(
-            f"INSERT INTO devices ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO devices ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             device.id,
             device.name,
             device.group,
@@ -93,6 +99,7 @@ class DeviceRepo:
             to_epoch_us(device.created_at),
             to_epoch_us(device.updated_at),
             device.revision,
+            _routes_json(device.routes),
         )
         await self._write_children(device)
 
@@ -111,13 +118,14 @@ class DeviceRepo:
     async def replace(self, device: Device, *, expected_revision: int) -> bool:
         """Write ``device`` over the stored one if nobody changed it since ``expected_revision``."""
         changed = await self._tx.execute(
-            "UPDATE devices SET name = ?, group_name = ?, status = ?, updated_at = ?, revision = ? "
-            "WHERE id = ? AND revision = ?",
+            "UPDATE devices SET name = ?, group_name = ?, status = ?, updated_at = ?, "
+            "revision = ?, routes = ? WHERE id = ? AND revision = ?",
             device.name,
             device.group,
             device.status.value,
             to_epoch_us(device.updated_at),
             device.revision,
+            _routes_json(device.routes),
             device.id,
             expected_revision,
         )

@@ -139,6 +139,9 @@ _NOTIFY_CHANGES = Step(
     """,
 )
 
+# A device's own listener -> destination overrides, as a JSON object; rows from before are {}.
+_DEVICE_ROUTES = Step("ALTER TABLE devices ADD COLUMN routes TEXT NOT NULL DEFAULT '{{}}'")
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
@@ -215,6 +218,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(2, "pki", (_PKI,)),
     Migration(3, "change notifications", (_NOTIFY_CHANGES,)),
+    Migration(4, "device routes", (_DEVICE_ROUTES,)),
 )
 
 _LEDGER = """

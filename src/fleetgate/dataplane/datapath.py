@@ -1,0 +1,186 @@
+"""What every protocol handler shares: who the device is, where its route goes, and a verified
+connection there presenting the device's own credential.
+
+Order of resolution for a route: the device's ``routes[listener]``, its group's
+``settings.routes[listener]``, the listener's ``destination``, the listener's plain ``forward_to``.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from fleetgate.clock import Clock
+from fleetgate.config.schema import DestinationConfig, ListenerConfig
+from fleetgate.dataplane.endpoint import Endpoint
+from fleetgate.dataplane.policy import Refusal
+from fleetgate.dataplane.registry import CredentialUnusable, Material, RegistryView
+from fleetgate.dataplane.upstream import ClientCertificate, Upstream, UpstreamError
+from fleetgate.metrics import Metrics
+from fleetgate.pki.records import CredentialKind
+from fleetgate.records import Device, DeviceStatus
+from fleetgate.store.changes import Change
+
+
+class Refused(Exception):
+    """A connection is refused before relaying; ``reason`` is the log and metric slug."""
+
+    def __init__(self, reason: str, detail: str = "", *, upstream: bool = False) -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+        self.upstream = upstream  # the destination failed (vs. the device being refused)
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str  # the destination's name, or "forward_to"
+    destination: DestinationConfig
+
+
+@dataclass(frozen=True)
+class Login:
+    username: str
+    password: bytes
+
+
+class DataPath:
+    def __init__(
+        self,
+        registry: RegistryView,
+        upstream: Upstream,
+        destinations: Mapping[str, DestinationConfig],
+        clock: Clock,
+        metrics: Metrics,
+    ) -> None:
+        self.registry = registry
+        self.upstream = upstream
+        self.destinations = dict(destinations)
+        self.clock = clock
+        self.metrics = metrics
+
+    def reconfigure(self, destinations: Mapping[str, DestinationConfig]) -> None:
+        self.destinations = dict(destinations)
+
+    def on_change(self, change: Change) -> None:
+        self.registry.on_change(change)
+
+    # -- identity -------------------------------------------------------------------------------
+
+    @staticmethod
+    def admit(device: Device | None) -> Device:
+        if device is None:
+            raise Refused(Refusal.UNKNOWN_DEVICE.value)
+        if device.status is not DeviceStatus.ENABLED:
+            raise Refused(Refusal.DEVICE_DISABLED.value, device.id)
+        return device
+
+    async def by_source(self, source: str) -> Device:
+        return self.admit(await self.registry.device_by_address(source))
+
+    async def by_login(
+        self, listener: ListenerConfig, username: str | None, password: bytes | None
+    ) -> Device:
+        """A device logging in with the password credential ``listener.password_credential``
+        names for it; a wrong password and an unknown name are refused alike."""
+        if not username or password is None:
+            raise Refused("bad_credentials", "no username or password")
+        device = await self.registry.device_by_field(listener.username_field, username)
+        if device is None:
+            raise Refused(Refusal.UNKNOWN_DEVICE.value, f"no device with {listener.username_field}")
+        assert listener.password_credential is not None
+        try:
+            material = await self.registry.credential(device, listener.password_credential, None)
+        except CredentialUnusable as exc:
+            raise Refused("bad_credentials", str(exc)) from None
+        if material is None or material.credential.kind is not CredentialKind.PASSWORD:
+            raise Refused("bad_credentials", f"device {device.id} has no login credential")
+        expected = material.secret.reveal() if material.secret is not None else b""
+        if not expected or not hmac.compare_digest(expected, password):
+            raise Refused("bad_credentials", f"wrong password for device {device.id}")
+        return self.admit(device)
+
+    # -- routing --------------------------------------------------------------------------------
+
+    async def route(self, listener_name: str, listener: ListenerConfig, device: Device) -> Route:
+        wanted = device.routes.get(listener_name) if device.routes else None
+        if wanted is None:
+            group = await self.registry.group(device.group)
+            routes = group.settings.get("routes") if group is not None else None
+            if isinstance(routes, Mapping):
+                value = routes.get(listener_name)
+                wanted = value if isinstance(value, str) else None
+        wanted = wanted or listener.destination
+        if wanted is not None:
+            destination = self.destinations.get(wanted)
+            if destination is None:
+                raise Refused("no_route", f"destination {wanted!r} is not configured")
+            return Route(wanted, destination)
+        if listener.forward_to is not None:
+            return Route(
+                "forward_to",
+                DestinationConfig(
+                    address=listener.forward_to,
+                    unsafe_plaintext=True,
+                    connect_timeout_s=listener.connect_timeout_s,
+                ),
+            )
+        raise Refused("no_route", f"no destination for listener {listener_name}")
+
+    # -- credentials ------------------------------------------------------------------------------
+
+    async def material(
+        self, device: Device, template: str | None, default: str | None, kind: CredentialKind
+    ) -> Material | None:
+        if template is None and default is None:
+            return None
+        try:
+            material = await self.registry.credential(device, template, default)
+            if material is None:
+                raise Refused(
+                    "credential_missing",
+                    f"no {kind.value} credential {template or default!r} for device {device.id}",
+                )
+            material.check_usable(self.clock, kind)
+        except CredentialUnusable as exc:
+            raise Refused(exc.cause, str(exc)) from None
+        return material
+
+    async def client_certificate(
+        self, device: Device, destination: DestinationConfig
+    ) -> ClientCertificate | None:
+        material = await self.material(
+            device, destination.credential, destination.default_credential, CredentialKind.X509
+        )
+        if material is None:
+            return None
+        cred = material.credential
+        assert cred.certificate is not None
+        assert material.secret is not None
+        leaf = x509.load_der_x509_certificate(cred.certificate).public_bytes(
+            serialization.Encoding.PEM
+        )
+        chain = (cred.chain or "").encode()
+        return ClientCertificate(f"{cred.id}@{cred.revision}", leaf + chain, material.secret)
+
+    async def login(self, device: Device, destination: DestinationConfig) -> Login | None:
+        material = await self.material(
+            device, destination.login_credential, None, CredentialKind.PASSWORD
+        )
+        if material is None:
+            return None
+        assert material.secret is not None
+        return Login(str(material.credential.public.get("username", "")), material.secret.reveal())
+
+    async def dial(self, device: Device, route: Route, *, preamble: bytes = b"") -> Endpoint:
+        client = await self.client_certificate(device, route.destination)
+        try:
+            return await self.upstream.connect(
+                route.name, route.destination, client, preamble=preamble
+            )
+        except UpstreamError as exc:
+            raise Refused(exc.cause, exc.detail, upstream=True) from None

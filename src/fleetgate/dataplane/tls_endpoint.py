@@ -1,0 +1,255 @@
+"""TLS over a TCP socket through memory BIOs, with the same interface as a plain endpoint.
+
+Driving OpenSSL ourselves (``SSLContext.wrap_bio``) instead of asyncio's TLS transport gives
+what the gateway needs and asyncio does not offer: a saved session handed to a new connection
+(resumption), the verified chain checked against SPKI pins before a single application byte is
+sent, the precise reason a handshake failed, and the alert OpenSSL produced for the peer
+written out before the socket closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import ssl
+from collections.abc import Callable
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from fleetgate.dataplane.endpoint import Endpoint
+
+READ_CHUNK = 256 * 1024
+
+# OpenSSL X509_V_ERR_* codes (x509_vfy.h) to the causes the gateway logs and counts.
+_VERIFY_CAUSES = {
+    2: "unknown_ca",  # unable to get issuer certificate
+    9: "certificate_not_yet_valid",
+    10: "certificate_expired",
+    18: "unknown_ca",  # depth zero self-signed
+    19: "unknown_ca",  # self-signed certificate in chain
+    20: "unknown_ca",  # unable to get local issuer certificate
+    21: "unknown_ca",  # unable to verify the first certificate
+    23: "certificate_revoked",
+    62: "hostname_mismatch",
+    64: "hostname_mismatch",  # IP address mismatch
+}
+# OpenSSL reason strings (ssl.SSLError.reason) to causes.
+_REASON_CAUSES = {
+    "WRONG_VERSION_NUMBER": "not_tls",
+    "UNSUPPORTED_PROTOCOL": "protocol_version",
+    "TLSV1_ALERT_PROTOCOL_VERSION": "protocol_version",
+    "NO_PROTOCOLS_AVAILABLE": "protocol_version",
+    "SSLV3_ALERT_HANDSHAKE_FAILURE": "handshake_failure",
+    "NO_SHARED_CIPHER": "no_shared_cipher",
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "client_certificate_refused",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "client_certificate_refused",
+    "TLSV1_ALERT_UNKNOWN_CA": "client_certificate_refused",
+    "SSLV3_ALERT_CERTIFICATE_REVOKED": "client_certificate_refused",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "client_certificate_refused",
+    "TLSV1_ALERT_ACCESS_DENIED": "client_certificate_refused",
+    "TLSV1_ALERT_NO_APPLICATION_PROTOCOL": "alpn_mismatch",
+}
+
+
+class TlsFailure(ConnectionError):
+    """A handshake or pin check failed; ``cause`` is a short slug for logs and metrics."""
+
+    def __init__(self, cause: str, detail: str) -> None:
+        super().__init__(f"{cause}: {detail}")
+        self.cause = cause
+        self.detail = detail
+
+
+def classify(exc: BaseException) -> TlsFailure:
+    if isinstance(exc, TlsFailure):
+        return exc
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        code = exc.verify_code
+        cause = _VERIFY_CAUSES.get(code, "certificate_invalid")
+        return TlsFailure(cause, exc.verify_message or str(exc))
+    if isinstance(exc, ssl.SSLError):
+        return TlsFailure(_REASON_CAUSES.get(exc.reason or "", "tls_error"), str(exc))
+    return TlsFailure("connection_lost", str(exc) or type(exc).__name__)
+
+
+def spki_sha256(der_certificate: bytes) -> str:
+    """base64(SHA-256(SubjectPublicKeyInfo)): the pin format of RFC 7469 and curl."""
+    public = x509.load_der_x509_certificate(der_certificate).public_key()
+    spki = public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return base64.b64encode(hashlib.sha256(spki).digest()).decode()
+
+
+class TlsEndpoint(Endpoint):
+    """A TLS connection (client or server side) with the plain endpoint's interface."""
+
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        *,
+        server_side: bool = False,
+        server_hostname: str | None = None,
+        session: ssl.SSLSession | None = None,
+        pins: frozenset[str] = frozenset(),
+        preamble: bytes = b"",
+    ) -> None:
+        super().__init__()
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._ssl = context.wrap_bio(
+            self._incoming,
+            self._outgoing,
+            server_side=server_side,
+            server_hostname=server_hostname,
+            session=session,
+        )
+        self._pins = pins
+        self._preamble = preamble  # sent in clear before the handshake (PROXY protocol)
+        self._handshaken = False
+        self._shutdown_sent = False
+        self._after_read: list[Callable[[], bool]] = []
+        self.handshake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @property
+    def ssl_object(self) -> ssl.SSLObject:
+        return self._ssl
+
+    # -- transport callbacks --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self._preamble and self.transport is not None:
+            self.transport.write(self._preamble)
+        if not self._ssl.server_side:
+            self._step_handshake()
+
+    def data_received(self, data: bytes) -> None:
+        self._incoming.write(data)
+        if not self._handshaken:
+            self._step_handshake()
+            if not self._handshaken:
+                return
+        self._read_plaintext()
+
+    def eof_received(self) -> bool:
+        self._incoming.write_eof()
+        if not self._handshaken:
+            self._fail(TlsFailure("connection_lost", "the peer closed during the handshake"))
+            return False
+        self._read_plaintext()
+        self._deliver_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.handshake.done():
+            self.handshake.set_exception(
+                classify(exc) if exc else TlsFailure("connection_lost", "closed in handshake")
+            )
+            self.handshake.exception()  # retrieved: a caller that timed out does not leak it
+        super().connection_lost(exc)
+
+    # -- handshake ----------------------------------------------------------------------------
+
+    def _step_handshake(self) -> None:
+        try:
+            self._ssl.do_handshake()
+        except ssl.SSLWantReadError:
+            self._flush()
+            return
+        except ssl.SSLError as exc:
+            self._flush()  # the alert OpenSSL wrote for the peer goes out before we close
+            self._fail(classify(exc))
+            return
+        self._flush()
+        if self._pins and not self._pinned():
+            self._fail(TlsFailure("pin_mismatch", "no certificate in the chain matches a pin"))
+            return
+        self._handshaken = True
+        if not self.handshake.done():
+            self.handshake.set_result(None)
+        if self._incoming.pending:
+            self._read_plaintext()
+
+    def _pinned(self) -> bool:
+        chain = self._ssl.get_verified_chain() or []
+        return any(spki_sha256(cert) in self._pins for cert in chain)
+
+    def _fail(self, failure: TlsFailure) -> None:
+        if not self.handshake.done():
+            self.handshake.set_exception(failure)
+            self.handshake.exception()
+        if self.transport is not None:
+            self.transport.close()  # close() (not abort) lets the alert already written go out
+
+    # -- data -----------------------------------------------------------------------------------
+
+    def _read_plaintext(self) -> None:
+        chunks: list[bytes] = []
+        eof = False
+        while True:
+            try:
+                chunk = self._ssl.read(READ_CHUNK)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                eof = True
+                break
+            except ssl.SSLError as exc:
+                self._flush()
+                self._lost = exc
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            if not chunk:
+                eof = True
+                break
+            chunks.append(chunk)
+        if self._outgoing.pending:
+            self._flush()  # key updates and the like
+        if self._after_read:
+            self._after_read = [hook for hook in self._after_read if not hook()]
+        if chunks:
+            self._deliver(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if eof:
+            self._deliver_eof()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is None or self.transport.is_closing() or self._shutdown_sent:
+            return
+        view = memoryview(data)
+        while view:
+            written = self._ssl.write(view)
+            view = view[written:]
+        self.sent += len(data)
+        self._flush()
+
+    def write_eof(self) -> None:
+        """Send close_notify (TLS half-close) and shut the socket's sending side."""
+        if self.transport is None or self.transport.is_closing() or self._shutdown_sent:
+            return
+        self._shutdown_sent = True
+        # The peer's close_notify is not waited for: reading goes on until it comes.
+        with contextlib.suppress(ssl.SSLWantReadError, ssl.SSLError):
+            self._ssl.unwrap()
+        self._flush()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    def _flush(self) -> None:
+        if self._outgoing.pending and self.transport is not None:
+            self.transport.write(self._outgoing.read())
+
+    def after_first_read(self, hook: Callable[[], bool]) -> None:
+        """Run ``hook`` after each batch of incoming records until it returns True."""
+        self._after_read.append(hook)
+
+    def session(self) -> ssl.SSLSession | None:
+        return self._ssl.session
+
+    @property
+    def session_reused(self) -> bool:
+        return self._ssl.session_reused
