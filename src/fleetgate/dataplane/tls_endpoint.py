@@ -15,13 +15,18 @@ import contextlib
 import hashlib
 import ssl
 from collections.abc import Callable
+from typing import cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from fleetgate.dataplane.endpoint import Endpoint
 
-READ_CHUNK = 256 * 1024
+# Plaintext is read record by record (at most 16 KiB each) into one scratch buffer shared by
+# every connection of the loop, then copied out once per batch: no 256 KiB allocation per read
+# and no join of many small chunks.
+RECORD_MAX = 16 * 1024
+_SCRATCH = memoryview(bytearray(256 * 1024))
 
 # OpenSSL X509_V_ERR_* codes (x509_vfy.h) to the causes the gateway logs and counts.
 _VERIFY_CAUSES = {
@@ -188,11 +193,12 @@ class TlsEndpoint(Endpoint):
     # -- data -----------------------------------------------------------------------------------
 
     def _read_plaintext(self) -> None:
-        chunks: list[bytes] = []
-        eof = False
+        scratch, filled, eof = _SCRATCH, 0, False
+        limit = len(scratch) - RECORD_MAX
         while True:
             try:
-                chunk = self._ssl.read(READ_CHUNK)
+                # With a buffer, read() fills it and returns a count (typeshed says bytes).
+                got = cast(int, self._ssl.read(RECORD_MAX, scratch[filled:]))
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
@@ -204,16 +210,19 @@ class TlsEndpoint(Endpoint):
                 if self.transport is not None:
                     self.transport.close()
                 return
-            if not chunk:
+            if not got:
                 eof = True
                 break
-            chunks.append(chunk)
+            filled += got
+            if filled > limit:
+                self._deliver(bytes(scratch[:filled]))  # the receiver may re-enter: copy first
+                filled = 0
         if self._outgoing.pending:
             self._flush()  # key updates and the like
         if self._after_read:
             self._after_read = [hook for hook in self._after_read if not hook()]
-        if chunks:
-            self._deliver(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if filled:
+            self._deliver(bytes(scratch[:filled]))
         if eof:
             self._deliver_eof()
 
