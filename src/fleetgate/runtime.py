@@ -239,9 +239,13 @@ class Gateway:
                 maintenance_task.cancel()
                 follower_task.cancel()
                 server.should_exit = True
-                await workers.stop(self.config.api.drain_timeout_s)
+                # The workers and this process drain side by side, so drain_timeout_s bounds
+                # the whole shutdown.
+                await asyncio.gather(
+                    workers.stop(self.config.api.drain_timeout_s),
+                    listeners.close(self.config.api.drain_timeout_s),
+                )
                 workers_task.cancel()
-                await listeners.close(self.config.api.drain_timeout_s)
                 await api_task
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -5,6 +5,10 @@ data-plane workers: ``python -m fleetgate.workers``. Every process binds each li
 ``SO_REUSEPORT`` and the kernel spreads new connections over them; each follows the change feed
 itself, so a revocation cuts connections in every worker. The main process restarts a worker
 that dies, forwards SIGHUP, and on SIGTERM tells every worker to drain and waits for them.
+
+Each worker's stdin is a pipe (a socket pair under uvloop) from the main process that nobody
+writes to: it reaches end of file only when the main process is gone, however it went (SIGKILL
+included), and the worker then drains and leaves instead of serving the listeners on its own.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import stat
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -53,11 +58,14 @@ class WorkerPool:
         return [p.pid for p in self._procs.values()]
 
     async def _spawn(self, index: int) -> None:
+        # stdin stays open and silent for the worker's life: its end of file means we are gone.
         proc = await asyncio.create_subprocess_exec(
-            *self._argv, env={**self._env, WORKER_ENV: str(index)}, stdin=asyncio.subprocess.DEVNULL
+            *self._argv, env={**self._env, WORKER_ENV: str(index)}, stdin=asyncio.subprocess.PIPE
         )
         self._procs[index] = proc
         log.info("worker.started", worker=index, pid=proc.pid)
+        if self._stopping:  # stop() ran while the process was being created
+            proc.send_signal(signal.SIGTERM)
 
     async def run(self) -> None:
         """Start the workers and keep them running until :meth:`stop`."""
@@ -73,6 +81,8 @@ class WorkerPool:
                         continue
                     log.error("worker.exited", worker=index, exit_code=code, action="restarting")
                     await asyncio.sleep(RESTART_DELAY_S)
+                    if self._stopping:  # stop() came during the pause: no replacement
+                        break
                     await self._spawn(index)
                     waits[index] = asyncio.create_task(self._procs[index].wait())
         finally:
@@ -87,14 +97,19 @@ class WorkerPool:
     async def stop(self, timeout_s: float) -> None:
         self._stopping = True
         self.signal(signal.SIGTERM)
-        for index, proc in self._procs.items():
-            try:
-                async with asyncio.timeout(timeout_s + 5):
-                    await proc.wait()
-            except TimeoutError:
-                log.error("worker.killed", worker=index, pid=proc.pid)
-                proc.kill()
+        await asyncio.gather(
+            *(self._reap(index, proc, timeout_s + 5) for index, proc in list(self._procs.items()))
+        )
+
+    @staticmethod
+    async def _reap(index: int, proc: asyncio.subprocess.Process, timeout_s: float) -> None:
+        try:
+            async with asyncio.timeout(timeout_s):
                 await proc.wait()
+        except TimeoutError:
+            log.error("worker.killed", worker=index, pid=proc.pid)
+            proc.kill()
+            await proc.wait()
 
 
 class Worker:
@@ -130,6 +145,7 @@ class Worker:
             loop.add_signal_handler(signal.SIGTERM, stop.set)
             loop.add_signal_handler(signal.SIGINT, lambda: None)  # the main process decides
             loop.add_signal_handler(signal.SIGHUP, reloads.put_nowait, None)
+            watching_parent = _watch_parent(loop, stop)
             async with asyncio.TaskGroup() as tg:
                 follow = tg.create_task(follower.run())
                 reload = tg.create_task(self._reload_loop(reloads, listeners))
@@ -137,6 +153,8 @@ class Worker:
                 follow.cancel()
                 reload.cancel()
                 await listeners.close(self.config.api.drain_timeout_s)
+            if watching_parent:
+                loop.remove_reader(0)
         finally:
             await db.close()
 
@@ -151,6 +169,32 @@ class Worker:
             logs.configure(fresh.log.format, fresh.log.level)
             await listeners.apply(fresh.listeners, fresh.destinations)
             self.config = fresh
+
+
+def _watch_parent(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> bool:
+    """Set ``stop`` when stdin, the main process's pipe, reaches end of file."""
+    try:
+        mode = os.fstat(0).st_mode
+        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):  # uvloop hands over a socket
+            return False  # not started by a WorkerPool: nothing to watch
+    except OSError:
+        return False
+
+    def readable() -> None:
+        try:
+            data = os.read(0, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(0)
+            if not stop.is_set():
+                log.warning("worker.parent_gone", action="draining")
+                stop.set()
+
+    loop.add_reader(0, readable)
+    return True
 
 
 def main(argv: list[str]) -> int:

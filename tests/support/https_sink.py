@@ -44,6 +44,14 @@ type Peer = tuple[str, int]
 type Eof = Literal["close_notify", "tcp_fin"]
 
 
+# A destination refusing fleetgate's certificate under TLS 1.3 says so in an alert after the
+# handshake; when its close resets the connection before fleetgate reads the alert, fleetgate
+# can only say the connection was reset right after the handshake.
+REFUSED_CERTIFICATE: frozenset[str] = frozenset(
+    {"client_certificate_refused", "reset_after_handshake"}
+)
+
+
 class Journal[T]:
     """An append-only, thread-safe record that tests can wait on."""
 

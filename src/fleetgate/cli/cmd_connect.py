@@ -8,16 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import ssl
 from pathlib import Path
 
 import click
 
 from fleetgate import logs
+from fleetgate.cli.client import CliFailure
 from fleetgate.clock import SystemClock
 from fleetgate.config.schema import DestinationConfig, split_host_port
 from fleetgate.dataplane.endpoint import PlainEndpoint
 from fleetgate.dataplane.splice import splice
-from fleetgate.dataplane.upstream import ClientCertificate, Upstream, UpstreamError
+from fleetgate.dataplane.upstream import (
+    ClientCertificate,
+    Upstream,
+    UpstreamError,
+    build_context,
+)
+from fleetgate.errors import ConfigError
 from fleetgate.logs import bind, get_logger
 from fleetgate.sealing import Secret
 from fleetgate.tuning import tune_malloc
@@ -76,9 +84,14 @@ class _Relay:
 async def _run(listen: str, relay: _Relay) -> None:
     host, port = split_host_port(listen)
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        lambda: _Local(relay), host or None, port, reuse_address=True, backlog=4096
-    )
+    try:
+        server = await loop.create_server(
+            lambda: _Local(relay), host or None, port, reuse_address=True, backlog=4096
+        )
+    except OSError as exc:
+        raise CliFailure(
+            f"--listen: cannot bind {listen}: {exc.strerror or exc}", ConfigError.kind.exit_code
+        ) from None
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -139,6 +152,13 @@ def connect_command(
     client = None
     if cert is not None and key is not None:
         client = ClientCertificate("cli", Path(cert).read_bytes(), Secret(Path(key).read_bytes()))
+    try:  # fail now, not at each connection: the relay builds this context on its first one
+        build_context(destination, client)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        files = "--cafile, --cert and --key" if client is not None else "--cafile"
+        raise CliFailure(
+            f"{files}: cannot be used for TLS: {exc}", ConfigError.kind.exit_code
+        ) from None
     tune_malloc()
     import uvloop
 

@@ -19,6 +19,7 @@ from fleetgate.config.schema import DestinationConfig, ListenerConfig
 from fleetgate.dataplane.endpoint import Endpoint
 from fleetgate.dataplane.policy import Refusal
 from fleetgate.dataplane.registry import CredentialUnusable, Material, RegistryView
+from fleetgate.dataplane.tls_endpoint import TlsEndpoint
 from fleetgate.dataplane.upstream import ClientCertificate, Upstream, UpstreamError
 from fleetgate.metrics import Metrics
 from fleetgate.pki.records import CredentialKind
@@ -34,6 +35,14 @@ class Refused(Exception):
         self.reason = reason
         self.detail = detail
         self.upstream = upstream  # the destination failed (vs. the device being refused)
+
+
+def refusal_after_handshake(endpoint: Endpoint) -> Refused | None:
+    """The destination's refusal that came after the TLS handshake finished (a client
+    certificate it does not accept, under TLS 1.3), if that is how ``endpoint`` ended."""
+    if isinstance(endpoint, TlsEndpoint) and endpoint.failure is not None:
+        return Refused(endpoint.failure.cause, endpoint.failure.detail, upstream=True)
+    return None
 
 
 @dataclass(frozen=True)

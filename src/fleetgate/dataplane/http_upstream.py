@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import h11
 
 from fleetgate.clock import Clock
-from fleetgate.dataplane.datapath import DataPath, Refused, Route
+from fleetgate.dataplane.datapath import DataPath, Refused, Route, refusal_after_handshake
 from fleetgate.dataplane.endpoint import Endpoint
 from fleetgate.records import Device
 
@@ -157,6 +157,9 @@ class HttpUpstream:
                 return await self._send(key, pooled, request, body, route)
             except (ConnectionError, h11.RemoteProtocolError) as exc:
                 pooled.endpoint.close()
+                refused = refusal_after_handshake(pooled.endpoint)
+                if refused is not None:
+                    raise refused from None
                 # A kept-alive connection the server had already closed: try a fresh one once,
                 # for requests that are safe to repeat.
                 if reused and attempt == 1 and request.method in IDEMPOTENT:

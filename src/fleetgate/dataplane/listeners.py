@@ -3,6 +3,7 @@ change feed (cache invalidation, cutting what the registry no longer allows), dr
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -134,8 +135,8 @@ class ListenerSet:
         everyone = [*self._listeners.values(), *self._retired]
         for listener in everyone:
             await listener.stop_accepting()
-        for listener in everyone:
-            await listener.drain(drain_timeout_s)
+        # All at once: the drain time bounds the whole shutdown, not each listener's share.
+        await asyncio.gather(*(listener.drain(drain_timeout_s) for listener in everyone))
         self.http.close()
         self._listeners.clear()
         self._retired.clear()

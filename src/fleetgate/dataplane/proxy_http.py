@@ -29,6 +29,11 @@ from fleetgate.pki.records import CredentialKind
 from fleetgate.records import Device
 
 log = get_logger("fleetgate.dataplane")
+# After a refusal, how long and how much of the device's unread request is drained.
+LINGER_S = 2.0
+LINGER_MAX_BYTES = 8 * 1024 * 1024
+_LOGIN_FAILURES = frozenset({"bad_credentials", Refusal.UNKNOWN_DEVICE.value})
+_BAD_LOGIN = ("bad_credentials", "wrong username or password")
 _STATUS_FOR = {
     "bad_credentials": 401,
     Refusal.UNKNOWN_DEVICE.value: 403,
@@ -37,10 +42,16 @@ _STATUS_FOR = {
 
 
 class HttpRefusal(Exception):
-    def __init__(self, status: int, refused: Refused) -> None:
+    """A refusal answered with ``status``; the device is told ``answer`` (error, detail), which
+    is the logged reason unless that would tell the device more than it may know."""
+
+    def __init__(
+        self, status: int, refused: Refused, answer: tuple[str, str] | None = None
+    ) -> None:
         super().__init__(refused.reason)
         self.status = status
         self.refused = refused
+        self.answer = answer or (refused.reason, refused.detail)
 
 
 def _basic(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, bytes | None]:
@@ -65,13 +76,33 @@ def _problem(status: int, reason: str, detail: str) -> tuple[list[tuple[bytes, b
     return headers, body
 
 
-async def _answer(conn: Conn, http: h11.Connection, status: int, reason: str, detail: str) -> None:
+async def _answer(conn: Conn, http: h11.Connection, status: int, reason: str, detail: str) -> bool:
+    """Send a refusal if a response can still start; whether it was sent."""
     headers, body = _problem(status, reason, detail)
     if http.our_state is not h11.SEND_RESPONSE:
-        return  # too late for a clean answer: the connection just closes
+        return False  # too late for a clean answer: the connection just closes
     conn.endpoint.write(http.send(h11.Response(status_code=status, headers=headers)) or b"")
     conn.endpoint.write(http.send(h11.Data(data=body)) or b"")
     conn.endpoint.write(http.send(h11.EndOfMessage()) or b"")
+    return True
+
+
+async def _linger(conn: Conn) -> None:
+    """Close after a refusal without losing it (RFC 9112 section 9.6): the device may still be
+    sending the body we refused, and closing a socket with unread bytes makes the kernel send
+    a reset that can destroy the answer before the device reads it. So: half-close, then read
+    and discard until the device closes too, for a bounded time and number of bytes."""
+    conn.endpoint.write_eof()
+    discarded = 0
+    try:
+        async with asyncio.timeout(LINGER_S):
+            while discarded <= LINGER_MAX_BYTES:
+                data = await conn.endpoint.read_some()
+                if not data:
+                    return
+                discarded += len(data)
+    except (TimeoutError, ConnectionError):
+        return
 
 
 async def build_request(
@@ -83,14 +114,23 @@ async def build_request(
     request: h11.Request,
     body: bytes,
 ) -> h11.Request:
-    """The request as the destination gets it: identity headers, login, signature."""
+    """The request as the destination gets it: identity headers, login, signature.
+
+    The device's own ``Authorization`` goes through only when fleetgate neither read it (the
+    device's login on a ``username`` listener) nor replaces it (``login_credential``): a
+    request carries one Authorization header, never the device's next to the injected one.
+    ``X-Forwarded-For`` is fleetgate's alone: the device is the first hop, and a value it
+    wrote itself would stand in front of the address fleetgate vouches for.
+    """
     destination = route.destination
+    login = await path.login(device, destination)
+    own_authorization = listener.identity != "username" and login is None
     headers = [
         (n, v)
         for n, v in strip_hop_by_hop(list(request.headers))
         if not n.startswith(b"x-fleetgate-")
-        and n not in (b"host", b"content-length")
-        and not (n == b"authorization" and listener.identity == "username")
+        and n not in (b"host", b"content-length", b"x-forwarded-for")
+        and (n != b"authorization" or own_authorization)
     ]
     host = destination.server_name or destination.address.rpartition(":")[0]
     headers.insert(0, (b"host", host.encode()))
@@ -101,7 +141,6 @@ async def build_request(
         if attribute in device.attributes:
             name = f"x-fleetgate-attr-{attribute.replace('_', '-')}"
             headers.append((name.encode(), device.attributes[attribute].encode()))
-    login = await path.login(device, destination)
     if login is not None:
         token = base64.b64encode(login.username.encode() + b":" + login.password)
         headers.append((b"authorization", b"Basic " + token))
@@ -146,6 +185,10 @@ class HttpProxy:
             else:
                 device = await conn.path.by_source(conn.source)
         except Refused as exc:
+            if conn.config.identity == "username" and exc.reason in _LOGIN_FAILURES:
+                # One answer for a wrong password and for a name that is no device's: the
+                # device must not learn which ids exist. The log keeps the precise reason.
+                raise HttpRefusal(401, exc, _BAD_LOGIN) from None
             raise HttpRefusal(_STATUS_FOR.get(exc.reason, 403), exc) from None
         if self.device is None:
             conn.identified(device.id)
@@ -236,7 +279,8 @@ class HttpProxy:
             try:
                 await self._one(event)
             except HttpRefusal as exc:
-                await _answer(conn, self.http, exc.status, exc.refused.reason, exc.refused.detail)
+                if await _answer(conn, self.http, exc.status, *exc.answer):
+                    await _linger(conn)
                 raise exc.refused from None
             if self.http.our_state is h11.MUST_CLOSE or self.http.their_state is h11.MUST_CLOSE:
                 conn.endpoint.write_eof()

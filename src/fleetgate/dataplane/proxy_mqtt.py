@@ -19,8 +19,10 @@ from dataclasses import replace
 
 from fleetgate.config.schema import DestinationConfig
 from fleetgate.dataplane import mqtt_codec as mqtt
-from fleetgate.dataplane.datapath import Login, Refused
+from fleetgate.dataplane.datapath import Login, Refused, refusal_after_handshake
+from fleetgate.dataplane.endpoint import Endpoint
 from fleetgate.dataplane.listener import Conn
+from fleetgate.dataplane.policy import Refusal
 from fleetgate.dataplane.splice import SpliceResult, splice
 from fleetgate.errors import InvalidRequest
 from fleetgate.logs import bind, get_logger
@@ -32,10 +34,17 @@ CONNECT = 1
 _DEVICE_REFUSALS = {"bad_credentials": mqtt.ConnackCode.BAD_CREDENTIALS}
 
 
-async def read_packet(conn: Conn, max_packet: int) -> bytes:
-    """The first whole MQTT packet from the device (the rest stays buffered)."""
+async def read_connect(conn: Conn, max_packet: int) -> bytes:
+    """The device's CONNECT, whole (the rest stays buffered).
+
+    The first byte decides whether this is MQTT at all: a device speaking something else (an
+    HTTP request line, say) is refused at once, not after waiting for as many bytes as its
+    second byte would declare.
+    """
     buffer = b""
     while True:
+        if buffer and buffer[0] >> 4 != CONNECT:
+            raise Refused("not_mqtt", f"first packet type {buffer[0] >> 4}, not CONNECT")
         found = mqtt.frame(buffer, max_packet)
         if found is not None:
             total, _ = found
@@ -72,13 +81,11 @@ async def _read_connect(conn: Conn) -> tuple[bytes, mqtt.Connect]:
     config = conn.config
     try:
         async with asyncio.timeout(config.first_packet_timeout_s):
-            packet = await read_packet(conn, config.max_packet_bytes)
+            packet = await read_connect(conn, config.max_packet_bytes)
     except TimeoutError:
         raise Refused("first_packet_timeout", "no CONNECT in time") from None
     except mqtt.MqttError as exc:
         raise Refused(f"mqtt_{exc.reason}", str(exc)) from None
-    if packet[0] >> 4 != CONNECT:
-        raise Refused("not_mqtt", f"first packet type {packet[0] >> 4}, not CONNECT")
     try:
         return packet, mqtt.parse_connect(packet)
     except mqtt.MqttError as exc:
@@ -88,12 +95,17 @@ async def _read_connect(conn: Conn) -> tuple[bytes, mqtt.Connect]:
 
 
 async def _identify(conn: Conn, connect: mqtt.Connect) -> Device:
+    by_login = conn.config.identity == "username"
     try:
-        if conn.config.identity == "username":
+        if by_login:
             return await conn.path.by_login(conn.config, connect.username, connect.password)
         return await conn.path.by_source(conn.source)
     except Refused as refusal:
         code = _DEVICE_REFUSALS.get(refusal.reason, mqtt.ConnackCode.NOT_AUTHORIZED)
+        if by_login and refusal.reason == Refusal.UNKNOWN_DEVICE.value:
+            # A login naming no device is answered like a wrong password, so the answer does
+            # not tell which device ids exist; the log keeps the real reason.
+            code = mqtt.ConnackCode.BAD_CREDENTIALS
         _refuse(conn, connect.level, code)
         raise
 
@@ -141,6 +153,26 @@ def _mount(
     return mount, topics
 
 
+async def _broker_answers(upstream: Endpoint, destination: DestinationConfig) -> None:
+    """Wait for the broker's first bytes (its CONNACK, left buffered for the relay). A broker
+    that refuses fleetgate's certificate after the handshake, closes, or stays silent is the
+    device's "server unavailable", with the precise cause in the log."""
+    try:
+        async with asyncio.timeout(destination.response_timeout_s):
+            data = await upstream.read_some()
+    except TimeoutError:
+        raise Refused(
+            "response_timeout",
+            f"no CONNACK within {destination.response_timeout_s} s",
+            upstream=True,
+        ) from None
+    if not data:
+        raise refusal_after_handshake(upstream) or Refused(
+            "destination_closed", "the broker closed before its CONNACK", upstream=True
+        )
+    upstream.unread(data)
+
+
 async def serve_mqtt(conn: Conn) -> SpliceResult:
     packet, connect = await _read_connect(conn)
     device = await _identify(conn, connect)
@@ -158,6 +190,11 @@ async def serve_mqtt(conn: Conn) -> SpliceResult:
             raise
         try:
             upstream.write(packet if rewritten == connect else mqtt.encode_connect(rewritten))
+            try:
+                await _broker_answers(upstream, destination)
+            except Refused:
+                _refuse(conn, connect.level, mqtt.ConnackCode.SERVER_UNAVAILABLE)
+                raise
             conn.connected(
                 route.name,
                 mqtt_level=connect.level,

@@ -4,6 +4,7 @@ PROXY protocol v2 header."""
 
 from __future__ import annotations
 
+from fleetgate.dataplane.datapath import refusal_after_handshake
 from fleetgate.dataplane.listener import Conn
 from fleetgate.dataplane.proxy_protocol import header_v2
 from fleetgate.dataplane.splice import SpliceResult, splice
@@ -25,8 +26,12 @@ async def serve_tcp(conn: Conn) -> SpliceResult:
         upstream = await conn.path.dial(device, route, preamble=preamble)
         try:
             conn.connected(route.name)
-            return await splice(
+            result = await splice(
                 conn.endpoint, upstream, conn.path.clock, idle_timeout_s=conn.config.idle_timeout_s
             )
         finally:
             upstream.close()
+        refused = refusal_after_handshake(upstream)
+        if refused is not None and result.down_bytes == 0:
+            raise refused  # the destination never spoke: it refused us, say why
+        return result

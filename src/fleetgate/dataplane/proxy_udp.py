@@ -20,9 +20,11 @@ from fleetgate.dataplane.datapath import DataPath, Refused
 from fleetgate.dataplane.http_upstream import HttpUpstream
 from fleetgate.dataplane.proxy_http import build_request
 from fleetgate.logs import bind, get_logger
+from fleetgate.records import Device
 
 log = get_logger("fleetgate.dataplane")
 MAX_DATAGRAM = 65_507  # IPv4 UDP payload limit
+JSON = b"application/json"
 
 
 class _Receiver(asyncio.DatagramProtocol):
@@ -100,56 +102,90 @@ class UdpListener:
             return
         task = asyncio.get_running_loop().create_task(self._forward(data, addr))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        """Forget a datagram's task; an exception nobody expected is logged and counted, not
+        left to asyncio's "exception was never retrieved"."""
+        self._tasks.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        self._path.metrics.listener_connections.labels(self.name, "internal_error").inc()
+        log.error(
+            "udp.failed",
+            listener=self.name,
+            reason="internal_error",
+            detail=f"{type(exc).__name__}: {exc}"[:500],
+        )
 
     async def _forward(self, data: bytes, addr: tuple[str, int]) -> None:
         metrics = self._path.metrics
+        device_id: str | None = None  # once known, on every event of this datagram
         with bind(listener=self.name, source=addr[0]):
             try:
                 device = await self._path.by_source(addr[0])
+                device_id = device.id
                 with bind(device=device.id):
-                    body = json.dumps(
-                        {
-                            "device_id": device.id,
-                            "group": device.group,
-                            "source": f"{addr[0]}:{addr[1]}",
-                            "received_at": self._path.clock.now().isoformat(),
-                            "payload": base64.b64encode(data).decode(),
-                        }
-                    ).encode()
-                    route = await self._path.route(self.name, self.config, device)
-                    request = await build_request(
-                        self._path,
-                        route,
-                        self.config,
-                        addr[0],
-                        device,
-                        h11.Request(
-                            method="POST",
-                            target=route.destination.udp_path,
-                            headers=[(b"content-type", b"application/json")],
-                        ),
-                        body,
-                    )
-                    response = await self._http.exchange(device, route, request, body)
-                    try:
-                        answer = bytearray()
-                        async for chunk in response.body(route.destination.response_timeout_s):
-                            answer += chunk
-                            if len(answer) > MAX_DATAGRAM:
-                                raise Refused("answer_too_large", f"over {MAX_DATAGRAM} bytes")
-                    finally:
-                        response.release()
-                    metrics.listener_connections.labels(self.name, "relayed").inc()
-                    metrics.listener_bytes.labels(self.name, "up").inc(len(data))
-                    metrics.listener_bytes.labels(self.name, "down").inc(len(answer))
-                    log.info("udp.forwarded", status=response.status, answer_bytes=len(answer))
-                    if answer and self._transport is not None and 200 <= response.status < 300:
-                        self._transport.sendto(bytes(answer), addr)
+                    await self._exchange(device, data, addr)
             except Refused as exc:
                 metrics.listener_connections.labels(self.name, exc.reason).inc()
                 event = "upstream.refused" if exc.upstream else "listener.refused"
-                log.warning(event, reason=exc.reason, detail=exc.detail)
-            except (ConnectionError, OSError, TimeoutError) as exc:
+                log.warning(event, reason=exc.reason, device=device_id, detail=exc.detail)
+            except TimeoutError:
+                metrics.listener_connections.labels(self.name, "response_timeout").inc()
+                log.warning(
+                    "upstream.refused",
+                    reason="response_timeout",
+                    device=device_id,
+                    detail="the answer stopped arriving",
+                )
+            except (ConnectionError, OSError, h11.RemoteProtocolError) as exc:
                 metrics.listener_connections.labels(self.name, "connection_lost").inc()
-                log.warning("upstream.refused", reason="connection_lost", detail=str(exc))
+                log.warning(
+                    "upstream.refused", reason="connection_lost", device=device_id, detail=str(exc)
+                )
+
+    async def _exchange(self, device: Device, data: bytes, addr: tuple[str, int]) -> None:
+        """POST one datagram for ``device``; send a 2xx answer's body back to ``addr``."""
+        metrics = self._path.metrics
+        body = json.dumps(
+            {
+                "device_id": device.id,
+                "group": device.group,
+                "source": f"{addr[0]}:{addr[1]}",
+                "received_at": self._path.clock.now().isoformat(),
+                "payload": base64.b64encode(data).decode(),
+            }
+        ).encode()
+        route = await self._path.route(self.name, self.config, device)
+        request = await build_request(
+            self._path,
+            route,
+            self.config,
+            addr[0],
+            device,
+            h11.Request(
+                method="POST",
+                target=route.destination.udp_path,
+                # h11 wants a Host on any HTTP/1.1 request; build_request puts the
+                # destination's own in its place.
+                headers=[(b"host", b"fleetgate"), (b"content-type", JSON)],
+            ),
+            body,
+        )
+        response = await self._http.exchange(device, route, request, body)
+        try:
+            answer = bytearray()
+            async for chunk in response.body(route.destination.response_timeout_s):
+                answer += chunk
+                if len(answer) > MAX_DATAGRAM:
+                    raise Refused("answer_too_large", f"over {MAX_DATAGRAM} bytes", upstream=True)
+        finally:
+            response.release()
+        metrics.listener_connections.labels(self.name, "relayed").inc()
+        metrics.listener_bytes.labels(self.name, "up").inc(len(data))
+        metrics.listener_bytes.labels(self.name, "down").inc(len(answer))
+        log.info("udp.forwarded", status=response.status, answer_bytes=len(answer))
+        if answer and self._transport is not None and 200 <= response.status < 300:
+            self._transport.sendto(bytes(answer), addr)

@@ -93,13 +93,22 @@ def verify(
 ) -> bool:
     """Whether a request's fleetgate signature is valid (``headers`` keyed in lowercase)."""
     try:
-        timestamp = int(headers["x-fleetgate-timestamp"])
+        stamp = headers["x-fleetgate-timestamp"]
         nonce = headers["x-fleetgate-nonce"]
         digest = headers["x-fleetgate-content-sha256"]
         device_id = headers["x-fleetgate-device"]
         scheme, _, mac = headers["x-fleetgate-signature"].partition("=")
-    except (KeyError, ValueError):
+    except KeyError:
         return False
+    # The MAC covers the timestamp as the signer wrote it (plain decimal): int() alone would also
+    # take "+1795334400", "1_795_334_400" or leading zeros, which a receiver following the
+    # documented recipe (it signs the header text) rejects. compare_digest raises TypeError on
+    # non-ASCII text, so such headers are refused before it.
+    if not (stamp.isascii() and stamp.isdigit()) or str(int(stamp)) != stamp:
+        return False
+    if not (digest.isascii() and mac.isascii()):
+        return False
+    timestamp = int(stamp)
     if scheme != VERSION or abs(now - timestamp) > tolerance_s:
         return False
     if not hmac.compare_digest(digest, hashlib.sha256(body).hexdigest()):

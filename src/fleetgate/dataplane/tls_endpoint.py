@@ -117,6 +117,10 @@ class TlsEndpoint(Endpoint):
         self._handshaken = False
         self._shutdown_sent = False
         self._after_read: list[Callable[[], bool]] = []
+        # Why the peer ended the connection after the handshake, when TLS said so: with TLS 1.3
+        # a server refuses the client's certificate only after the client's handshake is done,
+        # and the alert arrives with the first read.
+        self.failure: TlsFailure | None = None
         self.handshake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     @property
@@ -150,6 +154,19 @@ class TlsEndpoint(Endpoint):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if (
+            self._handshaken
+            and self.failure is None
+            and self.received == 0
+            and isinstance(exc, ConnectionResetError)
+        ):
+            # A server that refuses our certificate after a TLS 1.3 handshake sends its alert
+            # and closes, often with our first bytes unread, which resets the connection; a
+            # write that meets the reset ends the connection before the alert is read.
+            self.failure = TlsFailure(
+                "reset_after_handshake",
+                "reset before the peer sent anything (a refused client certificate, likely)",
+            )
         if not self.handshake.done():
             self.handshake.set_exception(
                 classify(exc) if exc else TlsFailure("connection_lost", "closed in handshake")
@@ -180,6 +197,10 @@ class TlsEndpoint(Endpoint):
             self._read_plaintext()
 
     def _pinned(self) -> bool:
+        if self._ssl.session_reused:
+            # No chain is sent on resumption; the session came from a handshake with this
+            # context, whose pins it passed (sessions are never shared across destinations).
+            return True
         chain = self._ssl.get_verified_chain() or []
         return any(spki_sha256(cert) in self._pins for cert in chain)
 
@@ -206,7 +227,7 @@ class TlsEndpoint(Endpoint):
                 break
             except ssl.SSLError as exc:
                 self._flush()
-                self._lost = exc
+                self.failure = classify(exc)
                 if self.transport is not None:
                     self.transport.close()
                 return
