@@ -20,6 +20,7 @@ from typing import cast
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from fleetgate.dataplane import native
 from fleetgate.dataplane.endpoint import Endpoint
 
 # Plaintext is read record by record (at most 16 KiB each) into one scratch buffer shared by
@@ -57,6 +58,11 @@ _REASON_CAUSES = {
     "TLSV1_ALERT_ACCESS_DENIED": "client_certificate_refused",
     "TLSV1_ALERT_NO_APPLICATION_PROTOCOL": "alpn_mismatch",
 }
+
+
+# A session to resume: OpenSSL's own when it can be reached (see native), else the ssl module's.
+type Resumable = ssl.SSLSession | native.Session
+FREE_BUFFER_READS = 4
 
 
 class TlsFailure(ConnectionError):
@@ -98,7 +104,7 @@ class TlsEndpoint(Endpoint):
         *,
         server_side: bool = False,
         server_hostname: str | None = None,
-        session: ssl.SSLSession | None = None,
+        session: Resumable | None = None,
         pins: frozenset[str] = frozenset(),
         preamble: bytes = b"",
     ) -> None:
@@ -110,8 +116,13 @@ class TlsEndpoint(Endpoint):
             self._outgoing,
             server_side=server_side,
             server_hostname=server_hostname,
-            session=session,
+            session=session if isinstance(session, ssl.SSLSession) else None,
         )
+        if isinstance(session, native.Session):
+            native.offer_session(self._ssl, session)
+        # OpenSSL 3 keeps its 16 KiB read buffer after reading post-handshake messages (session
+        # tickets) even with SSL_MODE_RELEASE_BUFFERS: the first reads give it back.
+        self._free_reads = FREE_BUFFER_READS if native.AVAILABLE else 0
         self._pins = pins
         self._preamble = preamble  # sent in clear before the handshake (PROXY protocol)
         self._handshaken = False
@@ -242,6 +253,9 @@ class TlsEndpoint(Endpoint):
             self._flush()  # key updates and the like
         if self._after_read:
             self._after_read = [hook for hook in self._after_read if not hook()]
+        if self._free_reads and not self._incoming.pending:
+            self._free_reads -= 1
+            native.free_buffers(self._ssl)
         if filled:
             self._deliver(bytes(scratch[:filled]))
         if eof:
@@ -277,8 +291,13 @@ class TlsEndpoint(Endpoint):
         """Run ``hook`` after each batch of incoming records until it returns True."""
         self._after_read.append(hook)
 
-    def session(self) -> ssl.SSLSession | None:
-        return self._ssl.session
+    def resumable_session(self) -> Resumable | None:
+        """This connection's session, if a later one can resume it (TLS 1.3: once the
+        server's ticket has arrived)."""
+        if native.AVAILABLE:
+            return native.take_session(self._ssl)
+        session = self._ssl.session  # leaks a few KiB per read on some CPython builds
+        return session if session is not None and session.has_ticket else None
 
     @property
     def session_reused(self) -> bool:

@@ -7,7 +7,9 @@ read through the hashed directory (looked up on demand) instead of the 800 KiB b
 context would otherwise parse. Contexts are cached by the credential's id and revision, so a
 renewal or a new key makes the next connection build a fresh one; a revoked credential never
 reaches here (the registry view refuses it). Each context keeps the last healthy session for
-resumption, refreshed at most once a second (reading a session costs a fraction of a ms).
+resumption, refreshed at most once a second; sessions are taken and offered through OpenSSL
+directly where :mod:`~fleetgate.dataplane.native` can, since the ``ssl`` module's way costs a
+copy and, on the CPython builds here, leaks a few KiB each time.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 from fleetgate.clock import Clock
 from fleetgate.config.schema import DestinationConfig, split_host_port
 from fleetgate.dataplane.endpoint import Endpoint, PlainEndpoint
-from fleetgate.dataplane.tls_endpoint import TlsEndpoint, TlsFailure, classify
+from fleetgate.dataplane.tls_endpoint import Resumable, TlsEndpoint, TlsFailure, classify
 from fleetgate.sealing import Secret
 
 MAX_CONTEXTS = 50_000
@@ -50,7 +52,7 @@ class ClientCertificate:
 @dataclass
 class _ContextEntry:
     context: ssl.SSLContext
-    session: ssl.SSLSession | None = None
+    session: Resumable | None = None
     session_at: float = field(default=-1e18)
 
 
@@ -192,8 +194,8 @@ class Upstream:
 
         def refresh() -> bool:
             with contextlib.suppress(ValueError, AttributeError):
-                session = endpoint.session()
-                if session is not None and session.has_ticket:
+                session = endpoint.resumable_session()
+                if session is not None:
                     entry.session = session
                     entry.session_at = self._clock.monotonic()
                     return True

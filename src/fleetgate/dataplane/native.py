@@ -1,0 +1,152 @@
+"""The few OpenSSL calls the ``ssl`` module does not offer, reached through ctypes.
+
+Three things the data path needs and the ``ssl`` module does not do well:
+
+* taking a session out of a connection for resumption: ``SSLObject.session`` leaks about
+  6 KiB per read on the CPython builds here (3.12 and 3.13.0), and fleetgate reads one per
+  device credential;
+* handing that session to the next connection without CPython's copy through DER;
+* giving back OpenSSL's 16 KiB record buffer once an idle connection has read everything
+  (``SSL_free_buffers``): about a quarter of an idle proxied connection's memory.
+
+Reaching OpenSSL's objects means reading the pointers inside CPython's ``_ssl`` objects, whose
+layout is not a public interface. So nothing is trusted: at import, the layout is checked on a
+real context and connection (the ``SSL`` found must belong to the ``SSL_CTX`` found, and the
+libssl loaded here must be the one ``_ssl`` was built against). When any check fails,
+:data:`AVAILABLE` is false, the callers use the ``ssl`` module's own (slower, leaking) path,
+and :data:`WHY_NOT` says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import ssl
+import sys
+
+# CPython's PySSLContext: PyObject_HEAD, then SSL_CTX *ctx.
+# CPython's PySSLSocket (what SSLObject._sslobj is): PyObject_HEAD, PyObject *Socket, SSL *ssl.
+_HEAD = ctypes.sizeof(ctypes.c_ssize_t) + ctypes.sizeof(ctypes.c_void_p)
+_CTX_OFFSET = _HEAD
+_SSL_OFFSET = _HEAD + ctypes.sizeof(ctypes.c_void_p)
+_KNOWN_LAYOUT = ((3, 10), (3, 14))  # versions whose _ssl structs start this way (inclusive)
+
+
+class Session:
+    """An OpenSSL client session (one reference held), for resuming later connections made
+    with the same context."""
+
+    __slots__ = ("_pointer",)
+
+    def __init__(self, pointer: int) -> None:
+        self._pointer = pointer
+
+    @property
+    def pointer(self) -> int:
+        return self._pointer
+
+    def __del__(self) -> None:
+        if _lib is not None and self._pointer:
+            _lib.SSL_SESSION_free(self._pointer)
+            self._pointer = 0
+
+
+def _ssl_pointer(obj: ssl.SSLObject) -> int:
+    raw = obj._sslobj  # type: ignore[attr-defined]
+    value = ctypes.c_void_p.from_address(id(raw) + _SSL_OFFSET).value
+    if not value:
+        raise ValueError("no SSL object")
+    return value
+
+
+def _ctx_pointer(context: ssl.SSLContext) -> int:
+    value = ctypes.c_void_p.from_address(id(context) + _CTX_OFFSET).value
+    if not value:
+        raise ValueError("no SSL_CTX")
+    return value
+
+
+def take_session(obj: ssl.SSLObject) -> Session | None:
+    """The connection's session if it can resume (TLS 1.3: once its ticket has arrived)."""
+    assert _lib is not None
+    pointer = _lib.SSL_get1_session(_ssl_pointer(obj))
+    if not pointer:
+        return None
+    session = Session(pointer)
+    if not _lib.SSL_SESSION_is_resumable(pointer):
+        return None  # freed with ``session``
+    return session
+
+
+def offer_session(obj: ssl.SSLObject, session: Session) -> None:
+    """Offer ``session`` in the coming handshake (before it starts). OpenSSL takes its own
+    reference, so ``session`` may be dropped afterwards."""
+    assert _lib is not None
+    if _lib.SSL_set_session(_ssl_pointer(obj), session.pointer) != 1:
+        raise ValueError("SSL_set_session refused the session")
+
+
+def free_buffers(obj: ssl.SSLObject) -> bool:
+    """Release the record buffers if nothing is pending in them; whether it did."""
+    assert _lib is not None
+    return bool(_lib.SSL_free_buffers(_ssl_pointer(obj)))
+
+
+def _load() -> ctypes.CDLL:
+    """The libssl ``_ssl`` uses: already loaded in this process, so found by its soname."""
+    import _ssl
+
+    candidates = [_ssl.__file__, "libssl.so.3", ctypes.util.find_library("ssl") or ""]
+    for name in candidates:
+        if not name:
+            continue
+        try:
+            lib = ctypes.CDLL(name)
+            lib.OpenSSL_version_num  # noqa: B018 - raises AttributeError if absent
+        except (OSError, AttributeError):
+            continue
+        return lib
+    raise OSError("libssl not found")
+
+
+def _bind(lib: ctypes.CDLL) -> None:
+    vp, c_int = ctypes.c_void_p, ctypes.c_int
+    signatures: dict[str, tuple[tuple[type, ...], type | None]] = {
+        "OpenSSL_version_num": ((), ctypes.c_ulong),
+        "SSL_get_SSL_CTX": ((vp,), vp),
+        "SSL_get1_session": ((vp,), vp),
+        "SSL_set_session": ((vp, vp), c_int),
+        "SSL_SESSION_free": ((vp,), None),
+        "SSL_SESSION_is_resumable": ((vp,), c_int),
+        "SSL_free_buffers": ((vp,), c_int),
+    }
+    for name, (args, result) in signatures.items():
+        function = getattr(lib, name)
+        function.argtypes = args
+        function.restype = result
+
+
+def _check(lib: ctypes.CDLL) -> None:
+    if not _KNOWN_LAYOUT[0] <= sys.version_info[:2] <= _KNOWN_LAYOUT[1]:
+        raise RuntimeError(f"Python {sys.version_info[:2]}: _ssl layout not known")
+    if lib.OpenSSL_version_num() != ssl.OPENSSL_VERSION_NUMBER:
+        raise RuntimeError("the libssl found is not the one the ssl module uses")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    obj = context.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname="check.invalid")
+    if lib.SSL_get_SSL_CTX(_ssl_pointer(obj)) != _ctx_pointer(context):
+        raise RuntimeError("the SSL object found does not belong to its context")
+
+
+def _init() -> tuple[ctypes.CDLL | None, str]:
+    """libssl, bound and checked; or None and why not."""
+    try:
+        lib = _load()
+        _bind(lib)
+        _check(lib)
+    except (OSError, AttributeError, RuntimeError, ValueError) as exc:
+        return None, str(exc)
+    return lib, ""
+
+
+_lib, WHY_NOT = _init()
+AVAILABLE = _lib is not None
