@@ -231,6 +231,45 @@ class DestinationConfig(Frozen):
         return value
 
 
+class ListenerTlsConfig(Frozen):
+    """TLS towards the devices (``[listeners.<name>.tls]``).
+
+    ``tls`` authenticates the gateway to the device; ``mtls`` also requires a client
+    certificate chaining to a CA in the store (fleetgate's own, or one trusted with
+    ``fleetgate ca trust``), checked against fleetgate's CRLs at the handshake and against the
+    store for as long as the connection lives.
+
+    The server certificate is the store credential ``certificate`` (default
+    ``listener-<name>``), issued by fleetgate's CA on first start for ``server_names`` and renewed
+    by fleetgate; or ``cert_file``/``key_file``, read again on reload.
+    """
+
+    mode: Literal["tls", "mtls"]
+    certificate: str | None = Field(
+        default=None, description="credential holding the server certificate: listener-<name>"
+    )
+    server_names: tuple[str, ...] = Field(
+        default=("localhost",), description="DNS names / IP addresses of an issued certificate"
+    )
+    cert_file: str | None = Field(default=None, description="PEM chain, leaf first")
+    key_file: str | None = None
+    min_tls: Literal["1.2", "1.3"] = "1.2"
+    handshake_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    device_name_from: Literal["cn", "san_dns", "san_uri", "email"] = Field(
+        default="cn", description="mtls: the certificate field naming the device"
+    )
+
+    @model_validator(mode="after")
+    def _files_come_in_pairs(self) -> ListenerTlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        if self.cert_file is not None and self.certificate is not None:
+            raise ValueError("set certificate (a store credential) or cert_file/key_file, not both")
+        if not self.server_names:
+            raise ValueError("server_names: at least one name")
+        return self
+
+
 class ListenerConfig(Frozen):
     """A device-facing entry point.
 
@@ -244,7 +283,7 @@ class ListenerConfig(Frozen):
     bind: Address
     destination: DestinationName | None = None
     forward_to: Address | None = None
-    identity: Literal["source_address", "username"] = "source_address"
+    identity: Literal["source_address", "username", "certificate"] = "source_address"
     username_field: str = Field(
         default="device_id",
         description="what a username names: device_id or a unique attribute (imsi, imei, ...)",
@@ -262,9 +301,14 @@ class ListenerConfig(Frozen):
     max_header_bytes: int = Field(default=16_384, ge=1024, le=1_048_576)
     max_body_bytes: int = Field(default=1_048_576, ge=0, le=1 << 30)
     max_in_flight: int = Field(default=1000, ge=1, le=100_000)
+    tls: ListenerTlsConfig | None = None
 
     @model_validator(mode="after")
     def _coherent(self) -> ListenerConfig:
+        if self.tls is not None and self.protocol == "udp":
+            raise ValueError("tls is for stream listeners (tcp, mqtt, http); udp has no TLS here")
+        if self.identity == "certificate" and (self.tls is None or self.tls.mode != "mtls"):
+            raise ValueError("identity = certificate needs [tls] mode = mtls")
         if self.forward_to is not None and self.protocol != "tcp":
             raise ValueError("forward_to is for tcp listeners; use destination for this protocol")
         if self.forward_to is not None and self.destination is not None:

@@ -8,6 +8,7 @@ Order of resolution for a route: the device's ``routes[listener]``, its group's
 from __future__ import annotations
 
 import hmac
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -43,6 +44,27 @@ def refusal_after_handshake(endpoint: Endpoint) -> Refused | None:
     if isinstance(endpoint, TlsEndpoint) and endpoint.failure is not None:
         return Refused(endpoint.failure.cause, endpoint.failure.detail, upstream=True)
     return None
+
+
+def certificate_name(certificate: x509.Certificate, name_from: str) -> str | None:
+    """The device name a client certificate carries: its CN, its first DNS name, the last
+    segment of its first URI (``urn:fleet:device:meter-1`` and ``spiffe://fleet/meter-1`` name
+    ``meter-1``), or the local part of its first e-mail address."""
+    if name_from == "cn":
+        found = certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        return str(found[0].value) if found else None
+    try:
+        sans = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    if name_from == "san_dns":
+        names = sans.get_values_for_type(x509.DNSName)
+        return names[0] if names else None
+    if name_from == "san_uri":
+        uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
+        return re.split(r"[/:]", uris[0].rstrip("/"))[-1] if uris else None
+    emails = sans.get_values_for_type(x509.RFC822Name)
+    return emails[0].partition("@")[0] if emails else None
 
 
 @dataclass(frozen=True)
@@ -90,6 +112,29 @@ class DataPath:
 
     async def by_source(self, source: str) -> Device:
         return self.admit(await self.registry.device_by_address(source))
+
+    async def by_certificate(self, der: bytes, name_from: str) -> tuple[Device, str]:
+        """The device a verified client certificate names, and the certificate's serial.
+
+        A certificate fleetgate issued must not be revoked and must be the named device's; one
+        from a trusted outside CA is taken at its name (its CA vouches for it).
+        """
+        certificate = x509.load_der_x509_certificate(der)
+        name = certificate_name(certificate, name_from)
+        if not name:
+            raise Refused("certificate_unnamed", f"the client certificate has no {name_from}")
+        serial = format(certificate.serial_number, "x")
+        issued = await self.registry.certificate(serial)
+        if issued is not None and issued.der == der:
+            if issued.revoked:
+                raise Refused("certificate_revoked", f"serial {serial}")
+            if issued.device_id is not None and issued.device_id != name:
+                raise Refused(
+                    "certificate_not_for_device",
+                    f"serial {serial} was issued to {issued.device_id}, names {name}",
+                )
+        device = await self.registry.device_by_field("device_id", name)
+        return self.admit(device), serial
 
     async def by_login(
         self, listener: ListenerConfig, username: str | None, password: bytes | None

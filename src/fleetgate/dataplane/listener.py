@@ -12,14 +12,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from fleetgate.config.schema import ListenerConfig, split_host_port
 from fleetgate.dataplane.datapath import DataPath, Refused
-from fleetgate.dataplane.endpoint import PlainEndpoint
+from fleetgate.dataplane.endpoint import Endpoint, PlainEndpoint
+from fleetgate.dataplane.server_tls import ServerTls
 from fleetgate.dataplane.splice import SpliceResult
+from fleetgate.dataplane.tls_endpoint import TlsEndpoint, TlsFailure
 from fleetgate.logs import bind, get_logger
+from fleetgate.records import Device
 
 log = get_logger("fleetgate.dataplane")
 _conn_ids = itertools.count(1)
@@ -32,11 +36,28 @@ class Conn:
     id: str
     listener: str
     config: ListenerConfig
-    endpoint: PlainEndpoint
+    endpoint: Endpoint
     source: str
     path: DataPath
     device_id: str | None = None
     on_device: Callable[[Conn, str], None] = field(default=lambda conn, device: None)
+    peer_certificate: bytes | None = None  # mtls: the device's verified certificate (DER)
+    certificate_serial: str | None = None  # and its serial, once identified by it
+
+    async def device(self) -> Device:
+        """The device this connection is, by what the listener trusts for it: the verified
+        client certificate (``identity = "certificate"``) or the source address. (A login
+        in the device's protocol is the handler's business.)"""
+        if self.config.identity == "certificate":
+            assert self.config.tls is not None
+            if self.peer_certificate is None:
+                raise Refused("no_client_certificate", "the handshake brought no certificate")
+            device, serial = await self.path.by_certificate(
+                self.peer_certificate, self.config.tls.device_name_from
+            )
+            self.certificate_serial = serial
+            return device
+        return await self.path.by_source(self.source)
 
     def connected(self, destination: str, **fields: object) -> None:
         """The destination accepted: from here on bytes are relayed."""
@@ -53,8 +74,21 @@ Handler = Callable[[Conn], Awaitable[SpliceResult | None]]
 
 
 class _Accepted(PlainEndpoint):
-    def __init__(self, on_made: Callable[[_Accepted], None]) -> None:
+    def __init__(self, on_made: Callable[[Endpoint], None]) -> None:
         super().__init__()
+        self._on_made = on_made
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._on_made(self)
+
+
+class _AcceptedTls(TlsEndpoint):
+    """A device connection on a tls/mtls listener: the handshake runs as bytes arrive, and a
+    failed one sends its alert before closing (asyncio's own TLS server closes silently)."""
+
+    def __init__(self, context: ssl.SSLContext, on_made: Callable[[Endpoint], None]) -> None:
+        super().__init__(context, server_side=True)
         self._on_made = on_made
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -71,16 +105,18 @@ class StreamListener:
         handler: Handler,
         *,
         reuse_port: bool,
+        tls: ServerTls | None = None,
     ) -> None:
         self.name = name
         self.config = config
+        self.tls = tls
         self._path = path
         self._handler = handler
         self._reuse_port = reuse_port
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        # Connections by device, with their source address: what a revocation cuts.
-        self._by_device: dict[str, dict[asyncio.Task[None], str]] = {}
+        # Connections by device: what a revocation cuts.
+        self._by_device: dict[str, dict[asyncio.Task[None], Conn]] = {}
 
     @property
     def active(self) -> int:
@@ -95,8 +131,10 @@ class StreamListener:
     async def start(self) -> None:
         host, port = split_host_port(self.config.bind)
         loop = asyncio.get_running_loop()
+        if self.tls is not None:
+            await self.tls.load()  # TlsSetupError: not bound, and /readyz says why
         self._server = await loop.create_server(
-            lambda: _Accepted(self._accepted),
+            self._endpoint,
             host or None,
             port,
             reuse_address=True,
@@ -124,11 +162,21 @@ class StreamListener:
     def devices_connected(self) -> set[str]:
         return set(self._by_device)
 
-    def cut(self, device_id: str, reason: str, *, keep_sources: tuple[str, ...] = ()) -> int:
-        """Close ``device_id``'s live connections (except from ``keep_sources``); how many."""
+    def cut(
+        self,
+        device_id: str,
+        reason: str,
+        *,
+        keep_sources: tuple[str, ...] = (),
+        certificate_serial: str | None = None,
+    ) -> int:
+        """Close ``device_id``'s live connections (except from ``keep_sources``; only those
+        identified by ``certificate_serial`` if given); how many."""
         cut = 0
-        for task, source in list(self._by_device.get(device_id, {}).items()):
-            if source in keep_sources:
+        for task, conn in list(self._by_device.get(device_id, {}).items()):
+            if conn.source in keep_sources:
+                continue
+            if certificate_serial is not None and conn.certificate_serial != certificate_serial:
                 continue
             task.cancel()
             cut += 1
@@ -136,7 +184,7 @@ class StreamListener:
                 "listener.connection_cut",
                 listener=self.name,
                 device=device_id,
-                source=source,
+                source=conn.source,
                 reason=reason,
             )
         if cut:
@@ -145,7 +193,12 @@ class StreamListener:
 
     # -- one connection ---------------------------------------------------------------------------
 
-    def _accepted(self, endpoint: _Accepted) -> None:
+    def _endpoint(self) -> Endpoint:
+        if self.tls is not None:
+            return _AcceptedTls(self.tls.context, self._accepted)  # the newest good context
+        return _Accepted(self._accepted)
+
+    def _accepted(self, endpoint: Endpoint) -> None:
         task = asyncio.get_running_loop().create_task(self._serve(endpoint))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -153,7 +206,7 @@ class StreamListener:
     def _register(self, conn: Conn, device_id: str) -> None:
         task = asyncio.current_task()
         if task is not None:
-            self._by_device.setdefault(device_id, {})[task] = conn.source
+            self._by_device.setdefault(device_id, {})[task] = conn
 
     def _unregister(self, conn: Conn) -> None:
         task = asyncio.current_task()
@@ -164,7 +217,21 @@ class StreamListener:
         if not mine:
             self._by_device.pop(conn.device_id, None)
 
-    async def _serve(self, endpoint: _Accepted) -> None:
+    async def _handshake(self, conn: Conn, endpoint: TlsEndpoint) -> None:
+        """The device's TLS handshake, in bounded time; a failure is refused by its cause
+        (the alert already went to the device)."""
+        assert self.tls is not None
+        timeout_s = self.tls.config.handshake_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                await endpoint.handshake
+        except TimeoutError:
+            raise Refused("handshake_timeout", f"no TLS handshake within {timeout_s} s") from None
+        except TlsFailure as exc:
+            raise Refused(exc.cause, exc.detail) from None
+        conn.peer_certificate = endpoint.ssl_object.getpeercert(binary_form=True)
+
+    async def _serve(self, endpoint: Endpoint) -> None:
         peer = endpoint.peer_address()
         source = peer[0] if peer else "?"
         conn = Conn(
@@ -185,6 +252,8 @@ class StreamListener:
                 return
             metrics.listener_active.labels(self.name).inc()
             try:
+                if isinstance(endpoint, TlsEndpoint):
+                    await self._handshake(conn, endpoint)
                 result = await self._handler(conn)
             except Refused as exc:
                 metrics.listener_connections.labels(self.name, exc.reason).inc()

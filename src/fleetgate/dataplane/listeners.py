@@ -4,7 +4,7 @@ change feed (cache invalidation, cutting what the registry no longer allows), dr
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from fleetgate.clock import Clock
@@ -17,6 +17,7 @@ from fleetgate.dataplane.proxy_mqtt import serve_mqtt
 from fleetgate.dataplane.proxy_tcp import serve_tcp
 from fleetgate.dataplane.proxy_udp import UdpListener
 from fleetgate.dataplane.registry import RegistryView
+from fleetgate.dataplane.server_tls import ServerTls, TlsSetupError
 from fleetgate.dataplane.upstream import Upstream
 from fleetgate.health import Health
 from fleetgate.logs import get_logger
@@ -40,7 +41,14 @@ class Listener(Protocol):
     async def stop_accepting(self) -> None: ...
     async def drain(self, timeout_s: float) -> None: ...
     def devices_connected(self) -> set[str]: ...
-    def cut(self, device_id: str, reason: str, *, keep_sources: tuple[str, ...] = ()) -> int: ...
+    def cut(
+        self,
+        device_id: str,
+        reason: str,
+        *,
+        keep_sources: tuple[str, ...] = (),
+        certificate_serial: str | None = None,
+    ) -> int: ...
 
 
 class ListenerSet:
@@ -73,7 +81,12 @@ class ListenerSet:
         if config.protocol == "udp":
             return UdpListener(name, config, self.path, self.http, reuse_port=self._reuse_port)
         return StreamListener(
-            name, config, self.path, self._handlers[config.protocol], reuse_port=self._reuse_port
+            name,
+            config,
+            self.path,
+            self._handlers[config.protocol],
+            reuse_port=self._reuse_port,
+            tls=ServerTls(name, config.tls, self._services) if config.tls is not None else None,
         )
 
     async def _start(self, name: str, config: ListenerConfig) -> None:
@@ -83,6 +96,10 @@ class ListenerSet:
         except OSError as exc:
             self._health.listeners[name] = f"cannot bind {config.bind}: {exc.strerror or exc}"
             log.error("listener.bind_failed", listener=name, bind=config.bind, detail=str(exc))
+            return
+        except TlsSetupError as exc:
+            self._health.listeners[name] = f"TLS unusable: {exc}"
+            log.error("listener.tls_failed", listener=name, detail=str(exc))
             return
         self._listeners[name] = listener
         self._health.listeners[name] = "bound"
@@ -110,11 +127,22 @@ class ListenerSet:
         for name, config in configs.items():
             if name not in self._listeners:
                 await self._start(name, config)
+            else:  # unchanged: its certificate files may have changed all the same
+                await self._reload_tls(lambda tls: tls.config.cert_file is not None, "reload")
+
+    async def _reload_tls(self, which: Callable[[ServerTls], bool], why: str) -> None:
+        for listener in self._listeners.values():
+            tls = getattr(listener, "tls", None)
+            if isinstance(tls, ServerTls) and which(tls):
+                await tls.reload(why)
 
     async def on_change(self, change: Change) -> None:
         """Invalidate what the change touched, and cut the live connections it no longer
         allows (within the change follower's interval, on every process)."""
         self.path.on_change(change)
+        if change.target_type in ("certificate", "ca", "credential"):
+            await self._tls_change(change)
+            return
         if change.target_type != "device":
             return
         everyone = [*self._listeners.values(), *self._retired]
@@ -130,6 +158,24 @@ class ListenerSet:
             reason, keep = "address_removed", device.addresses
         for listener in everyone:
             listener.cut(change.target_id, reason, keep_sources=keep)
+
+    async def _tls_change(self, change: Change) -> None:
+        """A revocation closes the connections that certificate opened and, like a new CA or
+        a renewed listener certificate, makes the listeners build fresh server contexts."""
+        if change.action == "certificate.revoke":
+            issued = await self.path.registry.certificate(change.target_id)
+            if issued is not None and issued.device_id is not None:
+                for listener in [*self._listeners.values(), *self._retired]:
+                    listener.cut(
+                        issued.device_id,
+                        "certificate_revoked",
+                        certificate_serial=change.target_id,
+                    )
+            await self._reload_tls(lambda tls: tls.config.mode == "mtls", "certificate revoked")
+        elif change.target_type == "ca":
+            await self._reload_tls(lambda tls: tls.config.mode == "mtls", "CAs changed")
+        elif change.action == "certificate.renew" or change.target_type == "credential":
+            await self._reload_tls(lambda tls: tls.uses_store, change.action)
 
     async def close(self, drain_timeout_s: float) -> None:
         everyone = [*self._listeners.values(), *self._retired]

@@ -183,7 +183,7 @@ class HttpProxy:
             elif self.device is not None:
                 return self.device
             else:
-                device = await conn.path.by_source(conn.source)
+                device = await conn.device()
         except Refused as exc:
             if conn.config.identity == "username" and exc.reason in _LOGIN_FAILURES:
                 # One answer for a wrong password and for a name that is no device's: the

@@ -99,7 +99,7 @@ async def _identify(conn: Conn, connect: mqtt.Connect) -> Device:
     try:
         if by_login:
             return await conn.path.by_login(conn.config, connect.username, connect.password)
-        return await conn.path.by_source(conn.source)
+        return await conn.device()
     except Refused as refusal:
         code = _DEVICE_REFUSALS.get(refusal.reason, mqtt.ConnackCode.NOT_AUTHORIZED)
         if by_login and refusal.reason == Refusal.UNKNOWN_DEVICE.value:

@@ -14,7 +14,7 @@ log = get_logger("fleetgate.dataplane")
 
 
 async def serve_tcp(conn: Conn) -> SpliceResult:
-    device = await conn.path.by_source(conn.source)
+    device = await conn.device()
     conn.identified(device.id)
     with bind(device=device.id):
         route = await conn.path.route(conn.listener, conn.config, device)

@@ -91,7 +91,14 @@ class UdpListener:
     def devices_connected(self) -> set[str]:
         return set()  # nothing stays connected
 
-    def cut(self, device_id: str, reason: str, *, keep_sources: tuple[str, ...] = ()) -> int:
+    def cut(
+        self,
+        device_id: str,
+        reason: str,
+        *,
+        keep_sources: tuple[str, ...] = (),
+        certificate_serial: str | None = None,
+    ) -> int:
         return 0
 
     def received(self, data: bytes, addr: tuple[str, int]) -> None:

@@ -1,4 +1,5 @@
-"""The data path's read-only, cached view of the registry: devices, groups, credentials.
+"""The data path's read-only, cached view of the registry: devices, groups, credentials and
+the certificates fleetgate issued.
 
 A connection must not cost a database round trip for what rarely changes. Entries live until
 the change feed (the audit log, followed by every process) says something they depend on
@@ -16,7 +17,7 @@ from typing import Any
 from fleetgate.clock import Clock
 from fleetgate.errors import InvalidRequest
 from fleetgate.logs import get_logger
-from fleetgate.pki.records import Credential, CredentialKind
+from fleetgate.pki.records import Credential, CredentialKind, IssuedCertificate
 from fleetgate.records import Device, Group
 from fleetgate.sealing import Secret
 from fleetgate.services.bundle import Services
@@ -96,6 +97,7 @@ class RegistryView:
         self._by_field: _Cache[tuple[str, str], Device | None] = _Cache()
         self._groups: _Cache[str, Group | None] = _Cache()
         self._credentials: _Cache[tuple[str, str, str | None], Material | None] = _Cache()
+        self._certificates: _Cache[str, IssuedCertificate | None] = _Cache()
 
     # -- lookups --------------------------------------------------------------------------------
 
@@ -116,6 +118,15 @@ class RegistryView:
                 return await repo.get(owner) if owner is not None else None
 
         return await self._by_field.get((field, value), load)
+
+    async def certificate(self, serial: str) -> IssuedCertificate | None:
+        """A certificate fleetgate issued (by serial, lowercase hex); None for any other."""
+
+        async def load() -> IssuedCertificate | None:
+            async with self._services.db.snapshot() as tx:
+                return await CertificateRepo(tx).get(serial)
+
+        return await self._certificates.get(serial, load)
 
     async def group(self, name: str) -> Group | None:
         async def load() -> Group | None:
@@ -178,6 +189,7 @@ class RegistryView:
             self._groups.clear()
         elif kind in ("credential", "certificate", "ca"):
             self._credentials.clear()
+            self._certificates.clear()
         else:
             return
         log.info("registry.invalidated", target_type=kind, target_id=change.target_id)
@@ -187,4 +199,5 @@ class RegistryView:
             "devices": len(self._by_address.entries) + len(self._by_field.entries),
             "groups": len(self._groups.entries),
             "credentials": len(self._credentials.entries),
+            "certificates": len(self._certificates.entries),
         }

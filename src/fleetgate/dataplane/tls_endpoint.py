@@ -57,9 +57,16 @@ _REASON_CAUSES = {
     "SSLV3_ALERT_CERTIFICATE_EXPIRED": "client_certificate_refused",
     "TLSV1_ALERT_ACCESS_DENIED": "client_certificate_refused",
     "TLSV1_ALERT_NO_APPLICATION_PROTOCOL": "alpn_mismatch",
+    # What a device-facing listener sees.
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "no_client_certificate",
+    "HTTP_REQUEST": "not_tls",
+    "HTTPS_PROXY_REQUEST": "not_tls",
+    "PACKET_LENGTH_TOO_LONG": "not_tls",
 }
 
 
+# A fatal unexpected_message alert (RFC 8446 section 6), as a TLS 1.2 plaintext record.
+UNEXPECTED_MESSAGE_ALERT = b"\x15\x03\x03\x00\x02\x02\x0a"
 # A session to resume: OpenSSL's own when it can be reached (see native), else the ssl module's.
 type Resumable = ssl.SSLSession | native.Session
 FREE_BUFFER_READS = 4
@@ -194,8 +201,13 @@ class TlsEndpoint(Endpoint):
             self._flush()
             return
         except ssl.SSLError as exc:
-            self._flush()  # the alert OpenSSL wrote for the peer goes out before we close
-            self._fail(classify(exc))
+            failure = classify(exc)
+            if failure.cause == "not_tls" and self._ssl.server_side and not self._outgoing.pending:
+                # OpenSSL answers a peer that does not speak TLS with silence; a device that
+                # forgot TLS gets an alert all the same (in clear: no keys exist yet).
+                self._outgoing.write(UNEXPECTED_MESSAGE_ALERT)
+            self._flush()  # the alert for the peer goes out before we close
+            self._fail(failure)
             return
         self._flush()
         if self._pins and not self._pinned():

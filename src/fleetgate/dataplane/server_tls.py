@@ -1,0 +1,216 @@
+"""Device-facing TLS: a ``tls``/``mtls`` listener's server context, what it is built from, and
+rebuilding it when that changes.
+
+The context is hardened the same way for every listener: TLS 1.2 at least (1.3 preferred by
+OpenSSL), Mozilla's "intermediate" TLS 1.2 suites, no compression, no renegotiation, the
+server's whole chain sent. For ``mtls`` the trust is every CA in the store (fleetgate's roots
+and issuing CAs, and the outside CAs trusted for devices) with fleetgate's CRLs, so a revoked
+device gets a ``certificate_revoked`` alert at the handshake. When an outside CA is trusted the
+CRL check is left to the store (OpenSSL would refuse every certificate of a CA without a
+CRL): such a device is refused just after its handshake, and the log says why.
+
+A rebuild keeps the running context when the new material is unusable, and says why: live
+connections are never touched by it, new handshakes use the newest good context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import ssl
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from fleetgate.config.schema import ListenerTlsConfig
+from fleetgate.logs import get_logger
+from fleetgate.pki.keys import KeyAlgorithm
+from fleetgate.pki.profiles import Profile
+from fleetgate.pki.records import CaRole
+from fleetgate.sealing import Secret
+from fleetgate.services.bundle import Services
+from fleetgate.services.context import SYSTEM_CALLER
+from fleetgate.store.credentials import CredentialRepo, secret_name
+
+log = get_logger("fleetgate.dataplane")
+
+# Mozilla's "intermediate" configuration (version 5.7): the TLS 1.2 suites, in its order. TLS 1.3
+# suites are OpenSSL's defaults, which are the same three.
+INTERMEDIATE_TLS12_CIPHERS = ":".join(
+    (
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+        "DHE-RSA-AES128-GCM-SHA256",
+        "DHE-RSA-AES256-GCM-SHA384",
+        "DHE-RSA-CHACHA20-POLY1305",
+    )
+)
+
+
+class TlsSetupError(Exception):
+    """The listener's TLS material cannot be used; ``str()`` says which and why."""
+
+
+def _pem(certificate: x509.Certificate) -> bytes:
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def _memfd(name: str, data: bytes) -> tuple[int, str]:
+    """Key material for OpenSSL, which reads files, without touching the disk."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    os.write(fd, data)
+    return fd, f"/proc/self/fd/{fd}"
+
+
+def build_server_context(
+    config: ListenerTlsConfig,
+    chain_pem: bytes,
+    key_pem: Secret,
+    trust_pem: bytes = b"",
+    *,
+    check_crl: bool = False,
+) -> ssl.SSLContext:
+    """The hardened server context; ``trust_pem`` (CA certificates and CRLs) for mtls."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = (
+        ssl.TLSVersion.TLSv1_3 if config.min_tls == "1.3" else ssl.TLSVersion.TLSv1_2
+    )
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    context.set_ciphers(INTERMEDIATE_TLS12_CIPHERS)
+    opened = [_memfd("fleetgate-chain", chain_pem), _memfd("fleetgate-key", key_pem.reveal())]
+    try:
+        context.load_cert_chain(opened[0][1], opened[1][1])
+        if config.mode == "mtls":
+            opened.append(_memfd("fleetgate-trust", trust_pem))
+            context.load_verify_locations(cafile=opened[2][1])  # certificates and CRLs
+            context.verify_mode = ssl.CERT_REQUIRED
+            if check_crl:
+                context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    finally:
+        for fd, _ in opened:
+            os.close(fd)
+    return context
+
+
+class ServerTls:
+    """One listener's server side: its material, and the context new handshakes use."""
+
+    def __init__(self, listener: str, config: ListenerTlsConfig, services: Services) -> None:
+        self.listener = listener
+        self.config = config
+        self.credential_id = config.certificate or f"listener-{listener}"
+        self._services = services
+        self._context: ssl.SSLContext | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def context(self) -> ssl.SSLContext:
+        assert self._context is not None, "load() first"
+        return self._context
+
+    @property
+    def uses_store(self) -> bool:
+        return self.config.cert_file is None
+
+    async def load(self) -> None:
+        """Build the context from the current material (issuing the server certificate on
+        first use); keep the running one and raise :class:`TlsSetupError` if that fails."""
+        async with self._lock:
+            try:
+                chain, key = await self._server_material()
+                trust, check_crl = (
+                    await self._trust() if self.config.mode == "mtls" else (b"", False)
+                )
+                context = await asyncio.to_thread(
+                    build_server_context, self.config, chain, key, trust, check_crl=check_crl
+                )
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                raise TlsSetupError(f"listener {self.listener}: {exc}") from None
+            self._context = context
+
+    async def reload(self, why: str) -> bool:
+        """:meth:`load`, logged; False (old context kept) if the new material is unusable."""
+        try:
+            await self.load()
+        except TlsSetupError as exc:
+            log.error(
+                "listener.tls_reload_failed", listener=self.listener, why=why, detail=str(exc)
+            )
+            return False
+        log.info("listener.tls_reloaded", listener=self.listener, why=why)
+        return True
+
+    # -- material -------------------------------------------------------------------------------
+
+    async def _server_material(self) -> tuple[bytes, Secret]:
+        if self.config.cert_file is not None and self.config.key_file is not None:
+            chain = await asyncio.to_thread(Path(self.config.cert_file).read_bytes)
+            key = await asyncio.to_thread(Path(self.config.key_file).read_bytes)
+            return chain, Secret(key)
+        found = await self._stored()
+        if found is None:
+            await self._issue()
+            found = await self._stored()
+        if found is None:
+            raise ValueError(f"credential {self.credential_id} holds no certificate and key")
+        return found
+
+    async def _stored(self) -> tuple[bytes, Secret] | None:
+        services = self._services
+        async with services.db.snapshot() as tx:
+            credential = await CredentialRepo(tx).get(self.credential_id)
+            if credential is None:
+                return None
+            if credential.certificate is None or not credential.has_secret:
+                raise ValueError(f"credential {self.credential_id} is not a certificate with a key")
+            secret = await services.vault.get_in(tx, secret_name(credential.id))
+        if secret is None:
+            raise ValueError(f"credential {self.credential_id}: its key is missing")
+        leaf = _pem(x509.load_der_x509_certificate(credential.certificate))
+        return leaf + (credential.chain or "").encode(), secret
+
+    async def _issue(self) -> None:
+        """The listener's server certificate from fleetgate's CA; renewed by fleetgate."""
+        names = self.config.server_names
+        addresses = []
+        dns = []
+        for name in names:
+            try:
+                addresses.append(str(ipaddress.ip_address(name)))
+            except ValueError:
+                dns.append(name)
+        await self._services.issuing.issue_for_gateway(
+            SYSTEM_CALLER,
+            self.credential_id,
+            profile=Profile.GATEWAY_SERVER,
+            common_name=names[0][:64],
+            dns_names=tuple(dns),
+            ip_addresses=tuple(addresses),
+            algorithm=KeyAlgorithm.EC_P256,
+            lifetime=None,
+        )
+        log.info(
+            "listener.certificate_issued", listener=self.listener, credential=self.credential_id
+        )
+
+    async def _trust(self) -> tuple[bytes, bool]:
+        """Every CA in the store and fleetgate's CRLs (PEM); whether CRLs cover every CA."""
+        authorities = await self._services.authority.authorities()
+        trusted = b"".join(_pem(ca.certificate) for ca in authorities)
+        crls = await self._services.revocation.all_crls()
+        revocations = b"".join(
+            x509.load_der_x509_crl(crl.der).public_bytes(serialization.Encoding.PEM) for crl in crls
+        )
+        covered = {crl.issuer_id for crl in crls}
+        # OpenSSL wants the CRL of every leaf's issuer: device certificates come from issuing
+        # CAs (fleetgate's, each with a CRL while it is valid) or from trusted outside CAs.
+        complete = all(
+            ca.id in covered for ca in authorities if ca.role is CaRole.ISSUING
+        ) and not any(ca.role is CaRole.TRUSTED for ca in authorities)
+        return trusted + revocations, complete

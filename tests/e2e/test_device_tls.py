@@ -1,0 +1,279 @@
+"""Devices that speak TLS: ``tls`` and ``mtls`` mqtt listeners in front of a real mosquitto.
+
+The gateway issues each listener's server certificate from its own CA on first start; devices
+trust fleetgate's root (``/pki/root.pem``). mtls devices hold a key of their own and a
+certificate fleetgate issued from their CSR; the device is the certificate's CN. Behind the
+listeners is mosquitto's plain listener (a local broker: ``unsafe_plaintext``), where an
+observer sees what arrives.
+
+Real clients only: ``mosquitto_pub``, paho-mqtt and ``openssl s_client``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import signal
+import socket
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from e2e.conftest import ADMIN
+from e2e.gateway import Gateway, free_port
+from e2e.pki_support import (
+    add_device,
+    fetch,
+    issue_csr,
+    make_csr,
+    openssl,
+    revoke,
+    running_gateway,
+    write_pem,
+)
+from support.certs import TestCA
+from support.mosquitto import BrokerTls, MosquittoBroker, find_binary, running_mosquitto
+from support.mqtt_peer import HOST, TIMEOUT_S, Peer, TlsFiles
+
+ACL = "topic readwrite #\n"
+LISTENERS = ("tls", "mtls")
+
+
+@dataclass
+class Site:
+    gateway: Gateway
+    broker: MosquittoBroker
+    ports: dict[str, int]
+    workdir: Path
+    root: Path  # fleetgate's root CA: what devices trust
+
+    def api(self) -> httpx.Client:
+        return self.gateway.client(ADMIN)
+
+
+def _config(ports: dict[str, int], broker_plain_port: int) -> str:
+    listener = {"protocol": "mqtt", "destination": "local"}
+    tables: dict[str, dict[str, Any]] = {
+        "destinations.local": {"address": f"{HOST}:{broker_plain_port}", "unsafe_plaintext": True},
+        "listeners.tls": {**listener, "bind": f"{HOST}:{ports['tls']}"},
+        "listeners.tls.tls": {"mode": "tls", "server_names": [HOST]},
+        "listeners.mtls": {
+            **listener,
+            "bind": f"{HOST}:{ports['mtls']}",
+            "identity": "certificate",
+        },
+        "listeners.mtls.tls": {"mode": "mtls", "server_names": [HOST]},
+    }
+    lines: list[str] = []
+    for name, values in tables.items():
+        lines += ["", f"[{name}]", *(f"{k} = {json.dumps(v)}" for k, v in values.items())]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    for tool in ("mosquitto", "mosquitto_pub"):
+        find_binary(tool)  # a missing peer fails the module (MosquittoNotInstalled)
+    workdir = tmp_path_factory.mktemp("device-tls")
+    with running_gateway(workdir / "data", FLEETGATE_ADMIN_TOKEN=ADMIN) as gateway:
+        root = fetch(gateway, "/pki/root.pem", workdir / "root.pem")
+        broker_ca = TestCA.create("broker test root")
+        server = broker_ca.issue_server(dns_names=("localhost",)).write(workdir, "broker")
+        with running_mosquitto(BrokerTls(root, server), ACL, plain_listener=True) as broker:
+            assert broker.plain_port is not None
+            ports = {name: free_port() for name in LISTENERS}
+            mark = gateway.mark()
+            with gateway.data_dir.joinpath("fleetgate.toml").open("a") as out:
+                out.write(_config(ports, broker.plain_port))
+            gateway.signal(signal.SIGHUP)
+            gateway.wait_for("config.reloaded", since=mark)
+            bound = {
+                e["listener"] for e in gateway.events[mark:] if e.get("event") == "listener.bound"
+            }
+            assert bound == set(LISTENERS), gateway.events[mark:]
+            yield Site(gateway, broker, ports, workdir, root)
+
+
+_addresses = (f"127.0.3.{n}" for n in itertools.count(1))
+
+
+@dataclass(frozen=True)
+class TlsDevice:
+    id: str
+    files: TlsFiles
+    serial: str
+
+
+def enroll(site: Site, device_id: str) -> TlsDevice:
+    """A device with its own key and the certificate fleetgate issued from its CSR."""
+    with site.api() as api:
+        add_device(api, device_id)
+        key, csr = make_csr(site.workdir, device_id, f"/CN={device_id}")
+        issued = issue_csr(api, device_id, csr)
+    cert = write_pem(
+        site.workdir / f"{device_id}.crt", issued["certificate_pem"] + issued["chain_pem"]
+    )
+    return TlsDevice(device_id, TlsFiles(site.root, cert, key), issued["certificate"]["serial"])
+
+
+@pytest.fixture
+def observer(site: Site) -> Iterator[Peer]:
+    """A subscriber on the broker's plain listener: what the broker delivers."""
+    assert site.broker.plain_port is not None
+    peer = Peer(f"observer-{next(_addresses)}")
+    try:
+        assert not peer.start(site.broker.plain_port, source=HOST).is_failure
+        peer.subscribe("#", 1)
+        yield peer
+    finally:
+        peer.stop()
+
+
+def mosquitto_pub(port: int, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [find_binary("mosquitto_pub"), "-h", HOST, "-p", str(port), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+
+
+def s_client(port: int, *args: str | Path) -> str:
+    """``openssl s_client`` handshake (then EOF on stdin): everything it printed."""
+    done = openssl(
+        "s_client", "-connect", f"{HOST}:{port}", "-servername", HOST, *args, check=False
+    )
+    return done.stdout + done.stderr
+
+
+# -- tls: the gateway authenticates itself; the source address names the device ------------------
+
+
+def test_tls_listener_relays_mosquitto_pub_trusting_fleetgate_root(
+    site: Site, observer: Peer
+) -> None:
+    source = next(_addresses)
+    with site.api() as api:
+        add_device(api, "tls-sensor", addresses=[source])
+    published = mosquitto_pub(
+        site.ports["tls"], "-A", source, "--cafile", site.root, "-q", "1",
+        "-t", "tls/one", "-m", "over tls",
+    )  # fmt: skip
+    assert published.returncode == 0, published.stderr
+    message = observer.next_message()
+    assert (message.topic, message.payload) == ("tls/one", b"over tls")
+
+
+def test_tls_listener_issued_its_certificate_and_speaks_only_modern_tls(site: Site) -> None:
+    shown = s_client(site.ports["tls"], "-CAfile", site.root, "-verify_return_error", "-brief")
+    assert "Verification: OK" in shown, shown
+    assert "TLSv1.3" in shown, shown
+    mark = site.gateway.mark()
+    old = s_client(site.ports["tls"], "-CAfile", site.root, "-tls1_1")
+    assert "alert number 70" in old, old  # protocol_version: no session was made
+    # (the first connection, closed without an MQTT CONNECT, is refused too: client_closed)
+    site.gateway.wait_for(
+        "listener.refused",
+        lambda e: e["listener"] == "tls" and e["reason"] == "protocol_version",
+        since=mark,
+    )
+
+
+# -- mtls: the device is its certificate --------------------------------------------------------
+
+
+def test_mtls_device_publishes_with_its_own_certificate(site: Site, observer: Peer) -> None:
+    device = enroll(site, "mtls-meter-1")
+    mark = site.gateway.mark()
+    published = mosquitto_pub(
+        site.ports["mtls"], "--cafile", site.root, "--cert", device.files.cert,
+        "--key", device.files.key, "-q", "1", "-t", "mtls/one", "-m", "signed in",
+    )  # fmt: skip
+    assert published.returncode == 0, published.stderr
+    message = observer.next_message()
+    assert (message.topic, message.payload) == ("mtls/one", b"signed in")
+    connected = site.gateway.wait_for("listener.connected", since=mark)
+    assert (connected["listener"], connected["device"]) == ("mtls", device.id)
+
+
+def _refused(site: Site, mark: int) -> dict[str, Any]:
+    return site.gateway.wait_for(
+        "listener.refused", lambda e: e["listener"] == "mtls", since=mark, timeout_s=TIMEOUT_S
+    )
+
+
+def test_mtls_refuses_a_client_without_a_certificate_with_an_alert(site: Site) -> None:
+    mark = site.gateway.mark()
+    # TLS 1.3: the client has finished when the server judges it; the alert comes with the
+    # first read (-ign_eof keeps s_client reading until the server closes).
+    shown = s_client(site.ports["mtls"], "-CAfile", site.root, "-tls1_3", "-ign_eof")
+    assert "certificate required" in shown.lower(), shown
+    assert _refused(site, mark)["reason"] == "no_client_certificate"
+
+
+def test_mtls_refuses_a_certificate_from_another_ca_naming_unknown_ca(site: Site) -> None:
+    stranger = TestCA.create("stranger").issue_client("mtls-stranger")
+    files = stranger.write(site.workdir, "stranger")
+    mark = site.gateway.mark()
+    shown = s_client(
+        site.ports["mtls"], "-CAfile", site.root, "-cert", files.cert, "-key", files.key, "-ign_eof"
+    )
+    assert "unknown ca" in shown.lower(), shown
+    assert _refused(site, mark)["reason"] == "unknown_ca"
+
+
+def test_a_revoked_certificate_is_refused_at_the_handshake(site: Site) -> None:
+    device = enroll(site, "mtls-revoked")
+    mark = site.gateway.mark()
+    with site.api() as api:
+        revoke(api, device.serial)
+    site.gateway.wait_for("listener.tls_reloaded", since=mark)
+    assert device.files.cert is not None
+    assert device.files.key is not None
+    shown = s_client(
+        site.ports["mtls"], "-CAfile", site.root, "-cert", device.files.cert,
+        "-key", device.files.key, "-ign_eof",
+    )  # fmt: skip
+    assert "certificate revoked" in shown.lower(), shown
+    assert _refused(site, mark)["reason"] == "certificate_revoked"
+
+
+def test_revoking_a_certificate_cuts_its_live_connection_and_no_other(site: Site) -> None:
+    doomed, kept = enroll(site, "mtls-live-a"), enroll(site, "mtls-live-b")
+    a = Peer("live-a", tls=doomed.files)
+    b = Peer("live-b", tls=kept.files)
+    try:
+        assert not a.start(site.ports["mtls"], source=HOST).is_failure
+        assert not b.start(site.ports["mtls"], source=HOST).is_failure
+        mark = site.gateway.mark()
+        with site.api() as api:
+            revoke(api, doomed.serial)
+        # The issue's bound: cut within 2 s of the revocation.
+        assert a.disconnected.wait(2.0), "the revoked device is still connected"
+        cut = site.gateway.wait_for("listener.connection_cut", since=mark)
+        assert (cut["device"], cut["reason"]) == (doomed.id, "certificate_revoked")
+        assert not b.disconnected.is_set()
+        b.publish("mtls/still-here", b"yes", qos=1)
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_plain_mqtt_on_a_tls_listener_is_not_tls(site: Site) -> None:
+    """A device that forgot TLS gets a TLS alert (not a hang) and the log says not_tls."""
+    connect = b"\x10\x10\x00\x04MQTT\x04\x02\x00\x1e\x00\x04oops"
+    mark = site.gateway.mark()
+    with socket.create_connection((HOST, site.ports["tls"]), timeout=TIMEOUT_S) as sock:
+        sock.sendall(connect)
+        answer = sock.recv(100)
+    assert answer[:1] == b"\x15", answer  # a TLS alert record
+    refused = site.gateway.wait_for(
+        "listener.refused", lambda e: e["listener"] == "tls", since=mark
+    )
+    assert refused["reason"] == "not_tls", refused
