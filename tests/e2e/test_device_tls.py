@@ -1,8 +1,10 @@
-"""Devices that speak TLS: ``tls`` and ``mtls`` mqtt listeners in front of a real mosquitto.
+"""Devices that speak TLS: ``tls``, ``mtls`` and ``psk`` mqtt listeners in front of a real
+mosquitto.
 
 The gateway issues each listener's server certificate from its own CA on first start; devices
 trust fleetgate's root (``/pki/root.pem``). mtls devices hold a key of their own and a
-certificate fleetgate issued from their CSR; the device is the certificate's CN. Behind the
+certificate fleetgate issued from their CSR; the device is the certificate's CN. psk devices
+hold a key that is also a ``psk`` credential bound to them in the store. Behind the
 listeners is mosquitto's plain listener (a local broker: ``unsafe_plaintext``), where an
 observer sees what arrives.
 
@@ -13,8 +15,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import signal
 import socket
+import ssl
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,7 +45,7 @@ from support.mosquitto import BrokerTls, MosquittoBroker, find_binary, running_m
 from support.mqtt_peer import HOST, TIMEOUT_S, Peer, TlsFiles
 
 ACL = "topic readwrite #\n"
-LISTENERS = ("tls", "mtls")
+LISTENERS = ("tls", "mtls", "psk")
 
 
 @dataclass
@@ -68,6 +72,8 @@ def _config(ports: dict[str, int], broker_plain_port: int) -> str:
             "identity": "certificate",
         },
         "listeners.mtls.tls": {"mode": "mtls", "server_names": [HOST]},
+        "listeners.psk": {**listener, "bind": f"{HOST}:{ports['psk']}", "identity": "psk"},
+        "listeners.psk.tls": {"mode": "psk", "psk_identity_hint": "fleetgate"},
     }
     lines: list[str] = []
     for name, values in tables.items():
@@ -107,6 +113,16 @@ class TlsDevice:
     id: str
     files: TlsFiles
     serial: str
+
+    @property
+    def cert(self) -> Path:
+        assert self.files.cert is not None
+        return self.files.cert
+
+    @property
+    def key(self) -> Path:
+        assert self.files.key is not None
+        return self.files.key
 
 
 def enroll(site: Site, device_id: str) -> TlsDevice:
@@ -192,8 +208,8 @@ def test_mtls_device_publishes_with_its_own_certificate(site: Site, observer: Pe
     device = enroll(site, "mtls-meter-1")
     mark = site.gateway.mark()
     published = mosquitto_pub(
-        site.ports["mtls"], "--cafile", site.root, "--cert", device.files.cert,
-        "--key", device.files.key, "-q", "1", "-t", "mtls/one", "-m", "signed in",
+        site.ports["mtls"], "--cafile", site.root, "--cert", device.cert,
+        "--key", device.key, "-q", "1", "-t", "mtls/one", "-m", "signed in",
     )  # fmt: skip
     assert published.returncode == 0, published.stderr
     message = observer.next_message()
@@ -234,11 +250,9 @@ def test_a_revoked_certificate_is_refused_at_the_handshake(site: Site) -> None:
     with site.api() as api:
         revoke(api, device.serial)
     site.gateway.wait_for("listener.tls_reloaded", since=mark)
-    assert device.files.cert is not None
-    assert device.files.key is not None
     shown = s_client(
-        site.ports["mtls"], "-CAfile", site.root, "-cert", device.files.cert,
-        "-key", device.files.key, "-ign_eof",
+        site.ports["mtls"], "-CAfile", site.root, "-cert", device.cert,
+        "-key", device.key, "-ign_eof",
     )  # fmt: skip
     assert "certificate revoked" in shown.lower(), shown
     assert _refused(site, mark)["reason"] == "certificate_revoked"
@@ -277,3 +291,112 @@ def test_plain_mqtt_on_a_tls_listener_is_not_tls(site: Site) -> None:
         "listener.refused", lambda e: e["listener"] == "tls", since=mark
     )
     assert refused["reason"] == "not_tls", refused
+
+
+# -- psk: the device is the identity of its pre-shared key -----------------------------------------
+
+
+@dataclass(frozen=True)
+class PskDevice:
+    id: str
+    identity: str
+    key_hex: str
+    credential_id: str
+
+
+def enroll_psk(site: Site, device_id: str) -> PskDevice:
+    key_hex = os.urandom(32).hex()
+    identity = f"id-{device_id}"
+    with site.api() as api:
+        add_device(api, device_id)
+        created = api.post(
+            "/v1/credentials",
+            json={"id": f"psk-{device_id}", "kind": "psk", "device_id": device_id,
+                  "public": {"identity": identity}, "secret": key_hex},
+        )  # fmt: skip
+        assert created.status_code == 201, created.text
+    return PskDevice(device_id, identity, key_hex, f"psk-{device_id}")
+
+
+def psk_context(device: PskDevice, *, key_hex: str | None = None) -> ssl.SSLContext:
+    """A device's client context: no certificates, its identity and key."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # PSK authenticates the server; there is no certificate
+    key = bytes.fromhex(key_hex or device.key_hex)
+    context.set_psk_client_callback(lambda hint: (device.identity, key))
+    return context
+
+
+def test_psk_device_publishes_with_mosquitto_pub(site: Site, observer: Peer) -> None:
+    device = enroll_psk(site, "psk-meter-1")
+    mark = site.gateway.mark()
+    published = mosquitto_pub(
+        site.ports["psk"], "--psk", device.key_hex, "--psk-identity", device.identity,
+        "-q", "1", "-t", "psk/one", "-m", "pre-shared",
+    )  # fmt: skip
+    assert published.returncode == 0, published.stderr
+    message = observer.next_message()
+    assert (message.topic, message.payload) == ("psk/one", b"pre-shared")
+    connected = site.gateway.wait_for("listener.connected", since=mark)
+    assert (connected["listener"], connected["device"]) == ("psk", device.id)
+
+
+@pytest.mark.parametrize("version", ["-tls1_3", "-tls1_2"])
+def test_openssl_s_client_completes_a_psk_handshake(site: Site, version: str) -> None:
+    device = enroll_psk(site, f"psk-sclient{version}")
+    shown = s_client(
+        site.ports["psk"], version, "-psk", device.key_hex, "-psk_identity", device.identity
+    )
+    expected = "TLSv1.3" if version == "-tls1_3" else "TLSv1.2"
+    assert f"{expected}, Cipher is" in shown, shown
+    assert "alert" not in shown.lower(), shown
+
+
+@pytest.mark.parametrize("version", ["-tls1_3", "-tls1_2"])
+def test_an_unknown_psk_identity_is_refused_by_name(site: Site, version: str) -> None:
+    mark = site.gateway.mark()
+    shown = s_client(
+        site.ports["psk"], version, "-psk", os.urandom(32).hex(), "-psk_identity", "nobody"
+    )
+    assert "alert" in shown.lower(), shown
+    refused = site.gateway.wait_for(
+        "listener.refused", lambda e: e["listener"] == "psk", since=mark
+    )
+    assert refused["reason"] == "unknown_psk_identity", refused
+
+
+@pytest.mark.parametrize("version", ["-tls1_3", "-tls1_2"])
+def test_a_wrong_psk_is_refused_by_name(site: Site, version: str) -> None:
+    device = enroll_psk(site, f"psk-wrong-key{version}")
+    mark = site.gateway.mark()
+    shown = s_client(
+        site.ports["psk"], version, "-psk", os.urandom(32).hex(),
+        "-psk_identity", device.identity, "-ign_eof",
+    )  # fmt: skip
+    assert "alert" in shown.lower(), shown
+    refused = site.gateway.wait_for(
+        "listener.refused", lambda e: e["listener"] == "psk", since=mark
+    )
+    assert refused["reason"] == "wrong_psk", refused
+
+
+def test_deleting_a_psk_cuts_its_live_connection_and_no_other(site: Site) -> None:
+    doomed, kept = enroll_psk(site, "psk-live-a"), enroll_psk(site, "psk-live-b")
+    a = Peer("psk-live-a", tls=psk_context(doomed))
+    b = Peer("psk-live-b", tls=psk_context(kept))
+    try:
+        assert not a.start(site.ports["psk"], source=HOST).is_failure
+        assert not b.start(site.ports["psk"], source=HOST).is_failure
+        mark = site.gateway.mark()
+        with site.api() as api:
+            deleted = api.delete(f"/v1/credentials/{doomed.credential_id}")
+            assert deleted.status_code == 204, deleted.text
+        assert a.disconnected.wait(2.0), "the device whose PSK was deleted is still connected"
+        cut = site.gateway.wait_for("listener.connection_cut", since=mark)
+        assert (cut["device"], cut["reason"]) == (doomed.id, "psk_removed")
+        assert not b.disconnected.is_set()
+        b.publish("psk/still-here", b"yes", qos=1)
+    finally:
+        a.stop()
+        b.stop()

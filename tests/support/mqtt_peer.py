@@ -4,6 +4,7 @@ waits on, with a timeout, never a sleep."""
 from __future__ import annotations
 
 import queue
+import ssl
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ class Peer:
         username: str | None = None,
         password: str | None = None,
         will: tuple[str, bytes] | None = None,
-        tls: TlsFiles | None = None,
+        tls: TlsFiles | ssl.SSLContext | None = None,
     ) -> None:
         self.client_id = client_id
         self.client = mqtt.Client(
@@ -51,7 +52,9 @@ class Peer:
             self.client.username_pw_set(username, password)
         if will is not None:
             self.client.will_set(will[0], will[1], qos=1)
-        if tls is not None:
+        if isinstance(tls, ssl.SSLContext):
+            self.client.tls_set_context(tls)
+        elif tls is not None:
             self.client.tls_set(
                 ca_certs=str(tls.cafile),
                 certfile=str(tls.cert) if tls.cert else None,

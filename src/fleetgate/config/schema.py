@@ -237,14 +237,16 @@ class ListenerTlsConfig(Frozen):
     ``tls`` authenticates the gateway to the device; ``mtls`` also requires a client
     certificate chaining to a CA in the store (fleetgate's own, or one trusted with
     ``fleetgate ca trust``), checked against fleetgate's CRLs at the handshake and against the
-    store for as long as the connection lives.
+    store for as long as the connection lives. ``psk`` authenticates both sides with the
+    device's pre-shared key (a ``psk`` credential bound to the device; TLS 1.3 external PSK or
+    the TLS 1.2 PSK suites): no certificates at all.
 
     The server certificate is the store credential ``certificate`` (default
     ``listener-<name>``), issued by fleetgate's CA on first start for ``server_names`` and renewed
     by fleetgate; or ``cert_file``/``key_file``, read again on reload.
     """
 
-    mode: Literal["tls", "mtls"]
+    mode: Literal["tls", "mtls", "psk"]
     certificate: str | None = Field(
         default=None, description="credential holding the server certificate: listener-<name>"
     )
@@ -257,6 +259,9 @@ class ListenerTlsConfig(Frozen):
     handshake_timeout_s: float = Field(default=10.0, gt=0, le=300)
     device_name_from: Literal["cn", "san_dns", "san_uri", "email"] = Field(
         default="cn", description="mtls: the certificate field naming the device"
+    )
+    psk_identity_hint: str | None = Field(
+        default=None, max_length=128, description="psk: the hint sent to devices (TLS 1.2)"
     )
 
     @model_validator(mode="after")
@@ -283,7 +288,7 @@ class ListenerConfig(Frozen):
     bind: Address
     destination: DestinationName | None = None
     forward_to: Address | None = None
-    identity: Literal["source_address", "username", "certificate"] = "source_address"
+    identity: Literal["source_address", "username", "certificate", "psk"] = "source_address"
     username_field: str = Field(
         default="device_id",
         description="what a username names: device_id or a unique attribute (imsi, imei, ...)",
@@ -309,6 +314,8 @@ class ListenerConfig(Frozen):
             raise ValueError("tls is for stream listeners (tcp, mqtt, http); udp has no TLS here")
         if self.identity == "certificate" and (self.tls is None or self.tls.mode != "mtls"):
             raise ValueError("identity = certificate needs [tls] mode = mtls")
+        if (self.identity == "psk") != (self.tls is not None and self.tls.mode == "psk"):
+            raise ValueError("identity = psk and [tls] mode = psk go together")
         if self.forward_to is not None and self.protocol != "tcp":
             raise ValueError("forward_to is for tcp listeners; use destination for this protocol")
         if self.forward_to is not None and self.destination is not None:

@@ -19,6 +19,7 @@ from fleetgate.clock import Clock
 from fleetgate.config.schema import DestinationConfig, ListenerConfig
 from fleetgate.dataplane.endpoint import Endpoint
 from fleetgate.dataplane.policy import Refusal
+from fleetgate.dataplane.psk import PskTable
 from fleetgate.dataplane.registry import CredentialUnusable, Material, RegistryView
 from fleetgate.dataplane.tls_endpoint import TlsEndpoint
 from fleetgate.dataplane.upstream import ClientCertificate, Upstream, UpstreamError
@@ -87,12 +88,14 @@ class DataPath:
         destinations: Mapping[str, DestinationConfig],
         clock: Clock,
         metrics: Metrics,
+        keys: PskTable,
     ) -> None:
         self.registry = registry
         self.upstream = upstream
         self.destinations = dict(destinations)
         self.clock = clock
         self.metrics = metrics
+        self.keys = keys  # device PSKs by identity (psk listeners)
 
     def reconfigure(self, destinations: Mapping[str, DestinationConfig]) -> None:
         self.destinations = dict(destinations)
@@ -135,6 +138,14 @@ class DataPath:
                 )
         device = await self.registry.device_by_field("device_id", name)
         return self.admit(device), serial
+
+    async def by_psk(self, identity: str | None) -> tuple[Device, str]:
+        """The device whose PSK the handshake used, and that credential's id."""
+        entry = self.keys.get(identity)
+        if entry is None:  # removed between the handshake and now
+            raise Refused("unknown_psk_identity", f"identity {identity!r}")
+        device = await self.registry.device_by_field("device_id", entry.device_id)
+        return self.admit(device), entry.credential_id
 
     async def by_login(
         self, listener: ListenerConfig, username: str | None, password: bytes | None

@@ -27,6 +27,11 @@ from fleetgate.records import Device
 
 log = get_logger("fleetgate.dataplane")
 _conn_ids = itertools.count(1)
+# On a psk listener some failures can only mean one thing.
+_PSK_CAUSES = {
+    "no_suitable_signature": "unknown_psk_identity",  # TLS 1.3: no PSK of ours was offered
+    "bad_record_mac": "wrong_psk",  # TLS 1.2: the Finished did not decrypt
+}
 
 
 @dataclass
@@ -42,20 +47,24 @@ class Conn:
     device_id: str | None = None
     on_device: Callable[[Conn, str], None] = field(default=lambda conn, device: None)
     peer_certificate: bytes | None = None  # mtls: the device's verified certificate (DER)
-    certificate_serial: str | None = None  # and its serial, once identified by it
+    psk_identity: str | None = None  # psk: the identity whose key the handshake used
+    # What authenticated the device, once known: a certificate serial or a PSK credential id.
+    credential: str | None = None
 
     async def device(self) -> Device:
         """The device this connection is, by what the listener trusts for it: the verified
-        client certificate (``identity = "certificate"``) or the source address. (A login
-        in the device's protocol is the handler's business.)"""
+        client certificate, the PSK of the handshake, or the source address. (A login in the
+        device's protocol is the handler's business.)"""
         if self.config.identity == "certificate":
             assert self.config.tls is not None
             if self.peer_certificate is None:
                 raise Refused("no_client_certificate", "the handshake brought no certificate")
-            device, serial = await self.path.by_certificate(
+            device, self.credential = await self.path.by_certificate(
                 self.peer_certificate, self.config.tls.device_name_from
             )
-            self.certificate_serial = serial
+            return device
+        if self.config.identity == "psk":
+            device, self.credential = await self.path.by_psk(self.psk_identity)
             return device
         return await self.path.by_source(self.source)
 
@@ -168,15 +177,15 @@ class StreamListener:
         reason: str,
         *,
         keep_sources: tuple[str, ...] = (),
-        certificate_serial: str | None = None,
+        credential: str | None = None,
     ) -> int:
         """Close ``device_id``'s live connections (except from ``keep_sources``; only those
-        identified by ``certificate_serial`` if given); how many."""
+        ``credential`` authenticated, if given); how many."""
         cut = 0
         for task, conn in list(self._by_device.get(device_id, {}).items()):
             if conn.source in keep_sources:
                 continue
-            if certificate_serial is not None and conn.certificate_serial != certificate_serial:
+            if credential is not None and conn.credential != credential:
                 continue
             task.cancel()
             cut += 1
@@ -228,8 +237,14 @@ class StreamListener:
         except TimeoutError:
             raise Refused("handshake_timeout", f"no TLS handshake within {timeout_s} s") from None
         except TlsFailure as exc:
-            raise Refused(exc.cause, exc.detail) from None
-        conn.peer_certificate = endpoint.ssl_object.getpeercert(binary_form=True)
+            cause = exc.cause
+            if self.tls.config.mode == "psk":
+                cause = _PSK_CAUSES.get(cause, cause)
+            raise Refused(cause, exc.detail) from None
+        if self.tls.config.mode == "psk":
+            conn.psk_identity = endpoint.psk_identity
+        else:
+            conn.peer_certificate = endpoint.ssl_object.getpeercert(binary_form=True)
 
     async def _serve(self, endpoint: Endpoint) -> None:
         peer = endpoint.peer_address()

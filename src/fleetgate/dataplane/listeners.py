@@ -16,6 +16,7 @@ from fleetgate.dataplane.proxy_http import make_http_handler
 from fleetgate.dataplane.proxy_mqtt import serve_mqtt
 from fleetgate.dataplane.proxy_tcp import serve_tcp
 from fleetgate.dataplane.proxy_udp import UdpListener
+from fleetgate.dataplane.psk import PskTable
 from fleetgate.dataplane.registry import RegistryView
 from fleetgate.dataplane.server_tls import ServerTls, TlsSetupError
 from fleetgate.dataplane.upstream import Upstream
@@ -47,7 +48,7 @@ class Listener(Protocol):
         reason: str,
         *,
         keep_sources: tuple[str, ...] = (),
-        certificate_serial: str | None = None,
+        credential: str | None = None,
     ) -> int: ...
 
 
@@ -64,7 +65,10 @@ class ListenerSet:
         self._services = services
         self._health = health
         self._reuse_port = reuse_port
-        self.path = DataPath(RegistryView(services, clock), Upstream(clock), {}, clock, metrics)
+        self.keys = PskTable(services)
+        self.path = DataPath(
+            RegistryView(services, clock), Upstream(clock), {}, clock, metrics, self.keys
+        )
         self.http = HttpUpstream(self.path, clock)
         self._handlers: dict[str, Handler] = {
             "tcp": serve_tcp,
@@ -86,7 +90,11 @@ class ListenerSet:
             self.path,
             self._handlers[config.protocol],
             reuse_port=self._reuse_port,
-            tls=ServerTls(name, config.tls, self._services) if config.tls is not None else None,
+            tls=(
+                ServerTls(name, config.tls, self._services, self.keys)
+                if config.tls is not None
+                else None
+            ),
         )
 
     async def _start(self, name: str, config: ListenerConfig) -> None:
@@ -116,6 +124,8 @@ class ListenerSet:
         to new connections.
         """
         self.path.reconfigure(destinations or {})
+        if any(c.tls is not None and c.tls.mode == "psk" for c in configs.values()):
+            await self.keys.load()
         for name in list(self._listeners):
             if configs.get(name) != self._listeners[name].config:
                 old = self._listeners.pop(name)
@@ -169,13 +179,27 @@ class ListenerSet:
                     listener.cut(
                         issued.device_id,
                         "certificate_revoked",
-                        certificate_serial=change.target_id,
+                        credential=change.target_id,
                     )
             await self._reload_tls(lambda tls: tls.config.mode == "mtls", "certificate revoked")
         elif change.target_type == "ca":
             await self._reload_tls(lambda tls: tls.config.mode == "mtls", "CAs changed")
         elif change.action == "certificate.renew" or change.target_type == "credential":
             await self._reload_tls(lambda tls: tls.uses_store, change.action)
+        if change.target_type == "credential" and self._serves_psk():
+            await self._psk_change()
+
+    def _serves_psk(self) -> bool:
+        return any(
+            lst.config.tls is not None and lst.config.tls.mode == "psk"
+            for lst in [*self._listeners.values(), *self._retired]
+        )
+
+    async def _psk_change(self) -> None:
+        """Read the PSKs again; a removed or replaced key closes what it authenticated."""
+        for gone in await self.keys.load():
+            for listener in [*self._listeners.values(), *self._retired]:
+                listener.cut(gone.device_id, "psk_removed", credential=gone.credential_id)
 
     async def close(self, drain_timeout_s: float) -> None:
         everyone = [*self._listeners.values(), *self._retired]

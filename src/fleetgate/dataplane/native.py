@@ -1,6 +1,6 @@
 """The few OpenSSL calls the ``ssl`` module does not offer, reached through ctypes.
 
-Three things the data path needs and the ``ssl`` module does not do well:
+What the data path needs and the ``ssl`` module does not do well:
 
 * taking a session out of a connection for resumption: ``SSLObject.session`` leaks about
   6 KiB per read on the CPython builds here (3.12 and 3.13.0), and fleetgate reads one per

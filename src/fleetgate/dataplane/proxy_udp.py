@@ -97,7 +97,7 @@ class UdpListener:
         reason: str,
         *,
         keep_sources: tuple[str, ...] = (),
-        certificate_serial: str | None = None,
+        credential: str | None = None,
     ) -> int:
         return 0
 

@@ -25,6 +25,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from fleetgate.config.schema import ListenerTlsConfig
+from fleetgate.dataplane.psk import PskTable
+from fleetgate.dataplane.tls_endpoint import stepping
 from fleetgate.logs import get_logger
 from fleetgate.pki.keys import KeyAlgorithm
 from fleetgate.pki.profiles import Profile
@@ -53,6 +55,20 @@ INTERMEDIATE_TLS12_CIPHERS = ":".join(
 )
 
 
+# TLS 1.2 PSK suites with forward secrecy first, AEAD only.
+PSK_TLS12_CIPHERS = ":".join(
+    (
+        "ECDHE-PSK-CHACHA20-POLY1305",
+        "DHE-PSK-AES128-GCM-SHA256",
+        "DHE-PSK-AES256-GCM-SHA384",
+        "DHE-PSK-CHACHA20-POLY1305",
+        "PSK-AES128-GCM-SHA256",
+        "PSK-AES256-GCM-SHA384",
+        "PSK-CHACHA20-POLY1305",
+    )
+)
+
+
 class TlsSetupError(Exception):
     """The listener's TLS material cannot be used; ``str()`` says which and why."""
 
@@ -68,6 +84,31 @@ def _memfd(name: str, data: bytes) -> tuple[int, str]:
     return fd, f"/proc/self/fd/{fd}"
 
 
+def _hardened(config: ListenerTlsConfig) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = (
+        ssl.TLSVersion.TLSv1_3 if config.min_tls == "1.3" else ssl.TLSVersion.TLSv1_2
+    )
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    return context
+
+
+def build_psk_context(config: ListenerTlsConfig, keys: PskTable) -> ssl.SSLContext:
+    """A certificate-less server context: each device proves itself with its own PSK."""
+    context = _hardened(config)
+    context.set_ciphers(PSK_TLS12_CIPHERS)
+
+    def key(identity: str | None) -> bytes:
+        found = keys.key(identity)
+        endpoint = stepping()
+        if endpoint is not None and found:
+            endpoint.psk_identity = identity  # OpenSSL does not keep it for TLS 1.3
+        return found
+
+    context.set_psk_server_callback(key, config.psk_identity_hint)
+    return context
+
+
 def build_server_context(
     config: ListenerTlsConfig,
     chain_pem: bytes,
@@ -77,11 +118,7 @@ def build_server_context(
     check_crl: bool = False,
 ) -> ssl.SSLContext:
     """The hardened server context; ``trust_pem`` (CA certificates and CRLs) for mtls."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = (
-        ssl.TLSVersion.TLSv1_3 if config.min_tls == "1.3" else ssl.TLSVersion.TLSv1_2
-    )
-    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    context = _hardened(config)
     context.set_ciphers(INTERMEDIATE_TLS12_CIPHERS)
     opened = [_memfd("fleetgate-chain", chain_pem), _memfd("fleetgate-key", key_pem.reveal())]
     try:
@@ -101,9 +138,12 @@ def build_server_context(
 class ServerTls:
     """One listener's server side: its material, and the context new handshakes use."""
 
-    def __init__(self, listener: str, config: ListenerTlsConfig, services: Services) -> None:
+    def __init__(
+        self, listener: str, config: ListenerTlsConfig, services: Services, keys: PskTable
+    ) -> None:
         self.listener = listener
         self.config = config
+        self._keys = keys
         self.credential_id = config.certificate or f"listener-{listener}"
         self._services = services
         self._context: ssl.SSLContext | None = None
@@ -116,12 +156,15 @@ class ServerTls:
 
     @property
     def uses_store(self) -> bool:
-        return self.config.cert_file is None
+        return self.config.mode != "psk" and self.config.cert_file is None
 
     async def load(self) -> None:
         """Build the context from the current material (issuing the server certificate on
         first use); keep the running one and raise :class:`TlsSetupError` if that fails."""
         async with self._lock:
+            if self.config.mode == "psk":
+                self._context = build_psk_context(self.config, self._keys)
+                return
             try:
                 chain, key = await self._server_material()
                 trust, check_crl = (

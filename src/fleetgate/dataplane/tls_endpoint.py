@@ -62,11 +62,26 @@ _REASON_CAUSES = {
     "HTTP_REQUEST": "not_tls",
     "HTTPS_PROXY_REQUEST": "not_tls",
     "PACKET_LENGTH_TOO_LONG": "not_tls",
+    "PSK_IDENTITY_NOT_FOUND": "unknown_psk_identity",
+    "BINDER_DOES_NOT_VERIFY": "wrong_psk",  # TLS 1.3: a known identity, another key
+    # TLS 1.2: the peer's Finished does not decrypt (with PSK: the keys differ).
+    "DECRYPTION_FAILED_OR_BAD_RECORD_MAC": "bad_record_mac",
+    # TLS 1.3 with no usable PSK falls back to certificates, which a psk listener has none of.
+    "NO_SUITABLE_SIGNATURE_ALGORITHM": "no_suitable_signature",
 }
 
 
 # A fatal unexpected_message alert (RFC 8446 section 6), as a TLS 1.2 plaintext record.
 UNEXPECTED_MESSAGE_ALERT = b"\x15\x03\x03\x00\x02\x02\x0a"
+# The endpoint whose handshake OpenSSL is stepping (one at a time: the loop is one thread), for
+# callbacks that must know whose handshake they serve (the psk listener's key lookup).
+_STEPPING: list[TlsEndpoint | None] = [None]
+
+
+def stepping() -> TlsEndpoint | None:
+    return _STEPPING[0]
+
+
 # A session to resume: OpenSSL's own when it can be reached (see native), else the ssl module's.
 type Resumable = ssl.SSLSession | native.Session
 FREE_BUFFER_READS = 4
@@ -139,6 +154,7 @@ class TlsEndpoint(Endpoint):
         # a server refuses the client's certificate only after the client's handshake is done,
         # and the alert arrives with the first read.
         self.failure: TlsFailure | None = None
+        self.psk_identity: str | None = None  # server side: whose key the handshake used
         self.handshake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     @property
@@ -195,6 +211,13 @@ class TlsEndpoint(Endpoint):
     # -- handshake ----------------------------------------------------------------------------
 
     def _step_handshake(self) -> None:
+        _STEPPING[0] = self  # for callbacks OpenSSL makes from inside do_handshake()
+        try:
+            self._handshake_step()
+        finally:
+            _STEPPING[0] = None
+
+    def _handshake_step(self) -> None:
         try:
             self._ssl.do_handshake()
         except ssl.SSLWantReadError:
