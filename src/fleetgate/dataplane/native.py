@@ -7,7 +7,8 @@ What the data path needs and the ``ssl`` module does not do well:
   device credential;
 * handing that session to the next connection without CPython's copy through DER;
 * giving back OpenSSL's 16 KiB record buffer once an idle connection has read everything
-  (``SSL_free_buffers``): about a quarter of an idle proxied connection's memory.
+  (``SSL_free_buffers``): about a quarter of an idle proxied connection's memory;
+* choosing the key-exchange groups a server accepts (``SSL_CTX_set1_groups_list``).
 
 Reaching OpenSSL's objects means reading the pointers inside CPython's ``_ssl`` objects, whose
 layout is not a public interface. So nothing is trusted: at import, the layout is checked on a
@@ -92,6 +93,17 @@ def free_buffers(obj: ssl.SSLObject) -> bool:
     return bool(_lib.SSL_free_buffers(_ssl_pointer(obj)))
 
 
+_SSL_CTRL_SET_GROUPS_LIST = 92  # ssl.h
+
+
+def set_groups(context: ssl.SSLContext, groups: str) -> None:
+    """Limit the key-exchange groups a context offers/accepts (``"X25519:P-256:P-384"``)."""
+    assert _lib is not None
+    names = ctypes.create_string_buffer(groups.encode())
+    if _lib.SSL_CTX_ctrl(_ctx_pointer(context), _SSL_CTRL_SET_GROUPS_LIST, 0, names) != 1:
+        raise ValueError(f"OpenSSL refused the groups {groups!r}")
+
+
 def _load() -> ctypes.CDLL:
     """The libssl ``_ssl`` uses: already loaded in this process, so found by its soname."""
     import _ssl
@@ -119,6 +131,7 @@ def _bind(lib: ctypes.CDLL) -> None:
         "SSL_SESSION_free": ((vp,), None),
         "SSL_SESSION_is_resumable": ((vp,), c_int),
         "SSL_free_buffers": ((vp,), c_int),
+        "SSL_CTX_ctrl": ((vp, c_int, ctypes.c_long, vp), ctypes.c_long),
     }
     for name, (args, result) in signatures.items():
         function = getattr(lib, name)

@@ -25,6 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from fleetgate.config.schema import ListenerTlsConfig
+from fleetgate.dataplane import native
 from fleetgate.dataplane.psk import PskTable
 from fleetgate.dataplane.tls_endpoint import stepping
 from fleetgate.logs import get_logger
@@ -54,6 +55,9 @@ INTERMEDIATE_TLS12_CIPHERS = ":".join(
     )
 )
 
+
+# Mozilla "intermediate" key exchange groups (OpenSSL also offers X448 and P-521 by default).
+INTERMEDIATE_GROUPS = "X25519:P-256:P-384"
 
 # TLS 1.2 PSK suites with forward secrecy first, AEAD only.
 PSK_TLS12_CIPHERS = ":".join(
@@ -90,6 +94,10 @@ def _hardened(config: ListenerTlsConfig) -> ssl.SSLContext:
         ssl.TLSVersion.TLSv1_3 if config.min_tls == "1.3" else ssl.TLSVersion.TLSv1_2
     )
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    if native.AVAILABLE:
+        native.set_groups(context, INTERMEDIATE_GROUPS)
+    else:  # the ssl module sets one curve only: the one every client has
+        context.set_ecdh_curve("prime256v1")
     return context
 
 
