@@ -23,6 +23,7 @@ from fleetgate.datadir import DataDir, prepare
 from fleetgate.dataplane.listeners import ListenerSet
 from fleetgate.errors import ConfigError, FleetgateError, Unauthenticated
 from fleetgate.health import Health
+from fleetgate.limits import fds_needed, raise_nofile_limit
 from fleetgate.metrics import Metrics
 from fleetgate.sealing import Keyring, Secret
 from fleetgate.sealing.keyring import ENV_VAR as MASTER_KEY_ENV
@@ -191,6 +192,7 @@ class Gateway:
             self.clock,
             max_body_bytes=self.config.api.max_body_bytes,
             after_write=follower.poll_once,
+            reload=lambda: self.reload(listeners),
         )
         server = _ApiServer(
             uvicorn.Config(
@@ -343,6 +345,7 @@ def serve(options: ServeOptions, clock: Clock | None = None) -> int:
     data = prepare(options.data_dir, options.config_path)
     config = load_config(data.config_path, options.env)
     logs.configure(config.log.format, config.log.level)
+    raise_nofile_limit(fds_needed(config.listeners.values()))
     gateway = Gateway(options, data, config, clock or SystemClock())
     tune_malloc()
     import uvloop

@@ -18,6 +18,7 @@ from fleetgate.api.routes_ca import router as ca_router
 from fleetgate.api.routes_credentials import router as credentials_router
 from fleetgate.api.routes_devices import router as devices_router
 from fleetgate.api.routes_groups import router as groups_router
+from fleetgate.api.routes_node import router as node_router
 from fleetgate.api.routes_ops import router as ops_router
 from fleetgate.api.routes_pki import router as pki_router
 from fleetgate.api.routes_tokens import router as tokens_router
@@ -51,6 +52,7 @@ def build_app(
     *,
     max_body_bytes: int,
     after_write: Callable[[], Awaitable[object]] | None = None,
+    reload: Callable[[], Awaitable[None]] | None = None,
 ) -> FastAPI:
     app = FastAPI(
         title="fleetgate",
@@ -64,6 +66,7 @@ def build_app(
     app.state.health = health
     app.state.metrics = metrics
     app.state.clock = clock
+    app.state.reload = reload
     problems.install(app)
     for router in (
         ops_router,
@@ -74,6 +77,7 @@ def build_app(
         audit_router,
         ca_router,
         credentials_router,
+        node_router,
     ):
         app.include_router(router)
 

@@ -28,6 +28,7 @@ from fleetgate.services.bundle import Services
 from fleetgate.store.changes import Change
 
 log = get_logger("fleetgate.dataplane")
+FILE_CHECK_S = 2.0
 
 
 class Listener(Protocol):
@@ -77,6 +78,7 @@ class ListenerSet:
         }
         self._listeners: dict[str, Listener] = {}
         self._retired: list[Listener] = []
+        self._watching: asyncio.Task[None] | None = None
 
     def get(self, name: str) -> Listener | None:
         return self._listeners.get(name)
@@ -125,7 +127,8 @@ class ListenerSet:
         """
         self.path.reconfigure(destinations or {})
         if any(c.tls is not None and c.tls.mode == "psk" for c in configs.values()):
-            await self.keys.load()
+            await self._psk_change()
+        running_before = set(self._listeners)
         for name in list(self._listeners):
             if configs.get(name) != self._listeners[name].config:
                 old = self._listeners.pop(name)
@@ -137,8 +140,22 @@ class ListenerSet:
         for name, config in configs.items():
             if name not in self._listeners:
                 await self._start(name, config)
-            else:  # unchanged: its certificate files may have changed all the same
-                await self._reload_tls(lambda tls: tls.config.cert_file is not None, "reload")
+        # Unchanged listeners read their TLS material again: files, CAs and CRLs may have
+        # changed without the configuration changing.
+        kept = running_before & set(self._listeners)
+        await self._reload_tls(lambda tls: tls.listener in kept, "reload")
+        if self._watching is None and any(
+            lst.config.tls is not None and lst.config.tls.cert_file is not None
+            for lst in self._listeners.values()
+        ):
+            self._watching = asyncio.get_running_loop().create_task(self._watch_files())
+
+    async def _watch_files(self) -> None:
+        """Reload a listener whose certificate or key file changed (checked every
+        ``FILE_CHECK_S``): renewals by outside tools need no signal."""
+        while True:
+            await asyncio.sleep(FILE_CHECK_S)
+            await self._reload_tls(ServerTls.files_changed, "file changed")
 
     async def _reload_tls(self, which: Callable[[ServerTls], bool], why: str) -> None:
         for listener in self._listeners.values():
@@ -202,6 +219,8 @@ class ListenerSet:
                 listener.cut(gone.device_id, "psk_removed", credential=gone.credential_id)
 
     async def close(self, drain_timeout_s: float) -> None:
+        if self._watching is not None:
+            self._watching.cancel()
         everyone = [*self._listeners.values(), *self._retired]
         for listener in everyone:
             await listener.stop_accepting()

@@ -156,6 +156,7 @@ class ServerTls:
         self._services = services
         self._context: ssl.SSLContext | None = None
         self._lock = asyncio.Lock()
+        self._files_seen: tuple[tuple[int, int], ...] = ()  # (mtime_ns, size) of cert and key
 
     @property
     def context(self) -> ssl.SSLContext:
@@ -185,6 +186,20 @@ class ServerTls:
                 raise TlsSetupError(f"listener {self.listener}: {exc}") from None
             self._context = context
 
+    def files_changed(self) -> bool:
+        """Whether cert_file or key_file changed since they were last read (good or bad)."""
+        return self.config.cert_file is not None and self._file_signature() != self._files_seen
+
+    def _file_signature(self) -> tuple[tuple[int, int], ...]:
+        found = []
+        for name in (self.config.cert_file, self.config.key_file):
+            try:
+                stat = os.stat(name) if name else None
+            except OSError:
+                stat = None
+            found.append((stat.st_mtime_ns, stat.st_size) if stat else (0, -1))
+        return tuple(found)
+
     async def reload(self, why: str) -> bool:
         """:meth:`load`, logged; False (old context kept) if the new material is unusable."""
         try:
@@ -201,6 +216,7 @@ class ServerTls:
 
     async def _server_material(self) -> tuple[bytes, Secret]:
         if self.config.cert_file is not None and self.config.key_file is not None:
+            self._files_seen = self._file_signature()  # a bad file is reported once
             chain = await asyncio.to_thread(Path(self.config.cert_file).read_bytes)
             key = await asyncio.to_thread(Path(self.config.key_file).read_bytes)
             return chain, Secret(key)
