@@ -128,3 +128,40 @@ def test_disabling_a_device_cuts_its_live_connection_only(relay: Relay) -> None:
         assert doomed.recv(16) == b""  # closed by the gateway
         kept.sendall(b"still here")
         assert kept.recv(32) == b"still here"
+
+
+def test_caps_per_source_and_per_device_refuse_one_too_many(
+    gateway_factory: GatewayFactory, echo_server: int
+) -> None:
+    port = free_port()
+    gw = gateway_factory(
+        FLEETGATE_ADMIN_TOKEN=ADMIN,
+        FLEETGATE_LISTENERS__PLC__BIND=f"127.0.0.1:{port}",
+        FLEETGATE_LISTENERS__PLC__FORWARD_TO=f"127.0.0.1:{echo_server}",
+        FLEETGATE_LISTENERS__PLC__MAX_PER_SOURCE="2",
+        FLEETGATE_LISTENERS__PLC__MAX_PER_DEVICE="3",
+    ).start()
+    gw.wait_for("listener.bound")
+    with gw.client(ADMIN) as api:
+        body = {"id": "plc-cap", "addresses": ["127.0.0.1", "127.0.0.2"]}
+        assert api.post("/v1/devices", json=body).is_success
+
+    def held(source: str) -> socket.socket:
+        """A connection the device keeps open, proven relayed by an echo."""
+        s = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+        s.sendall(b"up")
+        assert s.recv(2) == b"up"
+        return s
+
+    open_ = [held("127.0.0.1"), held("127.0.0.1")]
+    try:
+        mark = gw.mark()
+        assert _exchange(port, b"third", source="127.0.0.1") == b""  # a third from one source
+        assert gw.wait_for("listener.refused", since=mark)["reason"] == "source_limit"
+        open_.append(held("127.0.0.2"))  # the device's third, from its other address
+        mark = gw.mark()
+        assert _exchange(port, b"fourth", source="127.0.0.2") == b""
+        assert gw.wait_for("listener.refused", since=mark)["reason"] == "device_limit"
+    finally:
+        for s in open_:
+            s.close()

@@ -299,6 +299,12 @@ class ListenerConfig(Frozen):
         "login-#{device_id}",
     )
     max_connections: int = Field(default=10_000, ge=1, le=1_000_000)
+    max_per_source: int | None = Field(
+        default=None, ge=1, description="connections one source address may hold at once"
+    )
+    max_per_device: int | None = Field(
+        default=None, ge=1, description="connections one device may hold at once"
+    )
     connect_timeout_s: float = Field(default=10.0, gt=0, le=300)
     idle_timeout_s: float = Field(default=3600.0, gt=0)
     first_packet_timeout_s: float = Field(default=10.0, gt=0, le=300)

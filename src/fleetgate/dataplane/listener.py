@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import ssl
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -126,6 +127,7 @@ class StreamListener:
         self._tasks: set[asyncio.Task[None]] = set()
         # Connections by device: what a revocation cuts.
         self._by_device: dict[str, dict[asyncio.Task[None], Conn]] = {}
+        self._per_source: Counter[str] = Counter()
 
     @property
     def active(self) -> int:
@@ -213,6 +215,10 @@ class StreamListener:
         task.add_done_callback(self._tasks.discard)
 
     def _register(self, conn: Conn, device_id: str) -> None:
+        held = self._by_device.get(device_id, {})
+        limit = self.config.max_per_device
+        if limit is not None and len(held) >= limit:
+            raise Refused("device_limit", f"{device_id} holds {len(held)} connections already")
         task = asyncio.current_task()
         if task is not None:
             self._by_device.setdefault(device_id, {})[task] = conn
@@ -225,6 +231,15 @@ class StreamListener:
         mine.pop(task, None)
         if not mine:
             self._by_device.pop(conn.device_id, None)
+
+    def _over_limit(self, source: str) -> str | None:
+        """Why a new connection from ``source`` is one too many, if it is."""
+        if self.active > self.config.max_connections:
+            return "listener_full"
+        limit = self.config.max_per_source
+        if limit is not None and self._per_source[source] >= limit:
+            return "source_limit"
+        return None
 
     async def _handshake(self, conn: Conn, endpoint: TlsEndpoint) -> None:
         """The device's TLS handshake, in bounded time; a failure is refused by its cause
@@ -260,11 +275,13 @@ class StreamListener:
         )
         metrics = self._path.metrics
         with bind(listener=self.name, conn=conn.id, source=source):
-            if self.active > self.config.max_connections:
-                metrics.listener_connections.labels(self.name, "listener_full").inc()
-                log.warning("listener.refused", reason="listener_full")
+            refusal = self._over_limit(source)
+            if refusal is not None:
+                metrics.listener_connections.labels(self.name, refusal).inc()
+                log.warning("listener.refused", reason=refusal)
                 endpoint.abort()
                 return
+            self._per_source[source] += 1
             metrics.listener_active.labels(self.name).inc()
             try:
                 if isinstance(endpoint, TlsEndpoint):
@@ -298,5 +315,8 @@ class StreamListener:
                     )
             finally:
                 metrics.listener_active.labels(self.name).dec()
+                self._per_source[source] -= 1
+                if not self._per_source[source]:
+                    del self._per_source[source]
                 self._unregister(conn)
                 endpoint.close()

@@ -191,7 +191,10 @@ class HttpProxy:
                 raise HttpRefusal(401, exc, _BAD_LOGIN) from None
             raise HttpRefusal(_STATUS_FOR.get(exc.reason, 403), exc) from None
         if self.device is None:
-            conn.identified(device.id)
+            try:
+                conn.identified(device.id)
+            except Refused as exc:  # the device holds as many connections as it may
+                raise HttpRefusal(429, exc) from None
         elif device.id != self.device.id:
             raise HttpRefusal(403, Refused("identity_changed", "one connection, one device"))
         self.device = device

@@ -176,7 +176,11 @@ async def _broker_answers(upstream: Endpoint, destination: DestinationConfig) ->
 async def serve_mqtt(conn: Conn) -> SpliceResult:
     packet, connect = await _read_connect(conn)
     device = await _identify(conn, connect)
-    conn.identified(device.id)
+    try:
+        conn.identified(device.id)
+    except Refused:  # the device holds as many connections as it may
+        _refuse(conn, connect.level, mqtt.ConnackCode.SERVER_UNAVAILABLE)
+        raise
     with bind(device=device.id):
         try:
             route = await conn.path.route(conn.listener, conn.config, device)
