@@ -28,6 +28,7 @@ from fleetgate.datadir import DataDir, prepare
 from fleetgate.dataplane.listeners import ListenerSet
 from fleetgate.errors import ConfigError, FleetgateError
 from fleetgate.health import Health
+from fleetgate.limits import fds_needed, raise_nofile_limit
 from fleetgate.metrics import Metrics
 from fleetgate.services.bundle import Services
 from fleetgate.services.changes import ChangeFollower
@@ -214,6 +215,8 @@ def main(argv: list[str]) -> int:
     import uvloop
 
     with logs.bind(worker=int(env.get(WORKER_ENV, "0"))):
+        # Inherited from the main process already, but a worker started by hand is not.
+        raise_nofile_limit(fds_needed(config.listeners.values()))
         uvloop.run(Worker(data, config, SystemClock(), env).run())
     return 0
 

@@ -672,7 +672,9 @@ def test_connect_forwards_plain_connections_presenting_the_client_certificate(
                 sock.shutdown(socket.SHUT_WR)
                 assert read_to_eof(sock) == b""
         connections = echo.connections.wait_for(2)
+        limits = relay.wait_for_line(lambda ln: "limits.nofile" in ln)
     expected_cn = "operator-pc" if with_cert else None
+    assert re.search(r"\bsoft=(\d+) hard=\1\b", limits), limits  # raised to the hard limit
     assert [c.session.client_cn for c in connections] == [expected_cn] * 2
     assert [c.eof for c in connections] == ["close_notify"] * 2
     assert [c.received for c in connections] == [payload] * 2

@@ -218,6 +218,24 @@ def test_connections_are_spread_over_both_processes(pool: Pool) -> None:
     assert all(e["device"] == "plc-1" and e["listener"] == "plc" for e in events)
 
 
+def test_every_process_takes_the_hard_open_file_limit(pool: Pool) -> None:
+    logged = [e for e in pool.gateway.events if e.get("event") == "limits.nofile"]
+    assert {e.get("worker") for e in logged} == {None, 1}
+    assert all(e["soft"] == e["hard"] for e in logged), logged
+    for pid in pool.worker_pids():
+        soft, hard = _open_file_limits(pid)
+        assert soft == hard
+
+
+def _open_file_limits(pid: int) -> tuple[str, str]:
+    """Process ``pid``'s RLIMIT_NOFILE (soft, hard) as /proc/PID/limits writes them."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return soft, hard
+    raise AssertionError(f"no open-file limit in /proc/{pid}/limits")
+
+
 def test_disabling_a_device_cuts_its_connections_in_every_process(pool: Pool) -> None:
     gw = pool.gateway
     conns = Connections(pool)

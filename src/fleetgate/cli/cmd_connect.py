@@ -1,105 +1,13 @@
 """``fleetgate connect``: local plain connections forwarded over verified TLS.
 
-The stunnel client role on an operator's PC (and the bare relay the benchmarks measure): the
-same upstream code and splice the gateway's listeners use, without a store.
+The stunnel client role on an operator's PC. Only the options live here; the relay
+(``connect_relay``) loads when the command runs, so other commands and ``--help`` do not pay
+for pydantic, cryptography and uvloop.
 """
 
 from __future__ import annotations
 
-import asyncio
-import signal
-import ssl
-from pathlib import Path
-
 import click
-
-from fleetgate import logs
-from fleetgate.cli.client import CliFailure
-from fleetgate.clock import SystemClock
-from fleetgate.config.schema import DestinationConfig, split_host_port
-from fleetgate.dataplane.endpoint import PlainEndpoint
-from fleetgate.dataplane.splice import splice
-from fleetgate.dataplane.upstream import (
-    ClientCertificate,
-    Upstream,
-    UpstreamError,
-    build_context,
-)
-from fleetgate.errors import ConfigError
-from fleetgate.logs import bind, get_logger
-from fleetgate.sealing import Secret
-from fleetgate.tuning import tune_malloc
-
-log = get_logger("fleetgate.connect")
-
-
-class _Local(PlainEndpoint):
-    def __init__(self, relay: _Relay) -> None:
-        super().__init__()
-        self._relay = relay
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self._relay.accepted(self)
-
-
-class _Relay:
-    def __init__(
-        self, destination: DestinationConfig, client: ClientCertificate | None, idle_s: float
-    ) -> None:
-        self.clock = SystemClock()
-        self.destination = destination
-        self.client = client
-        self.idle_s = idle_s
-        self.upstream = Upstream(self.clock)
-        self.tasks: set[asyncio.Task[None]] = set()
-
-    def accepted(self, local: _Local) -> None:
-        task = asyncio.get_running_loop().create_task(self.serve(local))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def serve(self, local: _Local) -> None:
-        peer = local.peer_address()
-        with bind(source=peer[0] if peer else "?"):
-            try:
-                remote = await self.upstream.connect("to", self.destination, self.client)
-            except UpstreamError as exc:
-                log.warning("connect.refused", reason=exc.cause, detail=exc.detail)
-                local.abort()
-                return
-            try:
-                result = await splice(local, remote, self.clock, idle_timeout_s=self.idle_s)
-                log.debug(
-                    "connect.closed",
-                    reason=result.reason,
-                    up_bytes=result.up_bytes,
-                    down_bytes=result.down_bytes,
-                )
-            finally:
-                remote.close()
-                local.close()
-
-
-async def _run(listen: str, relay: _Relay) -> None:
-    host, port = split_host_port(listen)
-    loop = asyncio.get_running_loop()
-    try:
-        server = await loop.create_server(
-            lambda: _Local(relay), host or None, port, reuse_address=True, backlog=4096
-        )
-    except OSError as exc:
-        raise CliFailure(
-            f"--listen: cannot bind {listen}: {exc.strerror or exc}", ConfigError.kind.exit_code
-        ) from None
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    log.info("connect.listening", listen=listen, to=relay.destination.address)
-    await stop.wait()
-    server.close()
-    for task in list(relay.tasks):
-        task.cancel()
 
 
 @click.command("connect")
@@ -134,32 +42,17 @@ def connect_command(
     idle_timeout: float,
 ) -> None:
     """Forward local plain TCP connections to TO over verified TLS (stunnel's client role)."""
-    if (cert is None) != (key is None):
-        raise click.UsageError("--cert and --key go together")
-    logs.configure("console", "info")
-    try:
-        destination = DestinationConfig(
-            address=to,
-            server_name=server_name,
-            ca_file=cafile,
-            pin_sha256=pins,
-            min_tls=min_tls,
-            session_resumption=not no_resume,
-        )
-        split_host_port(listen)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
-    client = None
-    if cert is not None and key is not None:
-        client = ClientCertificate("cli", Path(cert).read_bytes(), Secret(Path(key).read_bytes()))
-    try:  # fail now, not at each connection: the relay builds this context on its first one
-        build_context(destination, client)
-    except (ssl.SSLError, OSError, ValueError) as exc:
-        files = "--cafile, --cert and --key" if client is not None else "--cafile"
-        raise CliFailure(
-            f"{files}: cannot be used for TLS: {exc}", ConfigError.kind.exit_code
-        ) from None
-    tune_malloc()
-    import uvloop
+    from fleetgate.cli.connect_relay import run_connect
 
-    uvloop.run(_run(listen, _Relay(destination, client, idle_timeout)))
+    run_connect(
+        listen=listen,
+        to=to,
+        cafile=cafile,
+        server_name=server_name,
+        cert=cert,
+        key=key,
+        pins=pins,
+        min_tls=min_tls,
+        no_resume=no_resume,
+        idle_timeout=idle_timeout,
+    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -15,10 +14,10 @@ from fleetgate.cli.local import open_local
 from fleetgate.cli.output import emit
 from fleetgate.datadir import DEFAULT_DATA_DIR
 from fleetgate.errors import FleetgateError
-from fleetgate.sealing.keyring import ENV_VAR as MASTER_KEY_ENV
 
-# The heavy modules (the server, pydantic, the store) load inside the commands that use them,
-# so API commands such as `fleetgate device list` start quickly.
+# The heavy modules (the server, pydantic, the store, cryptography through fleetgate.sealing)
+# load inside the commands that use them, so API commands such as `fleetgate device list` and
+# `fleetgate --help` start quickly.
 
 
 def data_option[F: Callable[..., Any]](fn: F) -> F:
@@ -84,6 +83,7 @@ def keys_group() -> None:
 
 async def _rotate(data_dir: Path, config_path: Path | None, keep_old: bool) -> dict[str, object]:
     from fleetgate.sealing import MasterKey
+    from fleetgate.sealing.keyring import ENV_VAR as MASTER_KEY_ENV
     from fleetgate.services.context import SYSTEM_CALLER
 
     async with open_local(data_dir, config_path) as local:
@@ -125,6 +125,8 @@ def keys_rotate(data_dir: Path, config_path: Path | None, keep_old: bool, as_jso
     are removed from the file (unless --keep-old). With FLEETGATE_MASTER_KEY: put the new key
     first in the variable (new,old), run this, then drop the old one.
     """
+    import asyncio  # 40 ms of start-up that only this command needs
+
     try:
         result = asyncio.run(_rotate(data_dir, config_path, keep_old))
     except FleetgateError as exc:

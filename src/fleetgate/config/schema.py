@@ -172,7 +172,10 @@ class DestinationConfig(Frozen):
     )
     connect_timeout_s: float = Field(default=10.0, gt=0, le=300)
     response_timeout_s: float = Field(
-        default=60.0, gt=0, le=3600, description="http/udp: time for the answer to start"
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="http/udp: time for the answer to start; mqtt: for the CONNACK",
     )
     session_resumption: bool = True
     unsafe_plaintext: bool = Field(
