@@ -274,9 +274,39 @@ def test_revoking_a_certificate_cuts_its_live_connection_and_no_other(site: Site
         assert (cut["device"], cut["reason"]) == (doomed.id, "certificate_revoked")
         assert not b.disconnected.is_set()
         b.publish("mtls/still-here", b"yes", qos=1)
+        # The cut is on the record.
+        with site.api() as api:
+            found = api.get(
+                "/v1/audit", params={"action": "connection.cut", "target_id": doomed.id}
+            )
+        assert found.status_code == 200, found.text
+        [entry] = found.json()["items"]
+        assert entry["after"]["reason"] == "certificate_revoked"
+        assert entry["after"]["connections"] == 1
     finally:
         a.stop()
         b.stop()
+
+
+def test_editing_a_device_keeps_its_certificate_connection(site: Site) -> None:
+    """A device identified by its certificate is not cut because its record changed (say,
+    its addresses): only source-address connections depend on the addresses."""
+    device = enroll(site, "mtls-edited")
+    peer = Peer("edited", tls=device.files)
+    try:
+        assert not peer.start(site.ports["mtls"], source=HOST).is_failure
+        mark = site.gateway.mark()
+        with site.api() as api:
+            changed = api.patch(f"/v1/devices/{device.id}", json={"addresses": ["127.0.9.9"]})
+            assert changed.status_code == 200, changed.text
+        site.gateway.wait_for("registry.invalidated", since=mark)
+        peer.publish("mtls/after-edit", b"still here", qos=1)  # acknowledged: not cut
+        assert not peer.disconnected.is_set()
+        assert not [
+            e for e in site.gateway.events[mark:] if e.get("event") == "listener.connection_cut"
+        ]
+    finally:
+        peer.stop()
 
 
 def test_plain_mqtt_on_a_tls_listener_is_not_tls(site: Site) -> None:

@@ -178,14 +178,18 @@ class StreamListener:
         device_id: str,
         reason: str,
         *,
-        keep_sources: tuple[str, ...] = (),
+        keep_sources: tuple[str, ...] | None = None,
         credential: str | None = None,
     ) -> int:
-        """Close ``device_id``'s live connections (except from ``keep_sources``; only those
-        ``credential`` authenticated, if given); how many."""
+        """Close ``device_id``'s live connections; how many. With ``keep_sources``, only
+        those its source address identified, except from these addresses (a certificate or
+        a PSK does not depend on the address); with ``credential``, only those it
+        authenticated."""
         cut = 0
         for task, conn in list(self._by_device.get(device_id, {}).items()):
-            if conn.source in keep_sources:
+            if keep_sources is not None and (
+                conn.source in keep_sources or conn.config.identity != "source_address"
+            ):
                 continue
             if credential is not None and conn.credential != credential:
                 continue

@@ -4,6 +4,7 @@ change feed (cache invalidation, cutting what the registry no longer allows), dr
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
@@ -20,11 +21,14 @@ from fleetgate.dataplane.psk import PskTable
 from fleetgate.dataplane.registry import RegistryView
 from fleetgate.dataplane.server_tls import ServerTls, TlsSetupError
 from fleetgate.dataplane.upstream import Upstream
+from fleetgate.errors import FleetgateError
 from fleetgate.health import Health
 from fleetgate.logs import get_logger
 from fleetgate.metrics import Metrics
-from fleetgate.records import DeviceStatus
+from fleetgate.records import DeviceStatus, NewAuditEntry
 from fleetgate.services.bundle import Services
+from fleetgate.services.context import SYSTEM_CALLER
+from fleetgate.store.audit import AuditRepo
 from fleetgate.store.changes import Change
 
 log = get_logger("fleetgate.dataplane")
@@ -48,7 +52,7 @@ class Listener(Protocol):
         device_id: str,
         reason: str,
         *,
-        keep_sources: tuple[str, ...] = (),
+        keep_sources: tuple[str, ...] | None = None,
         credential: str | None = None,
     ) -> int: ...
 
@@ -64,6 +68,7 @@ class ListenerSet:
         reuse_port: bool = False,
     ) -> None:
         self._services = services
+        self._clock = clock
         self._health = health
         self._reuse_port = reuse_port
         self.keys = PskTable(services)
@@ -176,15 +181,42 @@ class ListenerSet:
         if not any(change.target_id in lst.devices_connected() for lst in everyone):
             return
         device = await self._services.devices.find(change.target_id)
-        keep: tuple[str, ...]
         if device is None:
-            reason, keep = "device_deleted", ()
+            await self._cut(change.target_id, "device_deleted")
         elif device.status is not DeviceStatus.ENABLED:
-            reason, keep = "device_disabled", ()
-        else:
-            reason, keep = "address_removed", device.addresses
-        for listener in everyone:
-            listener.cut(change.target_id, reason, keep_sources=keep)
+            await self._cut(change.target_id, "device_disabled")
+        else:  # still allowed, but perhaps not from every address it was connected from
+            await self._cut(change.target_id, "address_removed", keep_sources=device.addresses)
+
+    async def _cut(
+        self,
+        device_id: str,
+        reason: str,
+        *,
+        keep_sources: tuple[str, ...] | None = None,
+        credential: str | None = None,
+    ) -> None:
+        """Close the device's live connections on every listener (see ``Listener.cut``) and
+        write down in the audit log that this process did."""
+        cut = sum(
+            listener.cut(device_id, reason, keep_sources=keep_sources, credential=credential)
+            for listener in [*self._listeners.values(), *self._retired]
+        )
+        if not cut:
+            return
+        entry = NewAuditEntry(
+            actor=SYSTEM_CALLER.principal.actor,
+            action="connection.cut",
+            # Not "device": the change feed must not take the cut for a change to the device.
+            target_type="connection",
+            target_id=device_id,
+            after={"reason": reason, "connections": cut, "pid": os.getpid()},
+        )
+        try:
+            async with self._services.db.transaction() as tx:
+                await AuditRepo(tx).append(entry, self._clock.now())
+        except FleetgateError as exc:  # the cut stands; only its record is missing
+            log.error("audit.write_failed", action=entry.action, device=device_id, detail=str(exc))
 
     async def _tls_change(self, change: Change) -> None:
         """A revocation closes the connections that certificate opened and, like a new CA or
@@ -192,12 +224,9 @@ class ListenerSet:
         if change.action == "certificate.revoke":
             issued = await self.path.registry.certificate(change.target_id)
             if issued is not None and issued.device_id is not None:
-                for listener in [*self._listeners.values(), *self._retired]:
-                    listener.cut(
-                        issued.device_id,
-                        "certificate_revoked",
-                        credential=change.target_id,
-                    )
+                await self._cut(
+                    issued.device_id, "certificate_revoked", credential=change.target_id
+                )
             await self._reload_tls(lambda tls: tls.config.mode == "mtls", "certificate revoked")
         elif change.target_type == "ca":
             await self._reload_tls(lambda tls: tls.config.mode == "mtls", "CAs changed")
@@ -215,8 +244,7 @@ class ListenerSet:
     async def _psk_change(self) -> None:
         """Read the PSKs again; a removed or replaced key closes what it authenticated."""
         for gone in await self.keys.load():
-            for listener in [*self._listeners.values(), *self._retired]:
-                listener.cut(gone.device_id, "psk_removed", credential=gone.credential_id)
+            await self._cut(gone.device_id, "psk_removed", credential=gone.credential_id)
 
     async def close(self, drain_timeout_s: float) -> None:
         if self._watching is not None:

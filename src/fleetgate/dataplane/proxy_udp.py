@@ -96,7 +96,7 @@ class UdpListener:
         device_id: str,
         reason: str,
         *,
-        keep_sources: tuple[str, ...] = (),
+        keep_sources: tuple[str, ...] | None = None,
         credential: str | None = None,
     ) -> int:
         return 0
