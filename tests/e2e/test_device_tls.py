@@ -218,6 +218,30 @@ def test_mtls_device_publishes_with_its_own_certificate(site: Site, observer: Pe
     assert (connected["listener"], connected["device"]) == ("mtls", device.id)
 
 
+def test_mtls_device_subscribes_with_mosquitto_sub(site: Site) -> None:
+    """mosquitto_sub through the mtls listener gets what another device published (retained,
+    so the order of publishing and subscribing does not matter)."""
+    publisher, subscriber = enroll(site, "mtls-pub"), enroll(site, "mtls-sub")
+    published = mosquitto_pub(
+        site.ports["mtls"], "--cafile", site.root, "--cert", publisher.cert,
+        "--key", publisher.key, "-q", "1", "-r", "-t", "mtls/retained", "-m", "for later",
+    )  # fmt: skip
+    assert published.returncode == 0, published.stderr
+    received = subprocess.run(
+        [find_binary("mosquitto_sub"), "-h", HOST, "-p", str(site.ports["mtls"]),
+         "--cafile", str(site.root), "--cert", str(subscriber.cert), "--key", str(subscriber.key),
+         "-t", "mtls/retained", "-C", "1", "-W", str(int(TIMEOUT_S))],
+        capture_output=True, text=True, timeout=TIMEOUT_S + 5, check=False,
+    )  # fmt: skip
+    cleared = mosquitto_pub(  # other tests' observers subscribe to "#": leave nothing retained
+        site.ports["mtls"], "--cafile", site.root, "--cert", publisher.cert,
+        "--key", publisher.key, "-r", "-n", "-t", "mtls/retained",
+    )  # fmt: skip
+    assert cleared.returncode == 0, cleared.stderr
+    assert received.returncode == 0, received.stderr
+    assert received.stdout.strip() == "for later"
+
+
 def _refused(site: Site, mark: int) -> dict[str, Any]:
     return site.gateway.wait_for(
         "listener.refused", lambda e: e["listener"] == "mtls", since=mark, timeout_s=TIMEOUT_S
@@ -321,6 +345,9 @@ def test_plain_mqtt_on_a_tls_listener_is_not_tls(site: Site) -> None:
         "listener.refused", lambda e: e["listener"] == "tls", since=mark
     )
     assert refused["reason"] == "not_tls", refused
+    with site.gateway.client(None) as anonymous:
+        metrics = anonymous.get("/metrics").text
+    assert 'fleetgate_listener_connections_total{listener="tls",outcome="not_tls"}' in metrics
 
 
 # -- psk: the device is the identity of its pre-shared key -----------------------------------------
