@@ -21,6 +21,7 @@ from fleetgate.config import Config, load_config
 from fleetgate.config.schema import split_host_port
 from fleetgate.datadir import DataDir, prepare
 from fleetgate.dataplane.listeners import ListenerSet
+from fleetgate.dataplane.sessions import SessionPlane
 from fleetgate.errors import ConfigError, FleetgateError, Unauthenticated
 from fleetgate.health import Health
 from fleetgate.limits import fds_needed, raise_nofile_limit
@@ -158,7 +159,12 @@ class Gateway:
             log.info("store.migrated", backend=db.dialect, versions=applied)
         keyring = await open_keyring(self.data, self.config, db, self.options.env)
         services = Services.build(
-            db, keyring, self.clock, pki=self.config.pki, public_url=public_url(self.config)
+            db,
+            keyring,
+            self.clock,
+            pki=self.config.pki,
+            public_url=public_url(self.config),
+            sessions=self.config.sessions,
         )
         await services.groups.ensure_default()
         await self._bootstrap_token(services)
@@ -177,11 +183,14 @@ class Gateway:
             reuse_port=self.config.node.workers > 1,
         )
         await listeners.apply(self.config.listeners, self.config.destinations)
+        sessions = SessionPlane(services, self.clock)  # this process only: one port, one socket
+        await sessions.start()
         follower = ChangeFollower(db, self.clock)
         await follower.start_from_now()
 
         async def on_change(change: Change) -> None:
             await listeners.on_change(change)
+            await sessions.on_change(change)
 
         follower.subscribe(on_change)
         sock = _bind_api_socket(self.config.api.listen)
@@ -246,6 +255,7 @@ class Gateway:
                 await asyncio.gather(
                     workers.stop(self.config.api.drain_timeout_s),
                     listeners.close(self.config.api.drain_timeout_s),
+                    sessions.close(),
                 )
                 workers_task.cancel()
                 await api_task

@@ -129,7 +129,12 @@ class Worker:
         try:
             keyring = await open_keyring(self.data, self.config, db, self.env)
             services = Services.build(
-                db, keyring, self.clock, pki=self.config.pki, public_url=public_url(self.config)
+                db,
+                keyring,
+                self.clock,
+                pki=self.config.pki,
+                public_url=public_url(self.config),
+                sessions=self.config.sessions,
             )
             listeners = ListenerSet(services, Metrics(), self.clock, Health(), reuse_port=True)
             follower = ChangeFollower(db, self.clock)

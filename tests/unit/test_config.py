@@ -102,7 +102,7 @@ def test_unknown_key_lists_the_valid_keys_of_its_table() -> None:
 def test_unknown_top_level_key_lists_the_top_level_keys() -> None:
     detail = config_error("nodename = 'x'\n")
     assert "nodename: unknown key; valid keys here: " in detail
-    assert "api, destinations, listeners, log, node, pki, sealing, store" in detail
+    assert "api, destinations, listeners, log, node, pki, sealing, sessions, store" in detail
 
 
 def test_unknown_key_inside_a_listener_lists_listener_keys() -> None:

@@ -21,6 +21,7 @@ from fleetgate.api.routes_groups import router as groups_router
 from fleetgate.api.routes_node import router as node_router
 from fleetgate.api.routes_ops import router as ops_router
 from fleetgate.api.routes_pki import router as pki_router
+from fleetgate.api.routes_sessions import router as sessions_router
 from fleetgate.api.routes_tokens import router as tokens_router
 from fleetgate.api.schemas import Problem
 from fleetgate.clock import Clock
@@ -78,6 +79,7 @@ def build_app(
         ca_router,
         credentials_router,
         node_router,
+        sessions_router,
     ):
         app.include_router(router)
 

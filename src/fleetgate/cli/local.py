@@ -46,7 +46,14 @@ async def open_local(data_dir: Path, config_path: Path | None) -> AsyncIterator[
     try:
         await migrate(db, clock)
         keyring = await open_keyring(data, config, db, env)
-        services = Services.build(db, keyring, clock, pki=config.pki, public_url=public_url(config))
+        services = Services.build(
+            db,
+            keyring,
+            clock,
+            pki=config.pki,
+            public_url=public_url(config),
+            sessions=config.sessions,
+        )
         yield Local(data, config, keyring, services, env)
     finally:
         await db.close()

@@ -104,6 +104,45 @@ class AlertConfig(Frozen):
     max_attempts: int = Field(default=8, ge=1, le=100)
 
 
+class SessionsConfig(Frozen):
+    """Remote access sessions: a public port, for a while, mapped to one device's port.
+
+    Session listeners bind ``bind`` (the public address) on a port from ``ports``; the answer
+    names ``public_host``. A group's ``settings.session_ports`` lists the device ports sessions
+    may reach in it; groups without one use ``allowed_ports``.
+    """
+
+    bind: str = Field(default="127.0.0.1", description="the address session listeners bind")
+    public_host: str | None = Field(
+        default=None, description="the host name clients are told; default: bind"
+    )
+    ports: str = Field(default="20000-20999", pattern=r"^\d{1,5}-\d{1,5}$")
+    default_duration_s: int = Field(default=3600, ge=60, le=28_800)
+    max_duration_s: int = Field(default=28_800, ge=60, le=28_800)
+    allowed_ports: tuple[int, ...] = (22, 80, 443, 3389, 5900)
+    server_names: tuple[str, ...] = Field(
+        default=("localhost", "127.0.0.1"),
+        description="names on the certificate tls sessions present (credential sessions-server)",
+    )
+    event_retention_days: int = Field(default=90, ge=1, le=3650)
+
+    @property
+    def port_range(self) -> range:
+        low, high = (int(p) for p in self.ports.split("-"))
+        return range(low, high + 1)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> SessionsConfig:
+        low, high = (int(p) for p in self.ports.split("-"))
+        if not 1 <= low <= high <= 65535:
+            raise ValueError("ports: LOW-HIGH with 1 <= LOW <= HIGH <= 65535")
+        if self.default_duration_s > self.max_duration_s:
+            raise ValueError("default_duration_s is above max_duration_s")
+        if any(not 1 <= p <= 65535 for p in self.allowed_ports):
+            raise ValueError("allowed_ports: port numbers 1-65535")
+        return self
+
+
 class PkiConfig(Frozen):
     """The built-in CA: algorithms, lifetimes, revocation publishing, renewal."""
 
@@ -360,6 +399,7 @@ class Config(Frozen):
     store: StoreConfig = StoreConfig()
     sealing: SealingConfig = SealingConfig()
     pki: PkiConfig = PkiConfig()
+    sessions: SessionsConfig = SessionsConfig()
     destinations: dict[DestinationName, DestinationConfig] = {}
     listeners: dict[ListenerName, ListenerConfig] = {}
 

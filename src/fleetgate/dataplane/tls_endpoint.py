@@ -85,6 +85,7 @@ def stepping() -> TlsEndpoint | None:
 # A session to resume: OpenSSL's own when it can be reached (see native), else the ssl module's.
 type Resumable = ssl.SSLSession | native.Session
 FREE_BUFFER_READS = 4
+OPENING_BYTES = 64
 
 
 class TlsFailure(ConnectionError):
@@ -155,6 +156,7 @@ class TlsEndpoint(Endpoint):
         # and the alert arrives with the first read.
         self.failure: TlsFailure | None = None
         self.psk_identity: str | None = None  # server side: whose key the handshake used
+        self.opening = bytearray()  # the peer's first bytes, until the handshake is done
         self.handshake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     @property
@@ -173,6 +175,8 @@ class TlsEndpoint(Endpoint):
     def data_received(self, data: bytes) -> None:
         self._incoming.write(data)
         if not self._handshaken:
+            if len(self.opening) < OPENING_BYTES:  # kept to say what a failed peer spoke
+                self.opening += data[: OPENING_BYTES - len(self.opening)]
             self._step_handshake()
             if not self._handshaken:
                 return

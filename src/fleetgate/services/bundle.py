@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fleetgate.clock import Clock
-from fleetgate.config.schema import PkiConfig
+from fleetgate.config.schema import PkiConfig, SessionsConfig
 from fleetgate.sealing import Keyring
 from fleetgate.services.audit import AuditService
 from fleetgate.services.authority import AuthorityService
@@ -16,6 +16,7 @@ from fleetgate.services.issuing import IssuingService
 from fleetgate.services.lifecycle import LifecycleService
 from fleetgate.services.replacement import ReplacementService
 from fleetgate.services.revocation import RevocationService
+from fleetgate.services.sessions import SessionService
 from fleetgate.services.tokens import TokenService
 from fleetgate.services.vault import Vault
 from fleetgate.store import Database
@@ -37,6 +38,7 @@ class Services:
     issuing: IssuingService
     lifecycle: LifecycleService
     replacement: ReplacementService
+    sessions: SessionService
 
     @classmethod
     def build(
@@ -47,6 +49,7 @@ class Services:
         *,
         pki: PkiConfig | None = None,
         public_url: str = DEFAULT_PUBLIC_URL,
+        sessions: SessionsConfig | None = None,
     ) -> Services:
         vault = Vault(db, keyring, clock)
         authority = AuthorityService(db, vault, clock, pki or PkiConfig(), public_url)
@@ -65,4 +68,5 @@ class Services:
             issuing=IssuingService(db, vault, authority, clock),
             lifecycle=LifecycleService(db, vault, authority, revocation, clock),
             replacement=ReplacementService(db, vault, authority, revocation, clock),
+            sessions=SessionService(db, clock, sessions or SessionsConfig()),
         )

@@ -142,6 +142,40 @@ _NOTIFY_CHANGES = Step(
 # A device's own listener -> destination overrides, as a JSON object; rows from before are {}.
 _DEVICE_ROUTES = Step("ALTER TABLE devices ADD COLUMN routes TEXT NOT NULL DEFAULT '{{}}'")
 
+# Remote access sessions, and their events (kept apart from the audit log, which is the change
+# feed: a connection's events are not changes anyone must follow).
+_SESSIONS = Step("""
+    CREATE TABLE sessions (
+        id TEXT PRIMARY KEY,
+        device_id TEXT NOT NULL,
+        group_name TEXT NOT NULL,
+        device_address TEXT NOT NULL,
+        device_port INTEGER NOT NULL,
+        public_port INTEGER NOT NULL,
+        cidrs TEXT NOT NULL,
+        tls INTEGER NOT NULL DEFAULT 0,
+        created_at BIGINT NOT NULL,
+        expires_at BIGINT NOT NULL,
+        ended_at BIGINT,
+        end_reason TEXT,
+        created_by TEXT NOT NULL
+    );
+    CREATE UNIQUE INDEX sessions_open_port ON sessions (public_port) WHERE ended_at IS NULL;
+    CREATE INDEX sessions_by_device ON sessions (device_id);
+    CREATE INDEX sessions_by_expiry ON sessions (expires_at);
+    CREATE TABLE session_events (
+        id {pk_serial},
+        session_id TEXT NOT NULL,
+        at BIGINT NOT NULL,
+        kind TEXT NOT NULL,
+        source TEXT,
+        destination TEXT,
+        detail TEXT NOT NULL DEFAULT '{{}}'
+    );
+    CREATE INDEX session_events_by_session ON session_events (session_id, id);
+    CREATE INDEX session_events_by_time ON session_events (at);
+""")
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
@@ -219,6 +253,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "pki", (_PKI,)),
     Migration(3, "change notifications", (_NOTIFY_CHANGES,)),
     Migration(4, "device routes", (_DEVICE_ROUTES,)),
+    Migration(5, "remote access sessions", (_SESSIONS,)),
 )
 
 _LEDGER = """

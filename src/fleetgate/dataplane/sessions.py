@@ -1,0 +1,321 @@
+"""Remote access sessions on the wire: one listener per open session, bound while the session is
+open (in the main process only: a session's port is one socket), closed with every live
+connection through it when the session ends.
+
+Each connection: the source must be inside the session's CIDRs (else ``DENIED``); a ``tls``
+session terminates TLS with the sessions certificate, and a client that spoke something else is
+``REFUSED`` with a diagnosis in plain words; a plain session refuses a client that starts TLS the
+same way. Then the device's registered address and port are dialled and the bytes spliced;
+``CONNECTED`` and ``CLOSED`` (duration, bytes each way) are recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from fleetgate.clock import Clock
+from fleetgate.config.schema import ListenerTlsConfig
+from fleetgate.dataplane.endpoint import Endpoint, PlainEndpoint
+from fleetgate.dataplane.psk import PskTable
+from fleetgate.dataplane.server_tls import ServerTls, TlsSetupError
+from fleetgate.dataplane.splice import splice
+from fleetgate.dataplane.tls_endpoint import TlsEndpoint, TlsFailure
+from fleetgate.errors import FleetgateError
+from fleetgate.logs import bind, get_logger
+from fleetgate.remote.records import EventKind, Session
+from fleetgate.remote.sniff import (
+    diagnose_on_plain_session,
+    diagnose_on_tls_session,
+    looks_like_tls,
+)
+from fleetgate.services.bundle import Services
+from fleetgate.store.changes import Change
+
+log = get_logger("fleetgate.sessions")
+HANDSHAKE_TIMEOUT_S = 10.0
+DEVICE_CONNECT_TIMEOUT_S = 10.0
+SWEEP_S = 60.0  # at the latest, expiry is checked this often (timers wake it sooner)
+PRUNE_EVERY_S = 3600.0
+SESSIONS_CREDENTIAL = "sessions-server"
+
+
+class _NotTls(ValueError):
+    """A plain session's client started a TLS handshake."""
+
+
+@dataclass
+class _Bound:
+    session: Session
+    server: asyncio.Server | None = None  # set once bound
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+class _Accepted(PlainEndpoint):
+    def __init__(self, bound: _Bound, plane: SessionPlane) -> None:
+        super().__init__()
+        self._bound, self._plane = bound, plane
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._plane.accepted(self._bound, self)
+
+
+class _AcceptedTls(TlsEndpoint):
+    def __init__(self, bound: _Bound, plane: SessionPlane, tls: ServerTls) -> None:
+        super().__init__(tls.context, server_side=True)
+        self._bound, self._plane = bound, plane
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._plane.accepted(self._bound, self)
+
+
+class SessionPlane:
+    def __init__(self, services: Services, clock: Clock) -> None:
+        self._services = services
+        self._clock = clock
+        self._config = services.sessions.config
+        self._bound: dict[str, _Bound] = {}
+        self._wake = asyncio.Event()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._tls = ServerTls(
+            "sessions",
+            ListenerTlsConfig(
+                mode="tls",
+                certificate=SESSIONS_CREDENTIAL,
+                server_names=self._config.server_names,
+            ),
+            services,
+            PskTable(services),
+        )
+        self._tls_loaded = False
+
+    @property
+    def bound(self) -> dict[str, int]:
+        """Open sessions being served: id -> public port."""
+        return {sid: b.session.public_port for sid, b in self._bound.items()}
+
+    async def start(self) -> None:
+        """Bind every open session (after a restart too) and watch for expiry."""
+        await self._services.sessions.expire_due()  # what ran out while nobody watched
+        await self.sync()
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def on_change(self, change: Change) -> None:
+        if change.target_type == "session":
+            await self.sync()
+
+    async def sync(self) -> None:
+        """Make the bound listeners match the open sessions in the store."""
+        open_now = {s.id: s for s in await self._services.sessions.open_sessions()}
+        for session_id in [sid for sid in self._bound if sid not in open_now]:
+            ended = await self._services.sessions.find(session_id)
+            await self._unbind(session_id, ended.end_reason if ended else None)
+        now = self._clock.now()
+        for session in open_now.values():
+            if session.id not in self._bound and session.expires_at > now:
+                await self._bind(session)
+        self._wake.set()
+
+    async def close(self) -> None:
+        """Stop serving (the sessions stay open in the store: a restart binds them again)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for session_id in list(self._bound):
+            await self._unbind(session_id, "shutdown")
+
+    # -- binding -------------------------------------------------------------------------------
+
+    async def _bind(self, session: Session) -> None:
+        if session.tls and not self._tls_loaded:
+            try:
+                await self._tls.load()  # the sessions certificate, issued on first use
+            except TlsSetupError as exc:
+                log.error("session.tls_failed", session=session.id, detail=str(exc))
+                return
+            self._tls_loaded = True
+        loop = asyncio.get_running_loop()
+        bound = _Bound(session)
+
+        def factory() -> Endpoint:
+            if session.tls:
+                return _AcceptedTls(bound, self, self._tls)
+            return _Accepted(bound, self)
+
+        try:
+            bound.server = await loop.create_server(
+                factory, self._config.bind, session.public_port, reuse_address=True
+            )
+        except OSError as exc:
+            log.error(
+                "session.bind_failed",
+                session=session.id,
+                port=session.public_port,
+                detail=exc.strerror or str(exc),
+            )
+            return
+        self._bound[session.id] = bound
+        log.info(
+            "session.bound",
+            session=session.id,
+            device=session.device_id,
+            port=session.public_port,
+            tls=session.tls,
+            expires_at=session.expires_at.isoformat(),
+        )
+
+    async def _unbind(self, session_id: str, reason: str | None) -> None:
+        bound = self._bound.pop(session_id, None)
+        if bound is None:
+            return
+        if bound.server is not None:
+            bound.server.close()
+        for task in list(bound.tasks):
+            task.cancel()  # each records its own CLOSED
+        if bound.tasks:
+            await asyncio.gather(*bound.tasks, return_exceptions=True)
+        log.info("session.unbound", session=session_id, reason=reason, cut=len(bound.tasks))
+
+    # -- expiry ---------------------------------------------------------------------------------
+
+    async def _sweep(self) -> None:
+        pruned_at = -math.inf
+        while True:
+            self._wake.clear()
+            now = self._clock.now()
+            soonest = min((b.session.expires_at for b in self._bound.values()), default=None)
+            wait = SWEEP_S
+            if soonest is not None:
+                wait = min(wait, max((soonest - now).total_seconds(), 0.0))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
+            try:
+                if await self._services.sessions.expire_due():
+                    await self.sync()
+                if self._clock.monotonic() - pruned_at >= PRUNE_EVERY_S:
+                    await self._services.sessions.prune_events()
+                    pruned_at = self._clock.monotonic()
+            except FleetgateError as exc:  # the store is away: try again at the next sweep
+                log.error("session.sweep_failed", detail=str(exc))
+
+    # -- one connection -------------------------------------------------------------------------
+
+    def accepted(self, bound: _Bound, endpoint: Endpoint) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(bound, endpoint))
+        bound.tasks.add(task)
+        task.add_done_callback(bound.tasks.discard)
+
+    async def _record(self, session: Session, kind: EventKind, **fields: Any) -> None:
+        try:
+            await self._services.sessions.record(session.id, kind, **fields)
+        except FleetgateError as exc:
+            log.error("session.event_lost", session=session.id, kind=kind.value, detail=str(exc))
+            return
+        log.info("session.event", session=session.id, kind=kind.value)
+
+    async def _serve(self, bound: _Bound, endpoint: Endpoint) -> None:
+        session = bound.session
+        peer = endpoint.peer_address()
+        source = f"{peer[0]}:{peer[1]}" if peer else "?"
+        destination = f"{session.device_address}:{session.device_port}"
+        with bind(session=session.id, source=source):
+            try:
+                if peer is None or not session.allows(peer[0]):
+                    await self._record(
+                        session, EventKind.DENIED, source=source, destination=destination,
+                        detail={"reason": "the source is outside the session's CIDRs",
+                                "cidrs": list(session.cidrs)},
+                    )  # fmt: skip
+                    log.warning("session.denied")
+                    endpoint.abort()
+                    return
+                await self._record(session, EventKind.ACCESS, source=source)
+                if isinstance(endpoint, TlsEndpoint) and not await self._handshake(
+                    session, endpoint, source
+                ):
+                    return
+                await self._relay(session, endpoint, source, destination)
+            finally:
+                endpoint.close()
+
+    async def _handshake(self, session: Session, endpoint: TlsEndpoint, source: str) -> bool:
+        try:
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+                await endpoint.handshake
+        except (TimeoutError, TlsFailure) as exc:
+            opening = bytes(endpoint.opening)
+            cause = exc.cause if isinstance(exc, TlsFailure) else "handshake_timeout"
+            if cause in ("not_tls", "handshake_timeout") and not looks_like_tls(opening):
+                diagnosis = diagnose_on_tls_session(opening)
+            else:
+                diagnosis = f"the TLS handshake failed: {cause}"
+            await self._record(
+                session, EventKind.REFUSED, source=source,
+                detail={"reason": cause, "diagnosis": diagnosis},
+            )  # fmt: skip
+            log.warning("session.refused", reason=cause, diagnosis=diagnosis)
+            return False
+        return True
+
+    async def _relay(
+        self, session: Session, endpoint: Endpoint, source: str, destination: str
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(DEVICE_CONNECT_TIMEOUT_S):
+                _, device = await loop.create_connection(
+                    PlainEndpoint, session.device_address, session.device_port
+                )
+        except (OSError, TimeoutError) as exc:
+            detail = str(exc) or "no answer in time"
+            await self._record(
+                session, EventKind.REFUSED, source=source, destination=destination,
+                detail={"reason": "device_unreachable",
+                        "diagnosis": f"the device did not accept the connection: {detail}"},
+            )  # fmt: skip
+            return
+        await self._record(session, EventKind.CONNECTED, source=source, destination=destination)
+        started = self._clock.monotonic()
+        first = [True]
+
+        def check_first(chunk: bytes) -> bytes:
+            """A plain session's client must not start TLS (its device does not speak it)."""
+            if first[0] and chunk:
+                first[0] = False
+                if looks_like_tls(chunk):
+                    raise _NotTls(diagnose_on_plain_session())
+            return chunk
+
+        reason = "cut: the session ended"
+        up = down = 0
+        try:
+            remaining = (session.expires_at - self._clock.now()).total_seconds()
+            result = await splice(
+                endpoint,
+                device,
+                self._clock,
+                idle_timeout_s=max(remaining, 1.0),
+                up=None if session.tls else check_first,
+            )
+            reason, up, down = result.reason, result.up_bytes, result.down_bytes
+        finally:
+            device.close()
+            refused = reason.startswith("protocol_error")
+            await self._record(
+                session,
+                EventKind.REFUSED if refused else EventKind.CLOSED,
+                source=source,
+                destination=destination,
+                detail={
+                    "reason": "tls_on_plain_session" if refused else reason,
+                    **({"diagnosis": diagnose_on_plain_session()} if refused else {}),
+                    "duration_s": round(self._clock.monotonic() - started, 3),
+                    "up_bytes": up,
+                    "down_bytes": down,
+                },
+            )

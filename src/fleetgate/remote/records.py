@@ -1,0 +1,80 @@
+"""What a remote access session is, and what happens to it."""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from fleetgate.errors import InvalidRequest
+
+
+class EventKind(enum.StrEnum):
+    CREATED = "CREATED"  # opened through the API
+    ACCESS = "ACCESS"  # a connection arrived from an allowed source
+    DENIED = "DENIED"  # a connection from outside the session's CIDRs
+    CONNECTED = "CONNECTED"  # relayed to the device
+    CLOSED = "CLOSED"  # a relayed connection ended (duration, bytes each way)
+    REFUSED = "REFUSED"  # the connection was wrong for the session (with a diagnosis)
+    EXPIRED = "EXPIRED"  # the session's time ran out
+    DELETED = "DELETED"  # closed through the API
+
+
+@dataclass(frozen=True)
+class Session:
+    id: str
+    device_id: str
+    group: str
+    device_address: str
+    device_port: int
+    public_port: int
+    cidrs: tuple[str, ...]
+    tls: bool
+    created_at: datetime
+    expires_at: datetime
+    ended_at: datetime | None
+    end_reason: str | None
+    created_by: str
+
+    @property
+    def open(self) -> bool:
+        return self.ended_at is None
+
+    def allows(self, source: str) -> bool:
+        """Whether a connection from ``source`` may use the session."""
+        try:
+            address = ipaddress.ip_address(source)
+        except ValueError:
+            return False
+        return any(address in ipaddress.ip_network(cidr) for cidr in self.cidrs)
+
+
+@dataclass(frozen=True)
+class SessionEvent:
+    id: int
+    session_id: str
+    at: datetime
+    kind: EventKind
+    source: str | None
+    destination: str | None
+    detail: Mapping[str, Any]
+
+
+def check_cidrs(cidrs: Sequence[str]) -> tuple[str, ...]:
+    """Normalized networks (``203.0.113.7`` becomes ``203.0.113.7/32``); at most 32."""
+    if not cidrs:
+        raise InvalidRequest("at least one source CIDR", field="cidrs")
+    if len(cidrs) > 32:
+        raise InvalidRequest("at most 32 source CIDRs", field="cidrs")
+    normalized = []
+    for cidr in cidrs:
+        try:
+            normalized.append(str(ipaddress.ip_network(cidr, strict=False)))
+        except ValueError:
+            raise InvalidRequest(
+                f"{cidr[:60]!r} is not an address or CIDR", field="cidrs"
+            ) from None
+    return tuple(dict.fromkeys(normalized))

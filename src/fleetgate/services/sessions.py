@@ -1,0 +1,268 @@
+"""Remote access sessions: open (checked against the token's groups, the group's allowed ports
+and the device's registered address), read, close, expire, and their event log."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from fleetgate.auth.authz import in_scope, require_write
+from fleetgate.clock import Clock
+from fleetgate.config.schema import SessionsConfig
+from fleetgate.errors import Conflict, InvalidRequest, NotFound
+from fleetgate.records import DeviceStatus, NewAuditEntry, Page
+from fleetgate.remote.records import EventKind, Session, SessionEvent, check_cidrs
+from fleetgate.services.context import (
+    SYSTEM_CALLER,
+    Caller,
+    check_limit,
+    decode_cursor,
+    encode_cursor,
+)
+from fleetgate.store import Database, IntegrityViolation, Tx
+from fleetgate.store.audit import AuditRepo
+from fleetgate.store.devices import DeviceRepo
+from fleetgate.store.groups import GroupRepo
+from fleetgate.store.sessions import SessionRepo
+
+PORT_ATTEMPTS = 5  # a port taken by a concurrent open is retried with the next free one
+MIN_DURATION_S = 5
+
+
+@dataclass(frozen=True)
+class SessionRequest:
+    device_id: str
+    port: int
+    duration_s: int | None = None
+    cidrs: tuple[str, ...] = ()  # default: the address the request came from
+    tls: bool = False
+
+
+def session_snapshot(session: Session) -> dict[str, Any]:
+    return {
+        "id": session.id,
+        "device_id": session.device_id,
+        "device_port": session.device_port,
+        "public_port": session.public_port,
+        "cidrs": list(session.cidrs),
+        "tls": session.tls,
+        "expires_at": session.expires_at.isoformat(),
+    }
+
+
+class SessionService:
+    def __init__(self, db: Database, clock: Clock, config: SessionsConfig) -> None:
+        self._db = db
+        self._clock = clock
+        self.config = config
+
+    # -- the API's use cases --------------------------------------------------------------------
+
+    async def open(self, caller: Caller, request: SessionRequest) -> Session:
+        config = self.config
+        duration = request.duration_s or config.default_duration_s
+        if not MIN_DURATION_S <= duration <= config.max_duration_s:
+            raise InvalidRequest(
+                f"a session lasts {MIN_DURATION_S} to {config.max_duration_s} seconds",
+                field="duration_s",
+            )
+        if request.cidrs:
+            cidrs = check_cidrs(request.cidrs)
+        elif caller.source:
+            cidrs = check_cidrs([caller.source])
+        else:
+            raise InvalidRequest("name the source CIDRs allowed to connect", field="cidrs")
+        now = self._clock.now()
+        for _ in range(PORT_ATTEMPTS):
+            try:
+                async with self._db.transaction() as tx:
+                    session = await self._open_in(tx, caller, request, cidrs, now, duration)
+                return session
+            except IntegrityViolation:
+                continue  # another open took the same public port: take the next one
+        raise Conflict("could not reserve a public port; try again")
+
+    async def _open_in(
+        self,
+        tx: Tx,
+        caller: Caller,
+        request: SessionRequest,
+        cidrs: tuple[str, ...],
+        now: datetime,
+        duration: int,
+    ) -> Session:
+        device = await DeviceRepo(tx).get(request.device_id)
+        if device is None or not in_scope(caller.principal, device.group):
+            raise NotFound(f"device {request.device_id} does not exist")
+        require_write(caller.principal, device.group)
+        if device.status is not DeviceStatus.ENABLED:
+            raise Conflict(f"device {device.id} is {device.status.value}")
+        if not device.addresses:
+            raise Conflict(f"device {device.id} has no registered address to reach")
+        allowed = await self._allowed_ports(tx, device.group)
+        if request.port not in allowed:
+            raise InvalidRequest(
+                f"port {request.port} is not open to sessions in group {device.group} "
+                f"(allowed: {', '.join(map(str, sorted(allowed)))}; a group's "
+                "settings.session_ports changes them)",
+                field="port",
+            )
+        repo = SessionRepo(tx)
+        taken = await repo.open_ports()
+        free = next((p for p in self.config.port_range if p not in taken), None)
+        if free is None:
+            raise Conflict("every public port of sessions.ports is in use")
+        session = Session(
+            id=f"s-{secrets.token_hex(8)}",
+            device_id=device.id,
+            group=device.group,
+            device_address=device.addresses[0],
+            device_port=request.port,
+            public_port=free,
+            cidrs=cidrs,
+            tls=request.tls,
+            created_at=now,
+            expires_at=now + timedelta(seconds=duration),
+            ended_at=None,
+            end_reason=None,
+            created_by=caller.principal.actor,
+        )
+        await repo.insert(session)
+        await repo.add_event(
+            session.id,
+            now,
+            EventKind.CREATED,
+            source=caller.source,
+            destination=f"{session.device_address}:{session.device_port}",
+            detail={"by": caller.principal.actor, **session_snapshot(session)},
+        )
+        await self._audit(tx, caller, "session.create", session, now)
+        return session
+
+    async def _allowed_ports(self, tx: Tx, group: str) -> set[int]:
+        found = await GroupRepo(tx).get(group)
+        ports = found.settings.get("session_ports") if found is not None else None
+        if isinstance(ports, list) and all(isinstance(p, int) for p in ports):
+            return set(ports)
+        return set(self.config.allowed_ports)
+
+    async def get(self, caller: Caller, session_id: str) -> Session:
+        async with self._db.snapshot() as tx:
+            session = await SessionRepo(tx).get(session_id)
+        if session is None or not in_scope(caller.principal, session.group):
+            raise NotFound(f"session {session_id} does not exist")
+        return session
+
+    async def search(
+        self,
+        caller: Caller,
+        *,
+        device_id: str | None = None,
+        open_only: bool = False,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> Page[Session]:
+        check_limit(limit)
+        async with self._db.snapshot() as tx:
+            found = await SessionRepo(tx).search(
+                limit=limit + 1,
+                after=decode_cursor(cursor),
+                device_id=device_id,
+                groups=caller.principal.groups,
+                open_only=open_only,
+            )
+        more = len(found) > limit
+        items = found[:limit]
+        return Page(items, encode_cursor(items[-1].id) if more else None)
+
+    async def delete(self, caller: Caller, session_id: str) -> Session:
+        session = await self.get(caller, session_id)
+        require_write(caller.principal, session.group)
+        now = self._clock.now()
+        async with self._db.transaction() as tx:
+            if not await SessionRepo(tx).end(session.id, now, "deleted"):
+                raise Conflict(f"session {session_id} has ended already")
+            await SessionRepo(tx).add_event(
+                session.id, now, EventKind.DELETED, source=caller.source,
+                detail={"by": caller.principal.actor},
+            )  # fmt: skip
+            await self._audit(tx, caller, "session.delete", session, now)
+        return await self.get(caller, session_id)
+
+    async def events(
+        self, caller: Caller, session_id: str, *, limit: int = 100, cursor: str | None = None
+    ) -> Page[SessionEvent]:
+        await self.get(caller, session_id)  # NotFound outside the token's groups
+        check_limit(limit)
+        after = decode_cursor(cursor)
+        async with self._db.snapshot() as tx:
+            found = await SessionRepo(tx).events(
+                session_id, limit=limit + 1, after=int(after) if after else None
+            )
+        more = len(found) > limit
+        items = found[:limit]
+        return Page(items, encode_cursor(str(items[-1].id)) if more else None)
+
+    # -- the data plane and maintenance ----------------------------------------------------------
+
+    async def open_sessions(self) -> list[Session]:
+        """Every session still open (what the data plane binds at start)."""
+        async with self._db.snapshot() as tx:
+            return await SessionRepo(tx).search(limit=self.config.port_range.stop, open_only=True)
+
+    async def find(self, session_id: str) -> Session | None:
+        async with self._db.snapshot() as tx:
+            return await SessionRepo(tx).get(session_id)
+
+    async def expire_due(self) -> list[str]:
+        """End the sessions whose time ran out; their ids."""
+        now = self._clock.now()
+        ended: list[str] = []
+        async with self._db.transaction() as tx:
+            repo = SessionRepo(tx)
+            for session in await repo.due(now):
+                if await repo.end(session.id, now, "expired"):
+                    await repo.add_event(session.id, now, EventKind.EXPIRED)
+                    await self._audit(tx, SYSTEM_CALLER, "session.expire", session, now)
+                    ended.append(session.id)
+        return ended
+
+    async def prune_events(self) -> int:
+        before = self._clock.now() - timedelta(days=self.config.event_retention_days)
+        async with self._db.transaction() as tx:
+            return await SessionRepo(tx).prune_events(before)
+
+    async def record(
+        self,
+        session_id: str,
+        kind: EventKind,
+        *,
+        source: str | None = None,
+        destination: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """One event the data plane saw."""
+        async with self._db.transaction() as tx:
+            await SessionRepo(tx).add_event(
+                session_id, self._clock.now(), kind,
+                source=source, destination=destination, detail=detail,
+            )  # fmt: skip
+
+    async def _audit(
+        self, tx: Tx, caller: Caller, action: str, session: Session, now: datetime
+    ) -> None:
+        await AuditRepo(tx).append(
+            NewAuditEntry(
+                actor=caller.principal.actor,
+                action=action,
+                target_type="session",
+                target_id=session.id,
+                group=session.group,
+                request_id=caller.request_id,
+                source=caller.source,
+                after=session_snapshot(session),
+            ),
+            now,
+        )

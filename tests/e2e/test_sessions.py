@@ -1,0 +1,265 @@
+"""Remote access sessions with real peers: a web server reached with curl (through a tls
+session, and through fleetgate connect on a plain one), a real sshd reached with OpenSSH's ssh
+(and the same ssh refused by a tls session, with the SSH diagnosis in the session's events),
+a source outside the CIDRs denied, and a live connection cut when the session is deleted and
+when it expires.
+"""
+
+from __future__ import annotations
+
+import http.server
+import shutil
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from e2e.conftest import ADMIN
+from e2e.gateway import Gateway, fleetgate_argv, free_port
+from e2e.pki_support import running_gateway
+
+HOST = "127.0.0.1"
+TIMEOUT_S = 15.0
+PAGE = b"hello from the device\n"
+
+
+class _Page(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(PAGE)))
+        self.end_headers()
+        self.wfile.write(PAGE)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@dataclass
+class Site:
+    gateway: Gateway
+    web_port: int
+    ssh_port: int
+    workdir: Path
+
+    def api(self) -> httpx.Client:
+        return self.gateway.client(ADMIN)
+
+
+def _start_sshd(workdir: Path, port: int) -> subprocess.Popen[str]:
+    sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+    assert Path(sshd).exists(), "sshd missing: scripts/test installs openssh-server"
+    key = workdir / "ssh_host_ed25519_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key], check=True)
+    config = workdir / "sshd_config"
+    config.write_text(
+        f"Port {port}\nListenAddress {HOST}\nHostKey {key}\nPidFile {workdir / 'sshd.pid'}\n"
+        "UsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+        f"AuthorizedKeysFile {workdir / 'authorized_keys'}\nStrictModes no\n"
+    )
+    Path("/run/sshd").mkdir(exist_ok=True)  # its privilege separation directory
+    process = subprocess.Popen(
+        [sshd, "-D", "-e", "-f", str(config)], stderr=subprocess.PIPE, text=True
+    )
+    assert process.stderr is not None
+    for line in process.stderr:  # sshd -e logs to stderr; it says when it listens
+        if f"Server listening on {HOST} port {port}" in line:
+            # Keep reading what it logs, so a full pipe never stalls it.
+            threading.Thread(target=process.stderr.read, daemon=True).start()
+            return process
+    raise AssertionError(f"sshd exited ({process.wait()}) without listening")
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    workdir = tmp_path_factory.mktemp("sessions")
+    web = http.server.ThreadingHTTPServer((HOST, 0), _Page)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    ssh_port = free_port()
+    sshd = _start_sshd(workdir, ssh_port)
+    try:
+        with running_gateway(workdir / "data", FLEETGATE_ADMIN_TOKEN=ADMIN) as gateway:
+            site = Site(gateway, web.server_address[1], ssh_port, workdir)
+            with site.api() as api:
+                ports = [site.web_port, ssh_port]
+                group = {"name": "lab", "settings": {"session_ports": ports}}
+                assert api.post("/v1/groups", json=group).status_code == 201
+                device = {"id": "kiosk", "group": "lab", "addresses": [HOST]}
+                assert api.post("/v1/devices", json=device).status_code == 201
+            yield site
+    finally:
+        web.shutdown()
+        sshd.terminate()
+        sshd.wait(TIMEOUT_S)
+
+
+def open_session(site: Site, port: int, **body: Any) -> dict[str, Any]:
+    with site.api() as api:
+        opened = api.post("/v1/sessions", json={"device_id": "kiosk", "port": port, **body})
+    assert opened.status_code == 201, opened.text
+    session: dict[str, Any] = opened.json()
+    site.gateway.wait_for("session.bound", lambda e: e["session"] == session["id"])
+    return session
+
+
+def events(site: Site, session_id: str) -> list[dict[str, Any]]:
+    with site.api() as api:
+        found = api.get(f"/v1/sessions/{session_id}/events")
+    assert found.status_code == 200, found.text
+    items: list[dict[str, Any]] = found.json()["items"]
+    return items
+
+
+def wait_for_event(site: Site, session_id: str, kind: str) -> dict[str, Any]:
+    """The session's first event of ``kind``, once the gateway says it recorded one."""
+    site.gateway.wait_for(
+        "session.event", lambda e: e["session"] == session_id and e["kind"] == kind
+    )
+    return next(e for e in events(site, session_id) if e["kind"] == kind)
+
+
+def curl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["curl", "-sS", "--max-time", "10", *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+
+
+# -- HTTP ------------------------------------------------------------------------------------------
+
+
+def test_a_tls_session_serves_curl_with_the_ca_it_names(site: Site) -> None:
+    session = open_session(site, site.web_port, tls=True, cidrs=[f"{HOST}/32"])
+    assert session["ca_pem"].startswith("-----BEGIN CERTIFICATE-----")
+    ca = site.workdir / f"{session['id']}-ca.pem"
+    ca.write_text(session["ca_pem"])
+    fetched = curl("--cacert", str(ca), f"https://{HOST}:{session['public_port']}/")
+    assert fetched.returncode == 0, fetched.stderr
+    assert fetched.stdout.encode() == PAGE
+    closed = wait_for_event(site, session["id"], "CLOSED")
+    assert closed["destination"] == f"{HOST}:{site.web_port}"
+    assert closed["detail"]["down_bytes"] > len(PAGE)
+    kinds = [e["kind"] for e in events(site, session["id"])]
+    assert kinds[:3] == ["CREATED", "ACCESS", "CONNECTED"], kinds
+
+
+def test_fleetgate_connect_lets_plain_curl_use_a_tls_session(site: Site) -> None:
+    session = open_session(site, site.web_port, tls=True, cidrs=[f"{HOST}/32"])
+    ca = site.workdir / f"{session['id']}-ca.pem"
+    ca.write_text(session["ca_pem"])
+    local = free_port()
+    relay = subprocess.Popen(
+        fleetgate_argv(
+            "connect", "--listen", f"{HOST}:{local}",
+            "--to", f"{HOST}:{session['public_port']}", "--cafile", str(ca),
+        ),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert relay.stderr is not None
+        for line in relay.stderr:
+            if "connect.listening" in line:
+                break
+        fetched = curl(f"http://{HOST}:{local}/")
+        assert fetched.returncode == 0, fetched.stderr
+        assert fetched.stdout.encode() == PAGE
+    finally:
+        relay.terminate()
+        relay.wait(TIMEOUT_S)
+
+
+def test_a_source_outside_the_cidrs_is_denied_and_recorded(site: Site) -> None:
+    session = open_session(site, site.web_port, cidrs=[f"{HOST}/32"])
+    fetched = curl("--interface", "127.0.0.2", f"http://{HOST}:{session['public_port']}/")
+    assert fetched.returncode != 0
+    denied = wait_for_event(site, session["id"], "DENIED")
+    assert denied["source"].startswith("127.0.0.2:")
+    assert "CONNECTED" not in [e["kind"] for e in events(site, session["id"])]
+
+
+# -- SSH -------------------------------------------------------------------------------------------
+
+
+def ssh(port: int) -> subprocess.CompletedProcess[str]:
+    """OpenSSH's ssh up to authentication (no key is accepted: reaching it is the point)."""
+    return subprocess.run(
+        ["ssh", "-v", "-p", str(port), "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
+         "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+         f"nobody@{HOST}", "true"],
+        capture_output=True, text=True, timeout=TIMEOUT_S, check=False,
+    )  # fmt: skip
+
+
+def test_ssh_reaches_sshd_through_a_plain_session(site: Site) -> None:
+    session = open_session(site, site.ssh_port, cidrs=[f"{HOST}/32"])
+    answered = ssh(session["public_port"])
+    assert "remote software version OpenSSH" in answered.stderr, answered.stderr
+    assert "Permission denied" in answered.stderr, answered.stderr  # it got to authentication
+    closed = wait_for_event(site, session["id"], "CLOSED")
+    assert closed["detail"]["up_bytes"] > 0
+
+
+def test_ssh_against_a_tls_session_is_refused_with_the_ssh_diagnosis(site: Site) -> None:
+    session = open_session(site, site.ssh_port, tls=True, cidrs=[f"{HOST}/32"])
+    answered = ssh(session["public_port"])
+    assert answered.returncode != 0
+    refused = wait_for_event(site, session["id"], "REFUSED")
+    diagnosis = refused["detail"]["diagnosis"]
+    assert "SSH banner" in diagnosis, refused
+    assert "without --tls" in diagnosis, refused
+
+
+# -- the end of a session cuts what goes through it -----------------------------------------------
+
+
+def _held_connection(port: int) -> socket.socket:
+    """A connection to sshd through the session, past sshd's banner (so relayed)."""
+    sock = socket.create_connection((HOST, port), timeout=TIMEOUT_S)
+    assert sock.recv(4) == b"SSH-"
+    return sock
+
+
+def _cut(sock: socket.socket) -> bool:
+    """Whether the gateway closed the connection (end of stream or reset) within the timeout."""
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def test_deleting_a_session_cuts_its_live_connection_and_closes_the_port(site: Site) -> None:
+    session = open_session(site, site.ssh_port, cidrs=[f"{HOST}/32"])
+    with _held_connection(session["public_port"]) as sock:
+        with site.api() as api:
+            deleted = api.delete(f"/v1/sessions/{session['id']}")
+        assert deleted.status_code == 200, deleted.text
+        assert deleted.json()["state"] == "ended"
+        assert _cut(sock)
+    with socket.socket() as probe:
+        assert probe.connect_ex((HOST, session["public_port"])) != 0  # nobody listens now
+    kinds = [e["kind"] for e in events(site, session["id"])]
+    assert "DELETED" in kinds
+    assert "CLOSED" in kinds
+
+
+def test_expiry_cuts_a_live_connection(site: Site) -> None:
+    session = open_session(site, site.ssh_port, cidrs=[f"{HOST}/32"], duration_s=5)
+    with _held_connection(session["public_port"]) as sock:
+        assert _cut(sock)  # sshd waits for our banner for far longer than 5 s
+    site.gateway.wait_for(
+        "session.unbound", lambda e: e["session"] == session["id"] and e["reason"] == "expired"
+    )
+    assert "EXPIRED" in [e["kind"] for e in events(site, session["id"])]
+    with site.api() as api:
+        found = api.get(f"/v1/sessions/{session['id']}").json()
+    assert (found["state"], found["end_reason"]) == ("ended", "expired")
