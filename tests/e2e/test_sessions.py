@@ -8,6 +8,7 @@ when it expires.
 from __future__ import annotations
 
 import http.server
+import json
 import shutil
 import socket
 import subprocess
@@ -21,7 +22,7 @@ import httpx
 import pytest
 
 from e2e.conftest import ADMIN
-from e2e.gateway import Gateway, fleetgate_argv, free_port
+from e2e.gateway import Gateway, base_env, fleetgate_argv, free_port, run_cli
 from e2e.pki_support import running_gateway
 
 HOST = "127.0.0.1"
@@ -263,3 +264,39 @@ def test_expiry_cuts_a_live_connection(site: Site) -> None:
     with site.api() as api:
         found = api.get(f"/v1/sessions/{session['id']}").json()
     assert (found["state"], found["end_reason"]) == ("ended", "expired")
+
+
+# -- the CLI: an operator's whole round trip -------------------------------------------------------
+
+
+def test_the_cli_opens_a_session_and_connect_session_uses_it(site: Site) -> None:
+    opened = run_cli(
+        site.gateway, "session", "open", "kiosk", "--port", str(site.web_port), "--for", "10m",
+        "--from", f"{HOST}/32", "--tls", "--json", token=ADMIN,
+    )  # fmt: skip
+    assert opened.returncode == 0, opened.stderr
+    session = json.loads(opened.stdout)
+    assert (session["device_port"], session["tls"]) == (site.web_port, True)
+    local = free_port()
+    env = base_env(FLEETGATE_URL=site.gateway.url, FLEETGATE_TOKEN=ADMIN)
+    relay = subprocess.Popen(
+        fleetgate_argv("connect", "--session", session["id"], "--listen", f"{HOST}:{local}"),
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert relay.stderr is not None
+        for line in relay.stderr:
+            if "connect.listening" in line:
+                break
+        fetched = curl(f"http://{HOST}:{local}/")  # plain curl: fleetgate connect does TLS
+        assert fetched.returncode == 0, fetched.stderr
+        assert fetched.stdout.encode() == PAGE
+    finally:
+        relay.terminate()
+        relay.wait(TIMEOUT_S)
+    shown = run_cli(site.gateway, "session", "events", session["id"], token=ADMIN)
+    assert shown.returncode == 0, shown.stderr
+    assert "CONNECTED" in shown.stdout
+    closed = run_cli(site.gateway, "session", "close", session["id"], "--json", token=ADMIN)
+    assert closed.returncode == 0, closed.stderr
+    assert json.loads(closed.stdout)["end_reason"] == "deleted"

@@ -61,7 +61,7 @@ def test_the_root_help_lists_every_command() -> None:
     listed = re.findall(r"^  ([a-z]+)  ", text.partition("Commands:")[2], re.MULTILINE)
     assert listed == [
         "audit", "ca", "cert", "config", "connect", "credential", "device", "group", "keys",
-        "serve", "token",
+        "serve", "session", "token",
     ]  # fmt: skip
     assert re.search(r"^  connect +Forward local plain TCP connections", text, re.MULTILINE)
 
@@ -71,6 +71,7 @@ def test_connect_help_shows_all_its_options() -> None:
     for option in (
         "--listen",
         "--to",
+        "--session",
         "--cafile",
         "--server-name",
         "--cert",

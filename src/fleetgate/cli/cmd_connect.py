@@ -1,18 +1,31 @@
 """``fleetgate connect``: local plain connections forwarded over verified TLS.
 
-The stunnel client role on an operator's PC. Only the options live here; the relay
-(``connect_relay``) loads when the command runs, so other commands and ``--help`` do not pay
-for pydantic, cryptography and uvloop.
+The stunnel client role on an operator's PC. With ``--session`` the destination and the CA come
+from the API (a tls remote access session), so nothing is copied by hand. Only the options live
+here; the relay (``connect_relay``) loads when the command runs, so other commands and
+``--help`` do not pay for pydantic, cryptography and uvloop.
 """
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+from urllib.parse import quote
+
 import click
+
+from fleetgate.cli.client import CliFailure
+from fleetgate.cli.common import client_from
 
 
 @click.command("connect")
 @click.option("--listen", required=True, help="Local HOST:PORT for plain connections.")
-@click.option("--to", "to", required=True, help="Destination HOST:PORT speaking TLS.")
+@click.option("--to", "to", help="Destination HOST:PORT speaking TLS.")
+@click.option(
+    "--session",
+    "session_id",
+    help="A tls remote access session: its public port and CA, fetched from the API.",
+)
 @click.option(
     "--cafile",
     type=click.Path(exists=True, dir_okay=False),
@@ -29,9 +42,12 @@ import click
 @click.option("--min-tls", type=click.Choice(["1.2", "1.3"]), default="1.2", show_default=True)
 @click.option("--no-resume", is_flag=True, help="Full handshake for every connection.")
 @click.option("--idle-timeout", type=float, default=3600.0, show_default=True, help="Seconds.")
+@click.pass_context
 def connect_command(
+    ctx: click.Context,
     listen: str,
-    to: str,
+    to: str | None,
+    session_id: str | None,
     cafile: str | None,
     server_name: str | None,
     cert: str | None,
@@ -44,15 +60,39 @@ def connect_command(
     """Forward local plain TCP connections to TO over verified TLS (stunnel's client role)."""
     from fleetgate.cli.connect_relay import run_connect
 
-    run_connect(
-        listen=listen,
-        to=to,
-        cafile=cafile,
-        server_name=server_name,
-        cert=cert,
-        key=key,
-        pins=pins,
-        min_tls=min_tls,
-        no_resume=no_resume,
-        idle_timeout=idle_timeout,
-    )
+    with tempfile.TemporaryDirectory(prefix="fleetgate-connect-") as scratch:
+        if session_id is not None:
+            if to is not None:
+                raise click.UsageError("--session names the destination: drop --to")
+            to, session_ca = _from_session(ctx, session_id, Path(scratch))
+            cafile = cafile or session_ca
+        elif to is None:
+            raise click.UsageError("say where to: --to HOST:PORT, or --session ID")
+        run_connect(
+            listen=listen,
+            to=to,
+            cafile=cafile,
+            server_name=server_name,
+            cert=cert,
+            key=key,
+            pins=pins,
+            min_tls=min_tls,
+            no_resume=no_resume,
+            idle_timeout=idle_timeout,
+        )
+
+
+def _from_session(ctx: click.Context, session_id: str, scratch: Path) -> tuple[str, str]:
+    """The session's public HOST:PORT and its CA written to a file only we can read."""
+    found = client_from(ctx).request("GET", f"/v1/sessions/{quote(session_id, safe='')}")
+    if found["state"] != "open":
+        raise CliFailure(f"session {session_id} has ended ({found['end_reason']})", 1)
+    where = f"{found['public_host']}:{found['public_port']}"
+    if not found["tls"]:
+        raise CliFailure(
+            f"session {session_id} is plain (no TLS to speak): connect straight to {where}", 2
+        )
+    ca = scratch / "session-ca.pem"
+    ca.write_text(found["ca_pem"], encoding="ascii")
+    ca.chmod(0o600)
+    return where, str(ca)

@@ -12,6 +12,7 @@ from fleetgate.cli.cmd_devices import device
 from fleetgate.cli.cmd_groups import group
 from fleetgate.cli.cmd_local import config_group, keys_group, serve_command
 from fleetgate.cli.cmd_pki import ca, cert
+from fleetgate.cli.cmd_sessions import session
 from fleetgate.cli.cmd_tokens import token
 
 
@@ -42,6 +43,7 @@ for command in (
     ca,
     cert,
     credential,
+    session,
     connect_command,
 ):
     cli.add_command(command)
