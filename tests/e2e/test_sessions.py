@@ -300,3 +300,35 @@ def test_the_cli_opens_a_session_and_connect_session_uses_it(site: Site) -> None
     closed = run_cli(site.gateway, "session", "close", session["id"], "--json", token=ADMIN)
     assert closed.returncode == 0, closed.stderr
     assert json.loads(closed.stdout)["end_reason"] == "deleted"
+
+
+# -- restarts --------------------------------------------------------------------------------------
+
+
+def test_an_open_session_is_bound_again_after_a_restart(site: Site, tmp_path: Path) -> None:
+    gateway = Gateway(data_dir=tmp_path / "data", port=free_port(), env=base_env(
+        FLEETGATE_ADMIN_TOKEN=ADMIN, FLEETGATE_SESSIONS__PORTS="21000-21099",
+    )).start()  # fmt: skip
+    try:
+        with gateway.client(ADMIN) as api:
+            group = {"name": "lab", "settings": {"session_ports": [site.web_port]}}
+            assert api.post("/v1/groups", json=group).status_code == 201
+            device = {"id": "kiosk", "group": "lab", "addresses": [HOST]}
+            assert api.post("/v1/devices", json=device).status_code == 201
+            opened = api.post(
+                "/v1/sessions",
+                json={"device_id": "kiosk", "port": site.web_port, "cidrs": [f"{HOST}/32"]},
+            )
+        assert opened.status_code == 201, opened.text
+        session = opened.json()
+        assert gateway.stop() == 0
+        with socket.socket() as probe:  # nobody serves it while the gateway is down
+            assert probe.connect_ex((HOST, session["public_port"])) != 0
+        gateway.start()
+        bound = gateway.wait_for("session.bound", lambda e: e["session"] == session["id"])
+        assert bound["port"] == session["public_port"]
+        fetched = curl(f"http://{HOST}:{session['public_port']}/")
+        assert fetched.returncode == 0, fetched.stderr
+        assert fetched.stdout.encode() == PAGE
+    finally:
+        gateway.stop()
