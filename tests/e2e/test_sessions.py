@@ -332,3 +332,44 @@ def test_an_open_session_is_bound_again_after_a_restart(site: Site, tmp_path: Pa
         assert fetched.stdout.encode() == PAGE
     finally:
         gateway.stop()
+
+
+# -- mtls sessions: a client certificate for the session alone ------------------------------------
+
+
+def test_an_mtls_session_admits_only_its_own_certificate_which_connect_presents(
+    site: Site,
+) -> None:
+    opened = run_cli(
+        site.gateway, "session", "open", "kiosk", "--port", str(site.web_port),
+        "--from", f"{HOST}/32", "--mtls", "--json", token=ADMIN,
+    )  # fmt: skip
+    assert opened.returncode == 0, opened.stderr
+    session = json.loads(opened.stdout)
+    assert (session["tls"], session["mtls"]) == (True, True)
+    site.gateway.wait_for("session.bound", lambda e: e["session"] == session["id"])
+    ca = site.workdir / f"{session['id']}-ca.pem"
+    ca.write_text(session["ca_pem"])
+    # Without the session's certificate: refused, and the events say what to use instead.
+    bare = curl("--cacert", str(ca), f"https://{HOST}:{session['public_port']}/")
+    assert bare.returncode != 0
+    refused = wait_for_event(site, session["id"], "REFUSED")
+    assert "fleetgate connect --session" in refused["detail"]["diagnosis"], refused
+    # fleetgate connect --session fetches the certificate and presents it.
+    local = free_port()
+    env = base_env(FLEETGATE_URL=site.gateway.url, FLEETGATE_TOKEN=ADMIN)
+    relay = subprocess.Popen(
+        fleetgate_argv("connect", "--session", session["id"], "--listen", f"{HOST}:{local}"),
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert relay.stderr is not None
+        for line in relay.stderr:
+            if "connect.listening" in line:
+                break
+        fetched = curl(f"http://{HOST}:{local}/")
+        assert fetched.returncode == 0, fetched.stderr
+        assert fetched.stdout.encode() == PAGE
+    finally:
+        relay.terminate()
+        relay.wait(TIMEOUT_S)

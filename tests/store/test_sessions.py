@@ -6,12 +6,15 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from fleetgate.clock import FakeClock
 from fleetgate.config.schema import SessionsConfig
 from fleetgate.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from fleetgate.records import Role
 from fleetgate.remote.records import EventKind
+from fleetgate.services.bundle import Services
 from fleetgate.services.context import SYSTEM_CALLER
 from fleetgate.services.devices import DeviceService, NewDevice
 from fleetgate.services.groups import GroupService
@@ -19,6 +22,7 @@ from fleetgate.services.sessions import SessionRequest, SessionService
 from fleetgate.store import Database
 
 from .helpers import audit_entries, caller
+from .pki_fixtures import build_services
 
 ADMIN = caller(Role.ADMIN)
 LAB_OPERATOR = caller(Role.OPERATOR, "lab")
@@ -26,8 +30,17 @@ VIEWER = caller(Role.VIEWER)
 
 
 @pytest.fixture
+async def services(db: Database, clock: FakeClock) -> Services:
+    return await build_services(db, clock)
+
+
+@pytest.fixture
 async def sessions(
-    db: Database, clock: FakeClock, groups: GroupService, devices: DeviceService
+    db: Database,
+    clock: FakeClock,
+    groups: GroupService,
+    devices: DeviceService,
+    services: Services,
 ) -> SessionService:
     await groups.create(SYSTEM_CALLER, "lab", "", {"session_ports": [22, 8080]})
     await groups.create(SYSTEM_CALLER, "plant", "", {})
@@ -37,7 +50,7 @@ async def sessions(
     )
     await devices.create(SYSTEM_CALLER, NewDevice(id="mute", group="lab"))
     config = SessionsConfig(ports="30000-30001", default_duration_s=600, max_duration_s=3600)
-    return SessionService(db, clock, config)
+    return SessionService(db, clock, config, services.authority, services.vault)
 
 
 async def test_open_maps_a_pool_port_to_the_devices_registered_address(
@@ -121,3 +134,31 @@ async def test_events_page_and_are_pruned_after_the_retention(
     clock.advance(sessions.config.event_retention_days * 86400 + 1)
     assert await sessions.prune_events() == 6
     assert (await sessions.events(ADMIN, opened.id)).items == []
+
+
+async def test_an_mtls_session_mints_a_client_certificate_that_ends_with_it(
+    sessions: SessionService, clock: FakeClock, db: Database
+) -> None:
+    with pytest.raises(InvalidRequest, match="ask for tls too"):
+        await sessions.open(ADMIN, SessionRequest("kiosk", 22, mtls=True))
+    opened = await sessions.open(
+        ADMIN, SessionRequest("kiosk", 22, duration_s=600, tls=True, mtls=True)
+    )
+    assert opened.client_serial is not None
+    credential = await sessions.client_credential(ADMIN, opened.id)
+    leaf = x509.load_pem_x509_certificate(credential.chain_pem.encode())
+    assert format(leaf.serial_number, "x") == opened.client_serial
+    assert leaf.not_valid_after_utc <= opened.expires_at  # it cannot outlive the session
+    assert (
+        ExtendedKeyUsageOID.CLIENT_AUTH
+        in leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    )
+    assert "PRIVATE KEY" in credential.key_pem
+    plain = await sessions.open(ADMIN, SessionRequest("kiosk", 8080))
+    with pytest.raises(Conflict, match="not mtls"):
+        await sessions.client_credential(ADMIN, plain.id)
+    await sessions.delete(ADMIN, opened.id)
+    with pytest.raises(Conflict, match="has ended"):
+        await sessions.client_credential(ADMIN, opened.id)
+    audited = [e.action for e in await audit_entries(db) if e.target_id == opened.id]
+    assert "session.client_credential" in audited

@@ -33,6 +33,11 @@ class SessionIn(Strict):
         examples=[["203.0.113.0/24"]],
     )
     tls: bool = Field(default=False, description="terminate TLS at fleetgate")
+    mtls: bool = Field(
+        default=False,
+        description="tls, and only the client certificate minted for this session gets in "
+        "(POST /v1/sessions/{id}/client-credential hands it out; it expires with the session)",
+    )
 
 
 class SessionOut(BaseModel):
@@ -43,6 +48,7 @@ class SessionOut(BaseModel):
     public_port: int
     cidrs: list[str]
     tls: bool
+    mtls: bool
     ca_pem: str | None = Field(description="tls: the CA the client verifies fleetgate with")
     created_at: datetime
     expires_at: datetime
@@ -95,6 +101,7 @@ async def _out(svc: Services, session: Session) -> SessionOut:
         public_port=session.public_port,
         cidrs=list(session.cidrs),
         tls=session.tls,
+        mtls=session.client_serial is not None,
         ca_pem=ca_pem,
         created_at=session.created_at,
         expires_at=session.expires_at,
@@ -117,6 +124,7 @@ async def open_session(
             duration_s=body.duration_s,
             cidrs=tuple(body.cidrs),
             tls=body.tls,
+            mtls=body.mtls,
         ),
     )
     response.headers["Location"] = f"/v1/sessions/{session.id}"
@@ -151,6 +159,20 @@ async def get_session(session_id: str, caller: CallerDep, svc: ServicesDep) -> S
 async def delete_session(session_id: str, caller: CallerDep, svc: ServicesDep) -> SessionOut:
     """Close the session now: its port stops listening and live connections are cut."""
     return await _out(svc, await svc.sessions.delete(caller, session_id))
+
+
+class ClientCredentialOut(BaseModel):
+    chain_pem: str  # the session's client certificate, then its issuing CA
+    key_pem: str
+
+
+@router.post("/{session_id}/client-credential", response_model=ClientCredentialOut)
+async def client_credential(
+    session_id: str, caller: CallerDep, svc: ServicesDep
+) -> ClientCredentialOut:
+    """An mtls session's client certificate and private key (audited; while it is open)."""
+    found = await svc.sessions.client_credential(caller, session_id)
+    return ClientCredentialOut(chain_pem=found.chain_pem, key_pem=found.key_pem)
 
 
 @router.get("/{session_id}/events", response_model=SessionEventPage)

@@ -64,8 +64,10 @@ def connect_command(
         if session_id is not None:
             if to is not None:
                 raise click.UsageError("--session names the destination: drop --to")
-            to, session_ca = _from_session(ctx, session_id, Path(scratch))
+            to, session_ca, session_client = _from_session(ctx, session_id, Path(scratch))
             cafile = cafile or session_ca
+            if session_client is not None and cert is None:
+                cert, key = session_client
         elif to is None:
             raise click.UsageError("say where to: --to HOST:PORT, or --session ID")
         run_connect(
@@ -82,9 +84,14 @@ def connect_command(
         )
 
 
-def _from_session(ctx: click.Context, session_id: str, scratch: Path) -> tuple[str, str]:
-    """The session's public HOST:PORT and its CA written to a file only we can read."""
-    found = client_from(ctx).request("GET", f"/v1/sessions/{quote(session_id, safe='')}")
+def _from_session(
+    ctx: click.Context, session_id: str, scratch: Path
+) -> tuple[str, str, tuple[str, str] | None]:
+    """The session's public HOST:PORT, its CA and (mtls) its client certificate and key, the
+    files in ``scratch`` readable by us alone."""
+    client = client_from(ctx)
+    path = f"/v1/sessions/{quote(session_id, safe='')}"
+    found = client.request("GET", path)
     if found["state"] != "open":
         raise CliFailure(f"session {session_id} has ended ({found['end_reason']})", 1)
     where = f"{found['public_host']}:{found['public_port']}"
@@ -92,7 +99,15 @@ def _from_session(ctx: click.Context, session_id: str, scratch: Path) -> tuple[s
         raise CliFailure(
             f"session {session_id} is plain (no TLS to speak): connect straight to {where}", 2
         )
-    ca = scratch / "session-ca.pem"
-    ca.write_text(found["ca_pem"], encoding="ascii")
-    ca.chmod(0o600)
-    return where, str(ca)
+    ca = _private(scratch / "session-ca.pem", found["ca_pem"])
+    if not found["mtls"]:
+        return where, ca, None
+    credential = client.request("POST", f"{path}/client-credential")
+    chain = _private(scratch / "session-client.pem", credential["chain_pem"])
+    return where, ca, (chain, _private(scratch / "session-client.key", credential["key_pem"]))
+
+
+def _private(path: Path, text: str) -> str:
+    path.touch(mode=0o600)
+    path.write_text(text, encoding="ascii")
+    return str(path)

@@ -17,7 +17,7 @@ COLUMNS = [
     ("device", lambda s: s["device_id"]),
     ("port", lambda s: s["device_port"]),
     ("public", lambda s: f"{s['public_host']}:{s['public_port']}"),
-    ("tls", lambda s: "tls" if s["tls"] else "plain"),
+    ("tls", lambda s: "mtls" if s["mtls"] else "tls" if s["tls"] else "plain"),
     ("from", lambda s: s["cidrs"]),
     ("expires_at", lambda s: s["expires_at"]),
     ("state", lambda s: s["state"]),
@@ -29,6 +29,7 @@ FIELDS = (
     "public_host",
     "public_port",
     "tls",
+    "mtls",
     "cidrs",
     "created_at",
     "expires_at",
@@ -76,6 +77,12 @@ def session() -> None:
     help="Sources allowed to connect; repeatable (default: the address you call from).",
 )
 @click.option("--tls", is_flag=True, help="Terminate TLS at fleetgate (clients speak TLS).")
+@click.option(
+    "--mtls",
+    is_flag=True,
+    help="--tls, and admit only a client certificate minted for this session "
+    "(fleetgate connect --session fetches it).",
+)
 @click.option("--ca-out", type=click.Path(dir_okay=False), help="tls: write the CA here.")
 @json_option
 @click.pass_context
@@ -86,11 +93,14 @@ def open_(
     duration: str | None,
     cidrs: tuple[str, ...],
     tls: bool,
+    mtls: bool,
     ca_out: str | None,
     as_json: bool,
 ) -> None:
     """Open a session to DEVICE_ID's PORT."""
-    body: dict[str, Any] = {"device_id": device_id, "port": port, "tls": tls}
+    body: dict[str, Any] = {"device_id": device_id, "port": port, "tls": tls or mtls}
+    if mtls:
+        body["mtls"] = True
     if duration is not None:
         body["duration_s"] = parse_duration(duration)
     if cidrs:

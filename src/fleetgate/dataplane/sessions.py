@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography import x509
+
 from fleetgate.clock import Clock
 from fleetgate.config.schema import ListenerTlsConfig
 from fleetgate.dataplane.endpoint import Endpoint, PlainEndpoint
@@ -92,6 +94,18 @@ class SessionPlane:
             services,
             PskTable(services),
         )
+        # mtls sessions: the same certificate, and clients verified against fleetgate's CAs;
+        # each connection must then present its own session's certificate.
+        self._mtls = ServerTls(
+            "sessions-mtls",
+            ListenerTlsConfig(
+                mode="mtls",
+                certificate=SESSIONS_CREDENTIAL,
+                server_names=self._config.server_names,
+            ),
+            services,
+            PskTable(services),
+        )
         self._tls_loaded = False
 
     @property
@@ -131,17 +145,22 @@ class SessionPlane:
     # -- binding -------------------------------------------------------------------------------
 
     async def _bind(self, session: Session) -> None:
-        if session.tls and not self._tls_loaded:
+        if session.tls:
             try:
-                await self._tls.load()  # the sessions certificate, issued on first use
+                if not self._tls_loaded:
+                    await self._tls.load()  # the sessions certificate, issued on first use
+                    self._tls_loaded = True
+                if session.client_serial is not None:
+                    await self._mtls.load()  # fresh: the CAs the new certificate chains to
             except TlsSetupError as exc:
                 log.error("session.tls_failed", session=session.id, detail=str(exc))
                 return
-            self._tls_loaded = True
         loop = asyncio.get_running_loop()
         bound = _Bound(session)
 
         def factory() -> Endpoint:
+            if session.client_serial is not None:
+                return _AcceptedTls(bound, self, self._mtls)
             if session.tls:
                 return _AcceptedTls(bound, self, self._tls)
             return _Accepted(bound, self)
@@ -252,6 +271,11 @@ class SessionPlane:
             cause = exc.cause if isinstance(exc, TlsFailure) else "handshake_timeout"
             if cause in ("not_tls", "handshake_timeout") and not looks_like_tls(opening):
                 diagnosis = diagnose_on_tls_session(opening)
+            elif cause in ("no_client_certificate", "unknown_ca", "certificate_expired"):
+                diagnosis = (
+                    f"the client's certificate was not accepted ({cause}); this session admits "
+                    "only the certificate minted for it: fleetgate connect --session presents it"
+                )
             else:
                 diagnosis = f"the TLS handshake failed: {cause}"
             await self._record(
@@ -260,6 +284,20 @@ class SessionPlane:
             )  # fmt: skip
             log.warning("session.refused", reason=cause, diagnosis=diagnosis)
             return False
+        if session.client_serial is not None:
+            der = endpoint.ssl_object.getpeercert(binary_form=True)
+            serial = format(x509.load_der_x509_certificate(der).serial_number, "x") if der else None
+            if serial != session.client_serial:
+                diagnosis = (
+                    "this session admits only the client certificate minted for it; "
+                    "fleetgate connect --session fetches and presents it"
+                )
+                await self._record(
+                    session, EventKind.REFUSED, source=source,
+                    detail={"reason": "not_this_sessions_certificate", "diagnosis": diagnosis,
+                            "presented_serial": serial},
+                )  # fmt: skip
+                return False
         return True
 
     async def _relay(

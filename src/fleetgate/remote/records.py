@@ -38,6 +38,9 @@ class Session:
     ended_at: datetime | None
     end_reason: str | None
     created_by: str
+    # mtls: the client certificate minted for this session alone (serial; PEM chain, leaf first)
+    client_serial: str | None = None
+    client_chain: str | None = None
 
     @property
     def open(self) -> bool:

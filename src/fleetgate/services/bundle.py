@@ -68,5 +68,5 @@ class Services:
             issuing=IssuingService(db, vault, authority, clock),
             lifecycle=LifecycleService(db, vault, authority, revocation, clock),
             replacement=ReplacementService(db, vault, authority, revocation, clock),
-            sessions=SessionService(db, clock, sessions or SessionsConfig()),
+            sessions=SessionService(db, clock, sessions or SessionsConfig(), authority, vault),
         )

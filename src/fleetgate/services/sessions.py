@@ -3,17 +3,25 @@ and the device's registered address), read, close, expire, and their event log."
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from cryptography import x509
+
 from fleetgate.auth.authz import in_scope, require_write
 from fleetgate.clock import Clock
 from fleetgate.config.schema import SessionsConfig
 from fleetgate.errors import Conflict, InvalidRequest, NotFound
+from fleetgate.pki.authority import Subject
+from fleetgate.pki.keys import KeyAlgorithm, PrivateKey, generate_key, private_key_pem
+from fleetgate.pki.profiles import Profile
 from fleetgate.records import DeviceStatus, NewAuditEntry, Page
 from fleetgate.remote.records import EventKind, Session, SessionEvent, check_cidrs
+from fleetgate.sealing import Secret
+from fleetgate.services.authority import AuthorityService, Issuance, pem
 from fleetgate.services.context import (
     SYSTEM_CALLER,
     Caller,
@@ -21,10 +29,12 @@ from fleetgate.services.context import (
     decode_cursor,
     encode_cursor,
 )
+from fleetgate.services.vault import Vault
 from fleetgate.store import Database, IntegrityViolation, Tx
 from fleetgate.store.audit import AuditRepo
 from fleetgate.store.devices import DeviceRepo
 from fleetgate.store.groups import GroupRepo
+from fleetgate.store.sealed import SealedSecretRepo
 from fleetgate.store.sessions import SessionRepo
 
 PORT_ATTEMPTS = 5  # a port taken by a concurrent open is retried with the next free one
@@ -38,6 +48,19 @@ class SessionRequest:
     duration_s: int | None = None
     cidrs: tuple[str, ...] = ()  # default: the address the request came from
     tls: bool = False
+    mtls: bool = False  # tls, and only a client certificate minted for this session gets in
+
+
+@dataclass(frozen=True)
+class ClientCredential:
+    """The client certificate of an mtls session and its key, for its operator."""
+
+    chain_pem: str
+    key_pem: str
+
+
+def _key_name(session_id: str) -> str:
+    return f"session-key-{session_id}"
 
 
 def session_snapshot(session: Session) -> dict[str, Any]:
@@ -53,10 +76,19 @@ def session_snapshot(session: Session) -> dict[str, Any]:
 
 
 class SessionService:
-    def __init__(self, db: Database, clock: Clock, config: SessionsConfig) -> None:
+    def __init__(
+        self,
+        db: Database,
+        clock: Clock,
+        config: SessionsConfig,
+        authority: AuthorityService,
+        vault: Vault,
+    ) -> None:
         self._db = db
         self._clock = clock
         self.config = config
+        self._authority = authority
+        self._vault = vault
 
     # -- the API's use cases --------------------------------------------------------------------
 
@@ -74,11 +106,14 @@ class SessionService:
             cidrs = check_cidrs([caller.source])
         else:
             raise InvalidRequest("name the source CIDRs allowed to connect", field="cidrs")
+        if request.mtls and not request.tls:
+            raise InvalidRequest("mtls sessions terminate TLS: ask for tls too", field="mtls")
+        key = await asyncio.to_thread(generate_key, KeyAlgorithm.EC_P256) if request.mtls else None
         now = self._clock.now()
         for _ in range(PORT_ATTEMPTS):
             try:
                 async with self._db.transaction() as tx:
-                    session = await self._open_in(tx, caller, request, cidrs, now, duration)
+                    session = await self._open_in(tx, caller, request, cidrs, now, duration, key)
                 return session
             except IntegrityViolation:
                 continue  # another open took the same public port: take the next one
@@ -92,6 +127,7 @@ class SessionService:
         cidrs: tuple[str, ...],
         now: datetime,
         duration: int,
+        client_key: PrivateKey | None,
     ) -> Session:
         device = await DeviceRepo(tx).get(request.device_id)
         if device is None or not in_scope(caller.principal, device.group):
@@ -114,8 +150,24 @@ class SessionService:
         free = next((p for p in self.config.port_range if p not in taken), None)
         if free is None:
             raise Conflict("every public port of sessions.ports is in use")
+        session_id = f"s-{secrets.token_hex(8)}"
+        client_serial = client_chain = None
+        if client_key is not None:  # the session's own client certificate, gone with it
+            record, chain = await self._authority.issue_in(
+                tx,
+                Issuance(
+                    profile=Profile.UPSTREAM_CLIENT,
+                    subject=Subject(f"session {session_id}"),
+                    public_key=client_key.public_key(),
+                    lifetime=timedelta(seconds=duration),
+                    device_id=device.id,
+                ),
+            )
+            client_serial = record.serial
+            client_chain = pem(x509.load_der_x509_certificate(record.der)) + chain
+            await self._vault.put_in(tx, _key_name(session_id), Secret(private_key_pem(client_key)))
         session = Session(
-            id=f"s-{secrets.token_hex(8)}",
+            id=session_id,
             device_id=device.id,
             group=device.group,
             device_address=device.addresses[0],
@@ -128,6 +180,8 @@ class SessionService:
             ended_at=None,
             end_reason=None,
             created_by=caller.principal.actor,
+            client_serial=client_serial,
+            client_chain=client_chain,
         )
         await repo.insert(session)
         await repo.add_event(
@@ -154,6 +208,21 @@ class SessionService:
         if session is None or not in_scope(caller.principal, session.group):
             raise NotFound(f"session {session_id} does not exist")
         return session
+
+    async def client_credential(self, caller: Caller, session_id: str) -> ClientCredential:
+        """An mtls session's client certificate and key, while it is open (audited)."""
+        session = await self.get(caller, session_id)
+        require_write(caller.principal, session.group)
+        if session.client_chain is None:
+            raise Conflict(f"session {session_id} takes no client certificate (not mtls)")
+        if not session.open:
+            raise Conflict(f"session {session_id} has ended; its client certificate with it")
+        async with self._db.transaction() as tx:
+            key = await self._vault.get_in(tx, _key_name(session.id))
+            if key is None:
+                raise Conflict(f"session {session_id}: its client key is gone")
+            await self._audit(tx, caller, "session.client_credential", session, self._clock.now())
+        return ClientCredential(session.client_chain, key.reveal().decode())
 
     async def search(
         self,
@@ -184,6 +253,7 @@ class SessionService:
         async with self._db.transaction() as tx:
             if not await SessionRepo(tx).end(session.id, now, "deleted"):
                 raise Conflict(f"session {session_id} has ended already")
+            await SealedSecretRepo(tx).delete(_key_name(session.id))
             await SessionRepo(tx).add_event(
                 session.id, now, EventKind.DELETED, source=caller.source,
                 detail={"by": caller.principal.actor},
@@ -224,6 +294,7 @@ class SessionService:
             repo = SessionRepo(tx)
             for session in await repo.due(now):
                 if await repo.end(session.id, now, "expired"):
+                    await SealedSecretRepo(tx).delete(_key_name(session.id))
                     await repo.add_event(session.id, now, EventKind.EXPIRED)
                     await self._audit(tx, SYSTEM_CALLER, "session.expire", session, now)
                     ended.append(session.id)

@@ -154,6 +154,8 @@ _SESSIONS = Step("""
         public_port INTEGER NOT NULL,
         cidrs TEXT NOT NULL,
         tls INTEGER NOT NULL DEFAULT 0,
+        client_serial TEXT,
+        client_chain TEXT,
         created_at BIGINT NOT NULL,
         expires_at BIGINT NOT NULL,
         ended_at BIGINT,

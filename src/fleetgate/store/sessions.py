@@ -12,7 +12,7 @@ from fleetgate.store.database import Row, Tx
 
 _COLUMNS = (
     "id, device_id, group_name, device_address, device_port, public_port, cidrs, tls, "
-    "created_at, expires_at, ended_at, end_reason, created_by"
+    "created_at, expires_at, ended_at, end_reason, created_by, client_serial, client_chain"
 )
 _EVENT_COLUMNS = "id, session_id, at, kind, source, destination, detail"
 
@@ -32,6 +32,8 @@ def _session(r: Row) -> Session:
         ended_at=from_epoch_us(r["ended_at"]) if r["ended_at"] is not None else None,
         end_reason=r["end_reason"],
         created_by=r["created_by"],
+        client_serial=r["client_serial"],
+        client_chain=r["client_chain"],
     )
 
 
@@ -53,7 +55,8 @@ class SessionRepo:
 
     async def insert(self, session: Session) -> None:
         await self._tx.execute(
-            f"INSERT INTO sessions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO sessions ({_COLUMNS}) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             session.id,
             session.device_id,
             session.group,
@@ -67,6 +70,8 @@ class SessionRepo:
             None,
             None,
             session.created_by,
+            session.client_serial,
+            session.client_chain,
         )
 
     async def get(self, session_id: str) -> Session | None:
