@@ -373,3 +373,13 @@ def test_an_mtls_session_admits_only_its_own_certificate_which_connect_presents(
     finally:
         relay.terminate()
         relay.wait(TIMEOUT_S)
+
+
+def test_tls_on_a_plain_session_is_refused_with_the_diagnosis(site: Site) -> None:
+    session = open_session(site, site.web_port, cidrs=[f"{HOST}/32"])
+    fetched = curl("--insecure", f"https://{HOST}:{session['public_port']}/")
+    assert fetched.returncode != 0
+    refused = wait_for_event(site, session["id"], "REFUSED")
+    assert refused["detail"]["reason"] == "tls_on_plain_session", refused
+    assert "started a TLS handshake" in refused["detail"]["diagnosis"]
+    assert "--tls" in refused["detail"]["diagnosis"]

@@ -120,9 +120,14 @@ class SessionsConfig(Frozen):
     default_duration_s: int = Field(default=3600, ge=60, le=28_800)
     max_duration_s: int = Field(default=28_800, ge=60, le=28_800)
     allowed_ports: tuple[int, ...] = (22, 80, 443, 3389, 5900)
+    certificate: str = Field(
+        default="sessions-server",
+        description="credential holding the certificate tls sessions present; issued by "
+        "fleetgate's CA for server_names when missing (or import your own under this id)",
+    )
     server_names: tuple[str, ...] = Field(
         default=("localhost", "127.0.0.1"),
-        description="names on the certificate tls sessions present (credential sessions-server)",
+        description="names on the certificate fleetgate issues for tls sessions",
     )
     event_retention_days: int = Field(default=90, ge=1, le=3650)
 

@@ -42,7 +42,6 @@ HANDSHAKE_TIMEOUT_S = 10.0
 DEVICE_CONNECT_TIMEOUT_S = 10.0
 SWEEP_S = 60.0  # at the latest, expiry is checked this often (timers wake it sooner)
 PRUNE_EVERY_S = 3600.0
-SESSIONS_CREDENTIAL = "sessions-server"
 
 
 class _NotTls(ValueError):
@@ -88,7 +87,7 @@ class SessionPlane:
             "sessions",
             ListenerTlsConfig(
                 mode="tls",
-                certificate=SESSIONS_CREDENTIAL,
+                certificate=self._config.certificate,
                 server_names=self._config.server_names,
             ),
             services,
@@ -100,7 +99,7 @@ class SessionPlane:
             "sessions-mtls",
             ListenerTlsConfig(
                 mode="mtls",
-                certificate=SESSIONS_CREDENTIAL,
+                certificate=self._config.certificate,
                 server_names=self._config.server_names,
             ),
             services,
