@@ -22,6 +22,7 @@ from fleetgate.config.schema import (
     NodeConfig,
     PkiConfig,
     SealingConfig,
+    SessionsConfig,
     StoreConfig,
     split_host_port,
 )
@@ -61,6 +62,7 @@ def test_shipped_default_toml_shows_every_key() -> None:
         ("sealing", SealingConfig),
         ("pki", PkiConfig),
         ("pki.alerts", AlertConfig),
+        ("sessions", SessionsConfig),
     ]
     for section, model in sections:
         assert f"\n[{section}]\n" in text
@@ -69,7 +71,7 @@ def test_shipped_default_toml_shows_every_key() -> None:
                 continue  # a sub-table, checked as its own section
             # Keys without a default value (the DSN, which holds a password; URLs that
             # depend on the site) are shown commented out.
-            commented = key in ("postgresql_dsn", "public_url", "webhook_url")
+            commented = key in ("postgresql_dsn", "public_url", "webhook_url", "public_host")
             shown = f"\n# {key} = " if commented else f"\n{key} = "
             assert shown in text, f"{section}.{key} is not in default.toml"
 
