@@ -19,8 +19,8 @@ def spoken(opening: bytes) -> str:
         return "ssh"
     if _HTTP.match(opening) or opening[:4] in (b"GET ", b"POST", b"HEAD", b"PUT "):
         return "http"
-    if len(opening) >= 5 and opening[0] == 0x03 and opening[1] == 0x00 and opening[4] == 0x0E:
-        return "rdp"  # a TPKT header around an X.224 connection request
+    if len(opening) >= 6 and opening[:2] == b"\x03\x00" and opening[5] & 0xF0 == 0xE0:
+        return "rdp"  # a TPKT header (RFC 1006), then an X.224 connection request (code 0xE)
     if looks_like_tls(opening):
         return "tls"
     return "unknown"
