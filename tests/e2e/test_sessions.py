@@ -134,6 +134,27 @@ def curl(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def curl_through_connect(*connect_args: str, env: dict[str, str] | None = None) -> str:
+    """Plain curl through ``fleetgate connect <connect_args> --listen <a free port>``: what it
+    fetched (fleetgate connect speaks the TLS)."""
+    local = free_port()
+    relay = subprocess.Popen(
+        fleetgate_argv("connect", *connect_args, "--listen", f"{HOST}:{local}"),
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert relay.stderr is not None
+        for line in relay.stderr:  # it says when it listens
+            if "connect.listening" in line:
+                break
+        fetched = curl(f"http://{HOST}:{local}/")
+        assert fetched.returncode == 0, fetched.stderr
+        return fetched.stdout
+    finally:
+        relay.terminate()
+        relay.wait(TIMEOUT_S)
+
+
 # -- HTTP ------------------------------------------------------------------------------------------
 
 
@@ -156,25 +177,8 @@ def test_fleetgate_connect_lets_plain_curl_use_a_tls_session(site: Site) -> None
     session = open_session(site, site.web_port, tls=True, cidrs=[f"{HOST}/32"])
     ca = site.workdir / f"{session['id']}-ca.pem"
     ca.write_text(session["ca_pem"])
-    local = free_port()
-    relay = subprocess.Popen(
-        fleetgate_argv(
-            "connect", "--listen", f"{HOST}:{local}",
-            "--to", f"{HOST}:{session['public_port']}", "--cafile", str(ca),
-        ),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert relay.stderr is not None
-        for line in relay.stderr:
-            if "connect.listening" in line:
-                break
-        fetched = curl(f"http://{HOST}:{local}/")
-        assert fetched.returncode == 0, fetched.stderr
-        assert fetched.stdout.encode() == PAGE
-    finally:
-        relay.terminate()
-        relay.wait(TIMEOUT_S)
+    fetched = curl_through_connect("--to", f"{HOST}:{session['public_port']}", "--cafile", str(ca))
+    assert fetched.encode() == PAGE
 
 
 def test_a_source_outside_the_cidrs_is_denied_and_recorded(site: Site) -> None:
@@ -277,23 +281,9 @@ def test_the_cli_opens_a_session_and_connect_session_uses_it(site: Site) -> None
     assert opened.returncode == 0, opened.stderr
     session = json.loads(opened.stdout)
     assert (session["device_port"], session["tls"]) == (site.web_port, True)
-    local = free_port()
     env = base_env(FLEETGATE_URL=site.gateway.url, FLEETGATE_TOKEN=ADMIN)
-    relay = subprocess.Popen(
-        fleetgate_argv("connect", "--session", session["id"], "--listen", f"{HOST}:{local}"),
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert relay.stderr is not None
-        for line in relay.stderr:
-            if "connect.listening" in line:
-                break
-        fetched = curl(f"http://{HOST}:{local}/")  # plain curl: fleetgate connect does TLS
-        assert fetched.returncode == 0, fetched.stderr
-        assert fetched.stdout.encode() == PAGE
-    finally:
-        relay.terminate()
-        relay.wait(TIMEOUT_S)
+    fetched = curl_through_connect("--session", session["id"], env=env)
+    assert fetched.encode() == PAGE
     shown = run_cli(site.gateway, "session", "events", session["id"], token=ADMIN)
     assert shown.returncode == 0, shown.stderr
     assert "CONNECTED" in shown.stdout
@@ -356,23 +346,9 @@ def test_an_mtls_session_admits_only_its_own_certificate_which_connect_presents(
     refused = wait_for_event(site, session["id"], "REFUSED")
     assert "fleetgate connect --session" in refused["detail"]["diagnosis"], refused
     # fleetgate connect --session fetches the certificate and presents it.
-    local = free_port()
     env = base_env(FLEETGATE_URL=site.gateway.url, FLEETGATE_TOKEN=ADMIN)
-    relay = subprocess.Popen(
-        fleetgate_argv("connect", "--session", session["id"], "--listen", f"{HOST}:{local}"),
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert relay.stderr is not None
-        for line in relay.stderr:
-            if "connect.listening" in line:
-                break
-        fetched = curl(f"http://{HOST}:{local}/")
-        assert fetched.returncode == 0, fetched.stderr
-        assert fetched.stdout.encode() == PAGE
-    finally:
-        relay.terminate()
-        relay.wait(TIMEOUT_S)
+    fetched = curl_through_connect("--session", session["id"], env=env)
+    assert fetched.encode() == PAGE
 
 
 def test_tls_on_a_plain_session_is_refused_with_the_diagnosis(site: Site) -> None:
