@@ -183,10 +183,11 @@ class Gateway:
             reuse_port=self.config.node.workers > 1,
         )
         await listeners.apply(self.config.listeners, self.config.destinations)
-        sessions = SessionPlane(services, self.clock)  # this process only: one port, one socket
-        await sessions.start()
         follower = ChangeFollower(db, self.clock)
         await follower.start_from_now()
+        # Session listeners live in this process only: one port, one socket.
+        sessions = SessionPlane(services, self.clock, settle=follower.poll_once)
+        await sessions.start()
 
         async def on_change(change: Change) -> None:
             await listeners.on_change(change)
@@ -202,6 +203,7 @@ class Gateway:
             max_body_bytes=self.config.api.max_body_bytes,
             after_write=follower.poll_once,
             reload=lambda: self.reload(listeners),
+            session_bind_failure=sessions.bind_failure,
         )
         server = _ApiServer(
             uvicorn.Config(

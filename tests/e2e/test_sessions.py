@@ -359,3 +359,29 @@ def test_tls_on_a_plain_session_is_refused_with_the_diagnosis(site: Site) -> Non
     assert refused["detail"]["reason"] == "tls_on_plain_session", refused
     assert "started a TLS handshake" in refused["detail"]["diagnosis"]
     assert "--tls" in refused["detail"]["diagnosis"]
+
+
+def test_a_public_port_that_cannot_be_bound_is_refused_not_promised(
+    site: Site, tmp_path: Path
+) -> None:
+    with socket.socket() as squatter:
+        squatter.bind((HOST, 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        gateway = Gateway(data_dir=tmp_path / "data", port=free_port(), env=base_env(
+            FLEETGATE_ADMIN_TOKEN=ADMIN, FLEETGATE_SESSIONS__PORTS=f"{taken}-{taken}",
+        )).start()  # fmt: skip
+        try:
+            with gateway.client(ADMIN) as api:
+                group = {"name": "lab", "settings": {"session_ports": [site.web_port]}}
+                assert api.post("/v1/groups", json=group).status_code == 201
+                device = {"id": "kiosk", "group": "lab", "addresses": [HOST]}
+                assert api.post("/v1/devices", json=device).status_code == 201
+                body = {"device_id": "kiosk", "port": site.web_port, "cidrs": [f"{HOST}/32"]}
+                refused = api.post("/v1/sessions", json=body)
+                assert refused.status_code == 409, refused.text
+                assert f"public port {taken} could not be bound" in refused.json()["detail"]
+                [ended] = api.get("/v1/sessions").json()["items"]
+            assert (ended["state"], ended["end_reason"]) == ("ended", "bind_failed")
+        finally:
+            gateway.stop()

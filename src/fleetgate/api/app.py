@@ -54,6 +54,7 @@ def build_app(
     max_body_bytes: int,
     after_write: Callable[[], Awaitable[object]] | None = None,
     reload: Callable[[], Awaitable[None]] | None = None,
+    session_bind_failure: Callable[[str], Awaitable[str | None]] | None = None,
 ) -> FastAPI:
     app = FastAPI(
         title="fleetgate",
@@ -68,6 +69,8 @@ def build_app(
     app.state.metrics = metrics
     app.state.clock = clock
     app.state.reload = reload
+    # After opening a session: why its public port could not be bound, if it could not.
+    app.state.session_bind_failure = session_bind_failure
     problems.install(app)
     for router in (
         ops_router,

@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 from fleetgate.api.deps import CallerDep, ServicesDep
 from fleetgate.api.query import reject_unknown
 from fleetgate.api.schemas import Strict
+from fleetgate.errors import Conflict
 from fleetgate.remote.records import Session, SessionEvent
 from fleetgate.services.bundle import Services
 from fleetgate.services.context import DEFAULT_PAGE, MAX_PAGE
@@ -113,7 +114,7 @@ async def _out(svc: Services, session: Session) -> SessionOut:
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=SessionOut)
 async def open_session(
-    body: SessionIn, caller: CallerDep, svc: ServicesDep, response: Response
+    body: SessionIn, caller: CallerDep, svc: ServicesDep, request: Request, response: Response
 ) -> SessionOut:
     """Map a public port to the device's port until the session expires or is deleted."""
     session = await svc.sessions.open(
@@ -127,6 +128,13 @@ async def open_session(
             mtls=body.mtls,
         ),
     )
+    check = request.app.state.session_bind_failure
+    failure = await check(session.id) if check is not None else None
+    if failure is not None:
+        await svc.sessions.abandon(session.id, failure)
+        raise Conflict(
+            f"public port {session.public_port} could not be bound ({failure}); try again"
+        )
     response.headers["Location"] = f"/v1/sessions/{session.id}"
     return await _out(svc, session)
 

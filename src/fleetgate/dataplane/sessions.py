@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,11 +77,15 @@ class _AcceptedTls(TlsEndpoint):
 
 
 class SessionPlane:
-    def __init__(self, services: Services, clock: Clock) -> None:
+    def __init__(
+        self, services: Services, clock: Clock, settle: Callable[[], Awaitable[object]]
+    ) -> None:
+        self._settle = settle
         self._services = services
         self._clock = clock
         self._config = services.sessions.config
         self._bound: dict[str, _Bound] = {}
+        self._bind_failures: dict[str, str] = {}  # session id -> why its port is not served
         self._wake = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
         self._tls = ServerTls(
@@ -117,6 +122,12 @@ class SessionPlane:
         await self._services.sessions.expire_due()  # what ran out while nobody watched
         await self.sync()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def bind_failure(self, session_id: str) -> str | None:
+        """Why a just-opened session is not served, once the change feed has reached here
+        (``settle``: the API process's own poll of the feed)."""
+        await self._settle()
+        return self._bind_failures.pop(session_id, None)
 
     async def on_change(self, change: Change) -> None:
         if change.target_type == "session":
@@ -169,11 +180,10 @@ class SessionPlane:
                 factory, self._config.bind, session.public_port, reuse_address=True
             )
         except OSError as exc:
+            why = exc.strerror or str(exc)
+            self._bind_failures[session.id] = why
             log.error(
-                "session.bind_failed",
-                session=session.id,
-                port=session.public_port,
-                detail=exc.strerror or str(exc),
+                "session.bind_failed", session=session.id, port=session.public_port, detail=why
             )
             return
         self._bound[session.id] = bound

@@ -261,6 +261,23 @@ class SessionService:
             await self._audit(tx, caller, "session.delete", session, now)
         return await self.get(caller, session_id)
 
+    async def abandon(self, session_id: str, why: str) -> None:
+        """End a session its public port could not serve (the API then answers 409)."""
+        now = self._clock.now()
+        async with self._db.transaction() as tx:
+            repo = SessionRepo(tx)
+            session = await repo.get(session_id)
+            if session is None or not await repo.end(session_id, now, "bind_failed"):
+                return
+            await SealedSecretRepo(tx).delete(_key_name(session_id))
+            await repo.add_event(
+                session_id,
+                now,
+                EventKind.REFUSED,
+                detail={"reason": "bind_failed", "diagnosis": why},
+            )
+            await self._audit(tx, SYSTEM_CALLER, "session.abandon", session, now)
+
     async def events(
         self, caller: Caller, session_id: str, *, limit: int = 100, cursor: str | None = None
     ) -> Page[SessionEvent]:
