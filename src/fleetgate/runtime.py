@@ -42,7 +42,7 @@ from fleetgate.workers import WorkerPool
 
 log = logs.get_logger("fleetgate.runtime")
 ADMIN_TOKEN_ENV = "FLEETGATE_ADMIN_TOKEN"  # noqa: S105 - a variable name
-RESTART_KEYS = ("node", "api", "store", "sealing", "pki")
+RESTART_KEYS = ("node", "api", "store", "sealing", "pki", "sessions")
 
 
 class _ApiServer(uvicorn.Server):

@@ -85,6 +85,23 @@ def test_sighup_applies_a_new_listener_and_keeps_the_old_config_on_error(
         assert api.get("/readyz").json()["checks"]["listeners"] == {"plc": "bound"}
 
 
+def test_sighup_names_the_sessions_table_as_needing_a_restart(gateway: Gateway) -> None:
+    config = gateway.data_dir / "fleetgate.toml"
+    original = config.read_text()
+    try:
+        since = len(gateway.events)
+        assert 'ports = "20000-20999"' in original
+        config.write_text(original.replace('ports = "20000-20999"', 'ports = "23000-23009"'))
+        gateway.signal(signal.SIGHUP)
+        said = gateway.wait_for("config.restart_required", since=since)
+        assert said["keys"] == ["sessions"]
+    finally:
+        since = len(gateway.events)
+        config.write_text(original)
+        gateway.signal(signal.SIGHUP)
+        gateway.wait_for("config.reloaded", since=since)
+
+
 def test_cli_exit_codes_follow_the_error_table(gateway: Gateway, tmp_path: Path) -> None:
     assert run_cli(gateway, "device", "show", "ghost", token=ADMIN).returncode == 66
     assert run_cli(gateway, "device", "add", "d", token=ADMIN).returncode == 0

@@ -11,6 +11,7 @@ import http.server
 import json
 import shutil
 import socket
+import ssl
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography import x509
 
 from e2e.conftest import ADMIN
 from e2e.gateway import Gateway, base_env, fleetgate_argv, free_port, run_cli
@@ -28,6 +30,13 @@ from e2e.pki_support import running_gateway
 HOST = "127.0.0.1"
 TIMEOUT_S = 15.0
 PAGE = b"hello from the device\n"
+# More loopback addresses sshd answers on: devices of their own (a device's address is its own).
+MORE_DEVICES = {
+    "device_disabled": "127.0.0.11",
+    "device_address_removed": "127.0.0.12",
+    "device_group_changed": "127.0.0.13",
+    "device_deleted": "127.0.0.14",
+}
 
 
 class _Page(http.server.BaseHTTPRequestHandler):
@@ -62,6 +71,7 @@ def _start_sshd(workdir: Path, port: int) -> subprocess.Popen[str]:
         f"Port {port}\nListenAddress {HOST}\nHostKey {key}\nPidFile {workdir / 'sshd.pid'}\n"
         "UsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
         f"AuthorizedKeysFile {workdir / 'authorized_keys'}\nStrictModes no\n"
+        + "".join(f"ListenAddress {address}\n" for address in MORE_DEVICES.values())
     )
     Path("/run/sshd").mkdir(exist_ok=True)  # its privilege separation directory
     process = subprocess.Popen(
@@ -171,6 +181,36 @@ def test_a_tls_session_serves_curl_with_the_ca_it_names(site: Site) -> None:
     assert closed["detail"]["down_bytes"] > len(PAGE)
     kinds = [e["kind"] for e in events(site, session["id"])]
     assert kinds[:3] == ["CREATED", "ACCESS", "CONNECTED"], kinds
+
+
+def _served_serial(port: int, ca_pem: str) -> int:
+    """The serial of the certificate a tls session serves, verified with ``ca_pem``."""
+    context = ssl.create_default_context(cadata=ca_pem)
+    with (
+        socket.create_connection((HOST, port), timeout=TIMEOUT_S) as raw,
+        context.wrap_socket(raw, server_hostname=HOST) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_a_tls_session_serves_the_reissued_certificate_without_a_restart(site: Site) -> None:
+    session = open_session(site, site.web_port, tls=True, cidrs=[f"{HOST}/32"])
+    before = _served_serial(session["public_port"], session["ca_pem"])
+    since = len(site.gateway.events)
+    with site.api() as api:
+        reissued = api.post("/v1/certificates", json={
+            "credential_id": "sessions-server", "profile": "gateway_server",
+            "common_name": "localhost", "dns_names": ["localhost"], "ip_addresses": [HOST],
+        })  # fmt: skip
+    assert reissued.status_code == 201, reissued.text
+    site.gateway.wait_for(
+        "listener.tls_reloaded", lambda e: e["listener"] == "sessions", since=since
+    )
+    after = _served_serial(session["public_port"], session["ca_pem"])
+    assert after != before
+    assert format(after, "x") == reissued.json()["certificate"]["serial"]
 
 
 def test_fleetgate_connect_lets_plain_curl_use_a_tls_session(site: Site) -> None:
@@ -361,7 +401,52 @@ def test_tls_on_a_plain_session_is_refused_with_the_diagnosis(site: Site) -> Non
     assert "--tls" in refused["detail"]["diagnosis"]
 
 
-def test_a_public_port_that_cannot_be_bound_is_refused_not_promised(
+def _two_free_ports() -> int:
+    """The lower of two free neighbouring ports."""
+    for _ in range(50):
+        low = free_port()
+        try:
+            with socket.socket() as check:
+                check.bind((HOST, low + 1))
+        except OSError:
+            continue
+        return low
+    raise AssertionError("no two free neighbouring ports")
+
+
+def test_a_public_port_another_program_holds_is_passed_over(site: Site, tmp_path: Path) -> None:
+    low = _two_free_ports()
+    with socket.socket() as squatter:
+        squatter.bind((HOST, low))
+        squatter.listen()
+        gateway = Gateway(data_dir=tmp_path / "data", port=free_port(), env=base_env(
+            FLEETGATE_ADMIN_TOKEN=ADMIN, FLEETGATE_SESSIONS__PORTS=f"{low}-{low + 1}",
+        )).start()  # fmt: skip
+        try:
+            with gateway.client(ADMIN) as api:
+                group = {"name": "lab", "settings": {"session_ports": [site.web_port]}}
+                assert api.post("/v1/groups", json=group).status_code == 201
+                device = {"id": "kiosk", "group": "lab", "addresses": [HOST]}
+                assert api.post("/v1/devices", json=device).status_code == 201
+                body = {"device_id": "kiosk", "port": site.web_port, "cidrs": [f"{HOST}/32"]}
+                opened = api.post("/v1/sessions", json=body)
+                assert opened.status_code == 201, opened.text
+                assert opened.json()["public_port"] == low + 1
+                fetched = curl(f"http://{HOST}:{low + 1}/")
+                assert fetched.stdout.encode() == PAGE, fetched.stderr
+                # The held port is not tried again at once: nothing is left to offer.
+                refused = api.post("/v1/sessions", json=body)
+                assert refused.status_code == 409, refused.text
+                assert "1 held by other programs" in refused.json()["detail"]
+                found = api.get("/v1/sessions").json()["items"]
+            by_port = {s["public_port"]: s for s in found}
+            assert (by_port[low]["state"], by_port[low]["end_reason"]) == ("ended", "bind_failed")
+            assert by_port[low + 1]["state"] == "open"
+        finally:
+            gateway.stop()
+
+
+def test_when_every_public_port_is_held_the_api_says_which_and_why(
     site: Site, tmp_path: Path
 ) -> None:
     with socket.socket() as squatter:
@@ -380,8 +465,128 @@ def test_a_public_port_that_cannot_be_bound_is_refused_not_promised(
                 body = {"device_id": "kiosk", "port": site.web_port, "cidrs": [f"{HOST}/32"]}
                 refused = api.post("/v1/sessions", json=body)
                 assert refused.status_code == 409, refused.text
-                assert f"public port {taken} could not be bound" in refused.json()["detail"]
+                detail = refused.json()["detail"]
+                assert f"public ports could not be bound: {taken} (" in detail
                 [ended] = api.get("/v1/sessions").json()["items"]
             assert (ended["state"], ended["end_reason"]) == ("ended", "bind_failed")
         finally:
             gateway.stop()
+
+
+def test_a_sessions_certificate_that_cannot_load_is_refused_not_promised(
+    site: Site, tmp_path: Path
+) -> None:
+    gateway = Gateway(data_dir=tmp_path / "data", port=free_port(), env=base_env(
+        FLEETGATE_ADMIN_TOKEN=ADMIN, FLEETGATE_SESSIONS__PORTS="21100-21199",
+        FLEETGATE_SESSIONS__CERTIFICATE="not-a-certificate",
+    )).start()  # fmt: skip
+    try:
+        with gateway.client(ADMIN) as api:
+            password = {
+                "id": "not-a-certificate", "kind": "password", "secret": "s3cret-s3cret",
+                "public": {"username": "u"},
+            }  # fmt: skip
+            made = api.post("/v1/credentials", json=password)
+            assert made.status_code == 201, made.text
+            device = {"id": "kiosk", "addresses": [HOST]}
+            assert api.post("/v1/devices", json=device).status_code == 201
+            body = {"device_id": "kiosk", "port": 22, "cidrs": [f"{HOST}/32"], "tls": True}
+            refused = api.post("/v1/sessions", json=body)
+            assert refused.status_code == 409, refused.text
+            assert "not-a-certificate is not a certificate" in refused.json()["detail"]
+            [ended] = api.get("/v1/sessions").json()["items"]
+        assert (ended["state"], ended["end_reason"]) == ("ended", "tls_failed")
+    finally:
+        gateway.stop()
+
+
+# -- what ends a session besides its time ----------------------------------------------------------
+
+
+def _send_banner(sock: socket.socket) -> int:
+    """Our SSH banner, and sshd's key exchange back (so the banner went through): bytes sent."""
+    banner = b"SSH-2.0-fleetgate-test\r\n"
+    sock.sendall(banner)
+    seen = b""
+    while b"\n" not in seen:
+        seen += sock.recv(1)  # the rest of sshd's banner line
+    assert sock.recv(1), "sshd answered our banner with nothing"
+    return len(banner)
+
+
+def test_a_connection_cut_by_the_session_end_reports_what_it_relayed(site: Site) -> None:
+    session = open_session(site, site.ssh_port, cidrs=[f"{HOST}/32"])
+    with _held_connection(session["public_port"]) as sock:
+        sent = _send_banner(sock)
+        with site.api() as api:
+            assert api.delete(f"/v1/sessions/{session['id']}").status_code == 200
+        assert _cut(sock)
+    closed = wait_for_event(site, session["id"], "CLOSED")
+    assert closed["detail"]["reason"] == "cut: the session ended"
+    assert closed["detail"]["up_bytes"] == sent
+    assert closed["detail"]["down_bytes"] > len("SSH-2.0-")
+
+
+def test_a_client_that_leaves_is_recorded_as_client_lost(site: Site) -> None:
+    session = open_session(site, site.ssh_port, cidrs=[f"{HOST}/32"])
+    sock = _held_connection(session["public_port"])
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    sock.close()  # a reset, as a client that went away
+    closed = wait_for_event(site, session["id"], "CLOSED")
+    assert closed["detail"]["reason"] == "client_lost", closed
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"status": "disabled"}, "device_disabled"),
+        ({"addresses": ["127.0.0.2"]}, "device_address_removed"),
+        ({"group": "default"}, "device_group_changed"),
+        (None, "device_deleted"),
+    ],
+)
+def test_a_device_change_ends_its_sessions_and_cuts_their_connections(
+    site: Site, change: dict[str, Any] | None, reason: str
+) -> None:
+    device_id = f"kiosk-{reason}".replace("_", "-")
+    with site.api() as api:
+        device = {"id": device_id, "group": "lab", "addresses": [MORE_DEVICES[reason]]}
+        made = api.post("/v1/devices", json=device)
+        assert made.status_code == 201, made.text
+        opened = api.post("/v1/sessions", json={
+            "device_id": device_id, "port": site.ssh_port, "cidrs": [f"{HOST}/32"],
+        })  # fmt: skip
+        assert opened.status_code == 201, opened.text
+    session = opened.json()
+    site.gateway.wait_for("session.bound", lambda e: e["session"] == session["id"])
+    with _held_connection(session["public_port"]) as sock:
+        with site.api() as api:
+            if change is None:
+                gone = api.delete(f"/v1/devices/{device_id}")
+            else:
+                etag = api.get(f"/v1/devices/{device_id}").headers["ETag"]
+                gone = api.patch(
+                    f"/v1/devices/{device_id}", json=change, headers={"If-Match": etag}
+                )
+            assert gone.status_code in (200, 204), gone.text
+        assert _cut(sock)
+    site.gateway.wait_for(
+        "session.unbound", lambda e: e["session"] == session["id"] and e["reason"] == reason
+    )
+    with site.api() as api:
+        found = api.get(f"/v1/sessions/{session['id']}").json()
+        audit = api.get("/v1/audit", params={"target_id": session["id"]}).json()["items"]
+    assert (found["state"], found["end_reason"]) == ("ended", reason)
+    ended = [e for e in events(site, session["id"]) if e["kind"] == "ENDED"]
+    assert [e["detail"]["reason"] for e in ended] == [reason]
+    assert "session.end" in [entry["action"] for entry in audit]
+
+
+def test_a_group_refuses_session_ports_that_are_not_a_list_of_ports(site: Site) -> None:
+    with site.api() as api:
+        for bad in (22, [22, "ssh"], [0], [70000], [True], list(range(1, 300))):
+            made = api.post("/v1/groups", json={"name": "bad", "settings": {"session_ports": bad}})
+            assert made.status_code == 422, (bad, made.text)
+            assert made.json()["errors"][0]["field"] == "settings.session_ports", made.text
+        fine = api.post("/v1/groups", json={"name": "fine", "settings": {"session_ports": []}})
+        assert fine.status_code == 201, fine.text

@@ -27,6 +27,7 @@ from fleetgate.api.schemas import Problem
 from fleetgate.clock import Clock
 from fleetgate.health import Health
 from fleetgate.metrics import Metrics
+from fleetgate.remote.records import BindFailure
 from fleetgate.services.bundle import Services
 
 _ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
@@ -54,7 +55,7 @@ def build_app(
     max_body_bytes: int,
     after_write: Callable[[], Awaitable[object]] | None = None,
     reload: Callable[[], Awaitable[None]] | None = None,
-    session_bind_failure: Callable[[str], Awaitable[str | None]] | None = None,
+    session_bind_failure: Callable[[str], Awaitable[BindFailure | None]] | None = None,
 ) -> FastAPI:
     app = FastAPI(
         title="fleetgate",

@@ -18,6 +18,8 @@ from fleetgate.services.bundle import Services
 from fleetgate.services.context import DEFAULT_PAGE, MAX_PAGE
 from fleetgate.services.sessions import SessionRequest
 
+BIND_ATTEMPTS = 3  # public ports tried before the API gives up
+
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 
 
@@ -116,27 +118,36 @@ async def _out(svc: Services, session: Session) -> SessionOut:
 async def open_session(
     body: SessionIn, caller: CallerDep, svc: ServicesDep, request: Request, response: Response
 ) -> SessionOut:
-    """Map a public port to the device's port until the session expires or is deleted."""
-    session = await svc.sessions.open(
-        caller,
-        SessionRequest(
-            device_id=body.device_id,
-            port=body.port,
-            duration_s=body.duration_s,
-            cidrs=tuple(body.cidrs),
-            tls=body.tls,
-            mtls=body.mtls,
-        ),
+    """Map a public port to the device's port until the session expires or is deleted.
+
+    A public port another program holds is passed over (for a while) and the next one taken."""
+    wanted = SessionRequest(
+        device_id=body.device_id,
+        port=body.port,
+        duration_s=body.duration_s,
+        cidrs=tuple(body.cidrs),
+        tls=body.tls,
+        mtls=body.mtls,
     )
     check = request.app.state.session_bind_failure
-    failure = await check(session.id) if check is not None else None
-    if failure is not None:
-        await svc.sessions.abandon(session.id, failure)
-        raise Conflict(
-            f"public port {session.public_port} could not be bound ({failure}); try again"
-        )
-    response.headers["Location"] = f"/v1/sessions/{session.id}"
-    return await _out(svc, session)
+    held: list[str] = []
+    for _ in range(BIND_ATTEMPTS):
+        try:
+            session = await svc.sessions.open(caller, wanted)
+        except Conflict:
+            if not held:
+                raise
+            break  # no port left but the ones that could not be bound
+        failure = await check(session.id) if check is not None else None
+        if failure is None:
+            response.headers["Location"] = f"/v1/sessions/{session.id}"
+            return await _out(svc, session)
+        await svc.sessions.abandon(session.id, failure.reason, failure.why)
+        if failure.reason != "bind_failed":
+            raise Conflict(f"the session could not be served: {failure.why}")
+        svc.sessions.quarantine_port(session.public_port)
+        held.append(f"{session.public_port} ({failure.why})")
+    raise Conflict(f"public ports could not be bound: {', '.join(held)}; keep sessions.ports clear")
 
 
 @router.get("", response_model=SessionPage)

@@ -19,7 +19,10 @@ COLUMNS = [
 
 @click.command("audit")
 @click.option("--action", help="Like device.update.")
-@click.option("--target-type", help="device, group, token, master_key.")
+@click.option(
+    "--target-type",
+    help="device, group, token, session, certificate, credential, ca, connection, master_key.",
+)
 @click.option("--target-id")
 @click.option("--actor", help="Like token:tok_….")
 @click.option("--since", help="ISO 8601 time.")

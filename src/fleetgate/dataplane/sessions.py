@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from fleetgate.clock import Clock
 from fleetgate.config.schema import ListenerTlsConfig
@@ -29,7 +30,7 @@ from fleetgate.dataplane.splice import splice
 from fleetgate.dataplane.tls_endpoint import TlsEndpoint, TlsFailure
 from fleetgate.errors import FleetgateError
 from fleetgate.logs import bind, get_logger
-from fleetgate.remote.records import EventKind, Session
+from fleetgate.remote.records import BindFailure, EventKind, Session
 from fleetgate.remote.sniff import (
     diagnose_on_plain_session,
     diagnose_on_tls_session,
@@ -43,6 +44,10 @@ HANDSHAKE_TIMEOUT_S = 10.0
 DEVICE_CONNECT_TIMEOUT_S = 10.0
 SWEEP_S = 60.0  # at the latest, expiry is checked this often (timers wake it sooner)
 PRUNE_EVERY_S = 3600.0
+
+
+# The splice calls its sides device and destination; here they are the client and the device.
+_CLOSE_REASONS = {"device_lost": "client_lost", "destination_lost": "device_lost"}
 
 
 class _NotTls(ValueError):
@@ -85,7 +90,7 @@ class SessionPlane:
         self._clock = clock
         self._config = services.sessions.config
         self._bound: dict[str, _Bound] = {}
-        self._bind_failures: dict[str, str] = {}  # session id -> why its port is not served
+        self._bind_failures: dict[str, BindFailure] = {}  # session id -> why it is not served
         self._wake = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
         self._tls = ServerTls(
@@ -123,7 +128,7 @@ class SessionPlane:
         await self.sync()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
-    async def bind_failure(self, session_id: str) -> str | None:
+    async def bind_failure(self, session_id: str) -> BindFailure | None:
         """Why a just-opened session is not served, once the change feed has reached here
         (``settle``: the API process's own poll of the feed)."""
         await self._settle()
@@ -132,6 +137,20 @@ class SessionPlane:
     async def on_change(self, change: Change) -> None:
         if change.target_type == "session":
             await self.sync()
+        elif change.target_type == "device":
+            # A device deleted, disabled, re-addressed or moved ends its sessions (each node
+            # tries; the store ends each once), and so cuts their connections here.
+            if await self._services.sessions.end_for_device(change.target_id):
+                await self.sync()
+        elif change.target_type in ("certificate", "ca", "credential") and self._tls_loaded:
+            await self._reload_tls(change.action)
+
+    async def _reload_tls(self, why: str) -> None:
+        """New handshakes use the renewed or replaced sessions certificate, and mtls sessions
+        the current CAs and CRLs; connections already made keep theirs."""
+        await self._tls.reload(why)
+        if any(b.session.client_serial is not None for b in self._bound.values()):
+            await self._mtls.reload(why)
 
     async def sync(self) -> None:
         """Make the bound listeners match the open sessions in the store."""
@@ -163,6 +182,7 @@ class SessionPlane:
                 if session.client_serial is not None:
                     await self._mtls.load()  # fresh: the CAs the new certificate chains to
             except TlsSetupError as exc:
+                self._bind_failures[session.id] = BindFailure("tls_failed", exc.args[0])
                 log.error("session.tls_failed", session=session.id, detail=str(exc))
                 return
         loop = asyncio.get_running_loop()
@@ -181,7 +201,7 @@ class SessionPlane:
             )
         except OSError as exc:
             why = exc.strerror or str(exc)
-            self._bind_failures[session.id] = why
+            self._bind_failures[session.id] = BindFailure("bind_failed", why)
             log.error(
                 "session.bind_failed", session=session.id, port=session.public_port, detail=why
             )
@@ -202,11 +222,12 @@ class SessionPlane:
             return
         if bound.server is not None:
             bound.server.close()
-        for task in list(bound.tasks):
+        live = list(bound.tasks)
+        for task in live:
             task.cancel()  # each records its own CLOSED
-        if bound.tasks:
-            await asyncio.gather(*bound.tasks, return_exceptions=True)
-        log.info("session.unbound", session=session_id, reason=reason, cut=len(bound.tasks))
+        if live:
+            await asyncio.gather(*live, return_exceptions=True)
+        log.info("session.unbound", session=session_id, reason=reason, cut=len(live))
 
     # -- expiry ---------------------------------------------------------------------------------
 
@@ -296,7 +317,7 @@ class SessionPlane:
         if session.client_serial is not None:
             der = endpoint.ssl_object.getpeercert(binary_form=True)
             serial = format(x509.load_der_x509_certificate(der).serial_number, "x") if der else None
-            if serial != session.client_serial:
+            if der is None or der != _client_der(session):
                 diagnosis = (
                     "this session admits only the client certificate minted for it; "
                     "fleetgate connect --session fetches and presents it"
@@ -339,7 +360,6 @@ class SessionPlane:
             return chunk
 
         reason = "cut: the session ended"
-        up = down = 0
         try:
             remaining = (session.expires_at - self._clock.now()).total_seconds()
             result = await splice(
@@ -349,9 +369,11 @@ class SessionPlane:
                 idle_timeout_s=max(remaining, 1.0),
                 up=None if session.tls else check_first,
             )
-            reason, up, down = result.reason, result.up_bytes, result.down_bytes
+            reason = _CLOSE_REASONS.get(result.reason, result.reason)
         finally:
             device.close()
+            # What each side delivered (the splice's counts, also when it was cancelled).
+            up, down = endpoint.received, device.received
             refused = reason.startswith("protocol_error")
             await self._record(
                 session,
@@ -366,3 +388,11 @@ class SessionPlane:
                     "down_bytes": down,
                 },
             )
+
+
+def _client_der(session: Session) -> bytes | None:
+    """The DER of the client certificate minted for an mtls session (first in its chain)."""
+    if session.client_chain is None:
+        return None
+    leaf = x509.load_pem_x509_certificates(session.client_chain.encode())[0]
+    return leaf.public_bytes(serialization.Encoding.DER)

@@ -21,6 +21,7 @@ class EventKind(enum.StrEnum):
     REFUSED = "REFUSED"  # the connection was wrong for the session (with a diagnosis)
     EXPIRED = "EXPIRED"  # the session's time ran out
     DELETED = "DELETED"  # closed through the API
+    ENDED = "ENDED"  # ended because its device changed (deleted, disabled, re-addressed, moved)
 
 
 @dataclass(frozen=True)
@@ -81,3 +82,24 @@ def check_cidrs(cidrs: Sequence[str]) -> tuple[str, ...]:
                 f"{cidr[:60]!r} is not an address or CIDR", field="cidrs"
             ) from None
     return tuple(dict.fromkeys(normalized))
+
+
+MAX_SESSION_PORTS = 256  # entries in a group's settings.session_ports
+
+
+def valid_session_ports(ports: object) -> bool:
+    """A group's ``settings.session_ports``: the device ports sessions may reach in it."""
+    return (
+        isinstance(ports, list)
+        and len(ports) <= MAX_SESSION_PORTS
+        and all(type(p) is int and 1 <= p <= 65535 for p in ports)
+    )
+
+
+@dataclass(frozen=True)
+class BindFailure:
+    """Why a session is not served: ``bind_failed`` (its public port is held by another
+    program: worth another port) or ``tls_failed`` (the sessions certificate would not load)."""
+
+    reason: str
+    why: str

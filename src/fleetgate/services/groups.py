@@ -18,6 +18,7 @@ from fleetgate.records import (
     check_group_name,
     check_routes,
 )
+from fleetgate.remote.records import MAX_SESSION_PORTS, valid_session_ports
 from fleetgate.services.context import Caller, check_limit, decode_cursor, encode_cursor
 from fleetgate.store import Database
 from fleetgate.store.audit import AuditRepo
@@ -43,6 +44,12 @@ def _check_settings(settings: Mapping[str, Any]) -> None:
         raise InvalidRequest(f"settings exceed {MAX_SETTINGS_BYTES} bytes", field="settings")
     if "routes" in settings:
         check_routes(settings["routes"], "settings.routes")
+    if "session_ports" in settings and not valid_session_ports(settings["session_ports"]):
+        raise InvalidRequest(
+            f"settings.session_ports must be a list of at most {MAX_SESSION_PORTS} port "
+            "numbers (1-65535), e.g. [22, 5900]",
+            field="settings.session_ports",
+        )
 
 
 def _check_description(description: str) -> None:

@@ -19,7 +19,13 @@ from fleetgate.pki.authority import Subject
 from fleetgate.pki.keys import KeyAlgorithm, PrivateKey, generate_key, private_key_pem
 from fleetgate.pki.profiles import Profile
 from fleetgate.records import DeviceStatus, NewAuditEntry, Page
-from fleetgate.remote.records import EventKind, Session, SessionEvent, check_cidrs
+from fleetgate.remote.records import (
+    EventKind,
+    Session,
+    SessionEvent,
+    check_cidrs,
+    valid_session_ports,
+)
 from fleetgate.sealing import Secret
 from fleetgate.services.authority import AuthorityService, Issuance, pem
 from fleetgate.services.context import (
@@ -39,6 +45,8 @@ from fleetgate.store.sessions import SessionRepo
 
 PORT_ATTEMPTS = 5  # a port taken by a concurrent open is retried with the next free one
 MIN_DURATION_S = 5
+# A public port another program holds is passed over for this long before it is tried again.
+PORT_QUARANTINE_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,7 @@ def session_snapshot(session: Session) -> dict[str, Any]:
         "public_port": session.public_port,
         "cidrs": list(session.cidrs),
         "tls": session.tls,
+        "mtls": session.client_serial is not None,
         "expires_at": session.expires_at.isoformat(),
     }
 
@@ -89,6 +98,17 @@ class SessionService:
         self.config = config
         self._authority = authority
         self._vault = vault
+        self._quarantine: dict[int, float] = {}  # public port -> monotonic time it may be tried
+
+    def quarantine_port(self, port: int) -> None:
+        """Pass ``port`` over for a while: something outside fleetgate holds it."""
+        self._quarantine[port] = self._clock.monotonic() + PORT_QUARANTINE_S
+
+    def _unusable_ports(self) -> set[int]:
+        now = self._clock.monotonic()
+        for port in [p for p, until in self._quarantine.items() if until <= now]:
+            del self._quarantine[port]
+        return set(self._quarantine)
 
     # -- the API's use cases --------------------------------------------------------------------
 
@@ -147,9 +167,13 @@ class SessionService:
             )
         repo = SessionRepo(tx)
         taken = await repo.open_ports()
-        free = next((p for p in self.config.port_range if p not in taken), None)
+        unusable = self._unusable_ports()
+        free = next(
+            (p for p in self.config.port_range if p not in taken and p not in unusable), None
+        )
         if free is None:
-            raise Conflict("every public port of sessions.ports is in use")
+            held = f"; {len(unusable)} held by other programs" if unusable else ""
+            raise Conflict(f"every public port of sessions.ports is in use{held}")
         session_id = f"s-{secrets.token_hex(8)}"
         client_serial = client_chain = None
         if client_key is not None:  # the session's own client certificate, gone with it
@@ -198,9 +222,14 @@ class SessionService:
     async def _allowed_ports(self, tx: Tx, group: str) -> set[int]:
         found = await GroupRepo(tx).get(group)
         ports = found.settings.get("session_ports") if found is not None else None
-        if isinstance(ports, list) and all(isinstance(p, int) for p in ports):
-            return set(ports)
-        return set(self.config.allowed_ports)
+        if ports is None:
+            return set(self.config.allowed_ports)
+        if not valid_session_ports(ports):  # written before the groups service checked it
+            raise Conflict(
+                f"group {group}: settings.session_ports is not a list of ports (1-65535); "
+                "correct it with fleetgate group update"
+            )
+        return set(ports)
 
     async def get(self, caller: Caller, session_id: str) -> Session:
         async with self._db.snapshot() as tx:
@@ -261,22 +290,54 @@ class SessionService:
             await self._audit(tx, caller, "session.delete", session, now)
         return await self.get(caller, session_id)
 
-    async def abandon(self, session_id: str, why: str) -> None:
-        """End a session its public port could not serve (the API then answers 409)."""
+    async def abandon(self, session_id: str, reason: str, why: str) -> None:
+        """End a session the gateway could not serve (``bind_failed``: its public port is
+        held by another program; ``tls_failed``: the sessions certificate would not load).
+        The API then answers 409."""
         now = self._clock.now()
         async with self._db.transaction() as tx:
             repo = SessionRepo(tx)
             session = await repo.get(session_id)
-            if session is None or not await repo.end(session_id, now, "bind_failed"):
+            if session is None or not await repo.end(session_id, now, reason):
                 return
             await SealedSecretRepo(tx).delete(_key_name(session_id))
             await repo.add_event(
-                session_id,
-                now,
-                EventKind.REFUSED,
-                detail={"reason": "bind_failed", "diagnosis": why},
+                session_id, now, EventKind.REFUSED, detail={"reason": reason, "diagnosis": why}
             )
             await self._audit(tx, SYSTEM_CALLER, "session.abandon", session, now)
+
+    async def end_for_device(self, device_id: str) -> list[str]:
+        """End the device's open sessions it no longer allows: the device was deleted or
+        disabled, lost the address a session dials, or moved to another group (whose ports
+        and operators the session was not opened under). Their ids."""
+        now = self._clock.now()
+        ended: list[str] = []
+        async with self._db.transaction() as tx:
+            repo = SessionRepo(tx)
+            sessions = await repo.search(
+                limit=self.config.port_range.stop, device_id=device_id, open_only=True
+            )
+            if not sessions:
+                return ended
+            device = await DeviceRepo(tx).get(device_id)
+            for session in sessions:
+                if device is None:
+                    reason = "device_deleted"
+                elif device.status is not DeviceStatus.ENABLED:
+                    reason = f"device_{device.status.value}"
+                elif session.device_address not in device.addresses:
+                    reason = "device_address_removed"
+                elif device.group != session.group:
+                    reason = "device_group_changed"
+                else:
+                    continue
+                if await repo.end(session.id, now, reason):
+                    await SealedSecretRepo(tx).delete(_key_name(session.id))
+                    detail = {"reason": reason}
+                    await repo.add_event(session.id, now, EventKind.ENDED, detail=detail)
+                    await self._audit(tx, SYSTEM_CALLER, "session.end", session, now)
+                    ended.append(session.id)
+        return ended
 
     async def events(
         self, caller: Caller, session_id: str, *, limit: int = 100, cursor: str | None = None
