@@ -143,6 +143,27 @@ def build_server_context(
     return context
 
 
+def _check_files(cert_file: str, chain: bytes, key_file: str, key: bytes) -> None:
+    """Say which file is wrong, and how, before OpenSSL says only "PEM lib"."""
+    try:
+        certificates = x509.load_pem_x509_certificates(chain)
+    except ValueError:
+        raise ValueError(f"cert_file {cert_file} holds no PEM certificate") from None
+    try:
+        private = serialization.load_pem_private_key(key, password=None)
+    except (ValueError, TypeError):
+        raise ValueError(f"key_file {key_file} holds no unencrypted PEM private key") from None
+    if certificates[0].public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ) != private.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ):
+        raise ValueError(
+            f"key_file {key_file} is not the key of the first certificate in {cert_file} "
+            "(replace both; the next check reads them again)"
+        )
+
+
 class ServerTls:
     """One listener's server side: its material, and the context new handshakes use."""
 
@@ -219,6 +240,7 @@ class ServerTls:
             self._files_seen = self._file_signature()  # a bad file is reported once
             chain = await asyncio.to_thread(Path(self.config.cert_file).read_bytes)
             key = await asyncio.to_thread(Path(self.config.key_file).read_bytes)
+            _check_files(self.config.cert_file, chain, self.config.key_file, key)
             return chain, Secret(key)
         found = await self._stored()
         if found is None:
