@@ -88,6 +88,13 @@ FREE_BUFFER_READS = 4
 OPENING_BYTES = 64
 
 
+def _ascii(server_hostname: str | None) -> str | None:
+    """An ASCII name as bytes: the ssl module then skips its (slow) IDNA codec."""
+    if server_hostname is None or not server_hostname.isascii():
+        return server_hostname
+    return cast(str, server_hostname.encode())
+
+
 class TlsFailure(ConnectionError):
     """A handshake or pin check failed; ``cause`` is a short slug for logs and metrics."""
 
@@ -138,9 +145,11 @@ class TlsEndpoint(Endpoint):
             self._incoming,
             self._outgoing,
             server_side=server_side,
-            server_hostname=server_hostname,
+            server_hostname=_ascii(server_hostname),
             session=session if isinstance(session, ssl.SSLSession) else None,
         )
+        # The C object under ssl.SSLObject: its read and write without the wrapper's frame.
+        self._raw = self._ssl._sslobj  # type: ignore[attr-defined]
         if isinstance(session, native.Session):
             native.offer_session(self._ssl, session)
         # OpenSSL 3 keeps its 16 KiB read buffer after reading post-handshake messages (session
@@ -236,13 +245,17 @@ class TlsEndpoint(Endpoint):
             self._flush()  # the alert for the peer goes out before we close
             self._fail(failure)
             return
-        self._flush()
         if self._pins and not self._pinned():
+            self._flush()
             self._fail(TlsFailure("pin_mismatch", "no certificate in the chain matches a pin"))
             return
         self._handshaken = True
         if not self.handshake.done():
             self.handshake.set_result(None)
+        # The last handshake flight goes out with the first application bytes when whoever
+        # awaits the handshake writes at once (one segment, one wake-up of the peer fewer);
+        # else on its own, one loop iteration later.
+        asyncio.get_running_loop().call_soon(self._flush)
         if self._incoming.pending:
             self._read_plaintext()
 
@@ -266,10 +279,11 @@ class TlsEndpoint(Endpoint):
     def _read_plaintext(self) -> None:
         scratch, filled, eof = _SCRATCH, 0, False
         limit = len(scratch) - RECORD_MAX
+        raw, incoming = self._raw, self._incoming
         while True:
             try:
-                # With a buffer, read() fills it and returns a count (typeshed says bytes).
-                got = cast(int, self._ssl.read(RECORD_MAX, scratch[filled:]))
+                # With a buffer, read() fills it and returns a count.
+                got = cast(int, raw.read(RECORD_MAX, scratch[filled:]))
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
@@ -288,6 +302,15 @@ class TlsEndpoint(Endpoint):
             if filled > limit:
                 self._deliver(bytes(scratch[:filled]))  # the receiver may re-enter: copy first
                 filled = 0
+            if not incoming.pending and not raw.pending():
+                break  # all read: no SSLWantReadError raised and caught to find that out
+        self._after_batch()
+        if filled:
+            self._deliver(bytes(scratch[:filled]))
+        if eof:
+            self._deliver_eof()
+
+    def _after_batch(self) -> None:
         if self._outgoing.pending:
             self._flush()  # key updates and the like
         if self._after_read:
@@ -295,17 +318,14 @@ class TlsEndpoint(Endpoint):
         if self._free_reads and not self._incoming.pending:
             self._free_reads -= 1
             native.free_buffers(self._ssl)
-        if filled:
-            self._deliver(bytes(scratch[:filled]))
-        if eof:
-            self._deliver_eof()
 
     def write(self, data: bytes) -> None:
         if self.transport is None or self.transport.is_closing() or self._shutdown_sent:
             return
         view = memoryview(data)
+        write = self._raw.write
         while view:
-            written = self._ssl.write(view)
+            written: int = write(view)
             view = view[written:]
         self.sent += len(data)
         self._flush()
