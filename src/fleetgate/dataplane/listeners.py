@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Protocol
 
 from fleetgate.clock import Clock
@@ -98,7 +99,7 @@ class ListenerSet:
             self._handlers[config.protocol],
             reuse_port=self._reuse_port,
             tls=(
-                ServerTls(name, config.tls, self._services, self.keys)
+                ServerTls(name, config.tls, self._services, self.keys, self._clock)
                 if config.tls is not None
                 else None
             ),
@@ -150,17 +151,27 @@ class ListenerSet:
         kept = running_before & set(self._listeners)
         await self._reload_tls(lambda tls: tls.listener in kept, "reload")
         if self._watching is None and any(
-            lst.config.tls is not None and lst.config.tls.cert_file is not None
-            for lst in self._listeners.values()
+            lst.config.tls is not None for lst in self._listeners.values()
         ):
-            self._watching = asyncio.get_running_loop().create_task(self._watch_files())
+            self._watching = asyncio.get_running_loop().create_task(self._watch())
 
-    async def _watch_files(self) -> None:
-        """Reload a listener whose certificate or key file changed (checked every
-        ``FILE_CHECK_S``): renewals by outside tools need no signal."""
+    async def _watch(self) -> None:
+        """Every ``FILE_CHECK_S``: reload a listener whose certificate or key file changed
+        (renewals by outside tools need no signal), and renew OCSP staples that are half
+        through their validity."""
         while True:
             await asyncio.sleep(FILE_CHECK_S)
             await self._reload_tls(ServerTls.files_changed, "file changed")
+            await self._refresh_staples(partial(ServerTls.staple_due, now=self._clock.now()))
+
+    async def _refresh_staples(self, which: Callable[[ServerTls], bool]) -> None:
+        for listener in self._listeners.values():
+            tls = getattr(listener, "tls", None)
+            if isinstance(tls, ServerTls) and which(tls):
+                try:
+                    await tls.refresh_staple()
+                except FleetgateError as exc:  # the store is away: the old staple stands
+                    log.error("listener.ocsp_staple_failed", listener=tls.listener, detail=str(exc))
 
     async def _reload_tls(self, which: Callable[[ServerTls], bool], why: str) -> None:
         for listener in self._listeners.values():
@@ -228,6 +239,8 @@ class ListenerSet:
                     issued.device_id, "certificate_revoked", credential=change.target_id
                 )
             await self._reload_tls(lambda tls: tls.config.mode == "mtls", "certificate revoked")
+            # A listener's own certificate may be the one revoked: its staple says so now.
+            await self._refresh_staples(lambda tls: tls.config.mode != "psk")
         elif change.target_type == "ca":
             await self._reload_tls(lambda tls: tls.config.mode == "mtls", "CAs changed")
         elif change.action == "certificate.renew" or change.target_type == "credential":

@@ -8,7 +8,9 @@ What the data path needs and the ``ssl`` module does not do well:
 * handing that session to the next connection without CPython's copy through DER;
 * giving back OpenSSL's 16 KiB record buffer once an idle connection has read everything
   (``SSL_free_buffers``): about a quarter of an idle proxied connection's memory;
-* choosing the key-exchange groups a server accepts (``SSL_CTX_set1_groups_list``).
+* choosing the key-exchange groups a server accepts (``SSL_CTX_set1_groups_list``);
+* stapling an OCSP response to the server certificate for clients that ask for one
+  (``SSL_CTX_set_tlsext_status_cb``, ``SSL_set_tlsext_status_ocsp_resp``).
 
 Reaching OpenSSL's objects means reading the pointers inside CPython's ``_ssl`` objects, whose
 layout is not a public interface. So nothing is trusted: at import, the layout is checked on a
@@ -24,6 +26,9 @@ import ctypes
 import ctypes.util
 import ssl
 import sys
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
 
 # CPython's PySSLContext: PyObject_HEAD, then SSL_CTX *ctx.
 # CPython's PySSLSocket (what SSLObject._sslobj is): PyObject_HEAD, PyObject *Socket, SSL *ssl.
@@ -104,6 +109,63 @@ def set_groups(context: ssl.SSLContext, groups: str) -> None:
         raise ValueError(f"OpenSSL refused the groups {groups!r}")
 
 
+# -- OCSP stapling ---------------------------------------------------------------------------------
+
+_SSL_CTRL_SET_TLSEXT_STATUS_REQ_CB = 63  # ssl.h: SSL_CTX_set_tlsext_status_cb
+_SSL_CTRL_SET_TLSEXT_STATUS_REQ_OCSP_RESP = 71  # ssl.h: SSL_set_tlsext_status_ocsp_resp
+_SSL_TLSEXT_ERR_OK = 0
+_SSL_TLSEXT_ERR_NOACK = 3  # no status in the handshake (the client goes on without one)
+_STATUS_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+
+
+@dataclass(frozen=True)
+class Staple:
+    """A DER OCSP response for a context's certificate, and until when it may be sent."""
+
+    der: bytes
+    usable_until: float  # on ``now``'s scale
+    now: Callable[[], float]
+
+
+_staples: dict[int, Staple] = {}  # SSL_CTX pointer -> what its handshakes staple
+
+
+def _status_request(ssl_pointer: int | None, _arg: int | None) -> int:
+    """OpenSSL asks, inside a server handshake whose client sent status_request."""
+    try:
+        assert _lib is not None
+        staple = _staples.get(_lib.SSL_get_SSL_CTX(ssl_pointer) or 0)
+        if staple is None or staple.now() >= staple.usable_until:
+            return _SSL_TLSEXT_ERR_NOACK  # never a stale answer
+        size = len(staple.der)
+        buffer = _lib.CRYPTO_malloc(size, b"fleetgate", 0)  # OpenSSL frees it with the SSL
+        if not buffer:
+            return _SSL_TLSEXT_ERR_NOACK
+        ctypes.memmove(buffer, staple.der, size)
+        _lib.SSL_ctrl(ssl_pointer, _SSL_CTRL_SET_TLSEXT_STATUS_REQ_OCSP_RESP, size, buffer)
+        return _SSL_TLSEXT_ERR_OK
+    except Exception:  # noqa: BLE001 - an exception must not cross into OpenSSL
+        return _SSL_TLSEXT_ERR_NOACK
+
+
+_STATUS_REQUEST = _STATUS_CALLBACK(_status_request)  # kept alive for OpenSSL
+
+
+def staple(context: ssl.SSLContext, found: Staple | None) -> None:
+    """Staple ``found`` to the certificate of ``context``'s handshakes from now on (None: stop)."""
+    assert _lib is not None
+    pointer = _ctx_pointer(context)
+    if found is None:
+        _staples.pop(pointer, None)
+        return
+    if pointer not in _staples:
+        callback = ctypes.cast(_STATUS_REQUEST, ctypes.c_void_p)
+        _lib.SSL_CTX_callback_ctrl(pointer, _SSL_CTRL_SET_TLSEXT_STATUS_REQ_CB, callback)
+        # A freed context's address may be reused by the next: forget it with the context.
+        weakref.finalize(context, _staples.pop, pointer, None)
+    _staples[pointer] = found
+
+
 def _load() -> ctypes.CDLL:
     """The libssl ``_ssl`` uses: already loaded in this process, so found by its soname."""
     import _ssl
@@ -132,6 +194,9 @@ def _bind(lib: ctypes.CDLL) -> None:
         "SSL_SESSION_is_resumable": ((vp,), c_int),
         "SSL_free_buffers": ((vp,), c_int),
         "SSL_CTX_ctrl": ((vp, c_int, ctypes.c_long, vp), ctypes.c_long),
+        "SSL_CTX_callback_ctrl": ((vp, c_int, vp), ctypes.c_long),
+        "SSL_ctrl": ((vp, c_int, ctypes.c_long, vp), ctypes.c_long),
+        "CRYPTO_malloc": ((ctypes.c_size_t, ctypes.c_char_p, c_int), vp),
     }
     for name, (args, result) in signatures.items():
         function = getattr(lib, name)

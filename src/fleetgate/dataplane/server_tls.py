@@ -19,17 +19,21 @@ import asyncio
 import ipaddress
 import os
 import ssl
+from datetime import datetime
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509 import ocsp
 
+from fleetgate.clock import Clock
 from fleetgate.config.schema import ListenerTlsConfig
 from fleetgate.dataplane import native
 from fleetgate.dataplane.psk import PskTable
 from fleetgate.dataplane.tls_endpoint import stepping
 from fleetgate.logs import get_logger
 from fleetgate.pki.keys import KeyAlgorithm
+from fleetgate.pki.ocsp import OcspQuery, issuer_hashes
 from fleetgate.pki.profiles import Profile
 from fleetgate.pki.records import CaRole
 from fleetgate.sealing import Secret
@@ -143,6 +147,20 @@ def build_server_context(
     return context
 
 
+def _ocsp_query(chain: bytes) -> OcspQuery | None:
+    """The OCSP question about the chain's first certificate, asked of its issuer (the
+    second): None when the chain has no issuer in it."""
+    certificates = x509.load_pem_x509_certificates(chain)
+    if len(certificates) < 2:
+        return None
+    leaf, issuer = certificates[0], certificates[1]
+    # SHA-1 in the CertID, as RFC 5019 clients (OpenSSL among them) build theirs: an
+    # identifier, not a signature.
+    algorithm = hashes.SHA1()  # noqa: S303
+    name_hash, key_hash = issuer_hashes(issuer, algorithm)
+    return OcspQuery(leaf.serial_number, name_hash, key_hash, algorithm, None)
+
+
 def _check_files(cert_file: str, chain: bytes, key_file: str, key: bytes) -> None:
     """Say which file is wrong, and how, before OpenSSL says only "PEM lib"."""
     try:
@@ -168,11 +186,19 @@ class ServerTls:
     """One listener's server side: its material, and the context new handshakes use."""
 
     def __init__(
-        self, listener: str, config: ListenerTlsConfig, services: Services, keys: PskTable
+        self,
+        listener: str,
+        config: ListenerTlsConfig,
+        services: Services,
+        keys: PskTable,
+        clock: Clock,
     ) -> None:
         self.listener = listener
         self.config = config
         self._keys = keys
+        self._clock = clock
+        self._chain = b""  # the served chain (PEM), for the OCSP staple
+        self.staple_refresh_at: datetime | None = None  # when the staple wants renewing
         self.credential_id = config.certificate or f"listener-{listener}"
         self._services = services
         self._context: ssl.SSLContext | None = None
@@ -205,7 +231,47 @@ class ServerTls:
                 )
             except (OSError, ssl.SSLError, ValueError) as exc:
                 raise TlsSetupError(f"listener {self.listener}: {exc}") from None
+            self._chain = chain
+            await self._staple(context)
             self._context = context
+
+    def staple_due(self, now: datetime) -> bool:
+        return self.staple_refresh_at is not None and self.staple_refresh_at <= now
+
+    async def refresh_staple(self) -> None:
+        """A fresh OCSP answer for the served certificate (fleetgate's CA answers it)."""
+        async with self._lock:
+            if self._context is not None and self.config.mode != "psk":
+                await self._staple(self._context)
+
+    async def _staple(self, context: ssl.SSLContext) -> None:
+        """Staple fleetgate's OCSP answer about the served certificate, for clients that ask
+        (``status_request``). Only when fleetgate's CA issued it: another CA's certificate
+        is sent without a staple. The answer is sent until its nextUpdate at most, and
+        renewed at half its validity (``staple_refresh_at``) and after a revocation."""
+        self.staple_refresh_at = None
+        if not native.AVAILABLE:
+            return
+        query = _ocsp_query(self._chain)
+        answer = None
+        if query is not None:
+            der, next_update = await self._services.revocation.ocsp(query)
+            answer = ocsp.load_der_ocsp_response(der)
+        if answer is None or answer.response_status is not ocsp.OCSPResponseStatus.SUCCESSFUL:
+            native.staple(context, None)
+            return
+        now = self._clock.now()
+        native.staple(
+            context,
+            native.Staple(der, next_update.timestamp(), lambda: self._clock.now().timestamp()),
+        )
+        self.staple_refresh_at = now + (next_update - now) / 2
+        log.info(
+            "listener.ocsp_stapled",
+            listener=self.listener,
+            status=answer.certificate_status.name.lower(),
+            next_update=next_update.isoformat(),
+        )
 
     def files_changed(self) -> bool:
         """Whether cert_file or key_file changed since they were last read (good or bad)."""

@@ -102,6 +102,7 @@ class SessionPlane:
             ),
             services,
             PskTable(services),
+            clock,
         )
         # mtls sessions: the same certificate, and clients verified against fleetgate's CAs;
         # each connection must then present its own session's certificate.
@@ -114,6 +115,7 @@ class SessionPlane:
             ),
             services,
             PskTable(services),
+            clock,
         )
         self._tls_loaded = False
 
@@ -246,6 +248,10 @@ class SessionPlane:
             try:
                 if await self._services.sessions.expire_due():
                     await self.sync()
+                now = self._clock.now()
+                for tls in (self._tls, self._mtls):
+                    if tls.staple_due(now):
+                        await tls.refresh_staple()
                 if self._clock.monotonic() - pruned_at >= PRUNE_EVERY_S:
                     await self._services.sessions.prune_events()
                     pruned_at = self._clock.monotonic()
