@@ -19,8 +19,8 @@ from fleetgate import logs
 from fleetgate.cli.client import CliFailure
 from fleetgate.clock import SystemClock
 from fleetgate.config.schema import DestinationConfig, split_host_port
-from fleetgate.dataplane.endpoint import PlainEndpoint
-from fleetgate.dataplane.splice import splice
+from fleetgate.dataplane.endpoint import Endpoint, PlainEndpoint
+from fleetgate.dataplane.splice import SpliceResult, Splicing, start_splice
 from fleetgate.dataplane.upstream import (
     ClientCertificate,
     Upstream,
@@ -29,7 +29,7 @@ from fleetgate.dataplane.upstream import (
 )
 from fleetgate.errors import ConfigError
 from fleetgate.limits import raise_nofile_limit
-from fleetgate.logs import bind, get_logger
+from fleetgate.logs import get_logger
 from fleetgate.sealing import Secret
 from fleetgate.tuning import tune_malloc
 
@@ -37,6 +37,8 @@ log = get_logger("fleetgate.connect")
 
 
 class _Local(PlainEndpoint):
+    __slots__ = ("_relay",)
+
     def __init__(self, relay: _Relay) -> None:
         super().__init__()
         self._relay = relay
@@ -55,7 +57,8 @@ class _Relay:
         self.client = client
         self.idle_s = idle_s
         self.upstream = Upstream(self.clock)
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks: set[asyncio.Task[None]] = set()  # connections being set up
+        self.live: set[Splicing] = set()  # connections relaying
 
     def accepted(self, local: _Local) -> None:
         task = asyncio.get_running_loop().create_task(self.serve(local))
@@ -63,25 +66,36 @@ class _Relay:
         task.add_done_callback(self.tasks.discard)
 
     async def serve(self, local: _Local) -> None:
-        peer = local.peer_address()
-        with bind(source=peer[0] if peer else "?"):
-            try:
-                remote = await self.upstream.connect("to", self.destination, self.client)
-            except UpstreamError as exc:
-                log.warning("connect.refused", reason=exc.cause, detail=exc.detail)
-                local.abort()
-                return
-            try:
-                result = await splice(local, remote, self.clock, idle_timeout_s=self.idle_s)
-                log.debug(
-                    "connect.closed",
-                    reason=result.reason,
-                    up_bytes=result.up_bytes,
-                    down_bytes=result.down_bytes,
-                )
-            finally:
-                remote.close()
-                local.close()
+        # (No log context bound per connection: an idle relay holds thousands of them.)
+        try:
+            remote = await self.upstream.connect("to", self.destination, self.client)
+        except UpstreamError as exc:
+            log.warning(
+                "connect.refused", source=_source(local), reason=exc.cause, detail=exc.detail
+            )
+            local.abort()
+            return
+        # From here on callbacks relay; this task ends (see start_splice).
+        self.live.add(
+            start_splice(local, remote, self.clock, idle_timeout_s=self.idle_s, on_done=self.closed)
+        )
+
+    def closed(self, splicing: Splicing, result: SpliceResult) -> None:
+        self.live.discard(splicing)
+        splicing.destination.close()
+        splicing.device.close()
+        log.debug(
+            "connect.closed",
+            source=_source(splicing.device),
+            reason=result.reason,
+            up_bytes=result.up_bytes,
+            down_bytes=result.down_bytes,
+        )
+
+
+def _source(local: Endpoint) -> str:
+    peer = local.peer_address()
+    return peer[0] if peer else "?"
 
 
 async def _run(listen: str, relay: _Relay) -> None:
@@ -103,6 +117,8 @@ async def _run(listen: str, relay: _Relay) -> None:
     server.close()
     for task in list(relay.tasks):
         task.cancel()
+    for splicing in list(relay.live):
+        splicing.finish("shutdown")
 
 
 def run_connect(

@@ -24,12 +24,33 @@ class PeerClosed(ConnectionError):
 class Endpoint(asyncio.Protocol):
     """The shared machinery: pull buffer, push sink, write flow control, closing."""
 
+    # Slots: a gateway holds tens of thousands of these; and a class whose instances carry
+    # more than 30 attributes loses CPython's shared-key layout (a whole dict each).
+    __slots__ = (
+        "_buffer",
+        "_closed_fut",
+        "_drain_waiter",
+        "_eof",
+        "_lost",
+        "_pause_requests",
+        "_read_waiter",
+        "_reading_paused",
+        "_write_paused",
+        "on_data",
+        "on_eof",
+        "on_lost",
+        "on_write_paused",
+        "received",
+        "sent",
+        "transport",
+    )
+
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._eof = False
         self._lost: BaseException | None = None
-        self._closed_fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._closed_fut: asyncio.Future[None] | None = None  # made when someone asks
         self._read_waiter: asyncio.Future[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
         self._write_paused = False
@@ -39,6 +60,7 @@ class Endpoint(asyncio.Protocol):
         self.on_data: Callable[[bytes], None] | None = None
         self.on_eof: Callable[[], None] | None = None
         self.on_write_paused: Callable[[bool], None] | None = None
+        self.on_lost: Callable[[], None] | None = None  # the socket closed (after on_eof)
         self.received = 0
         self.sent = 0
 
@@ -54,10 +76,12 @@ class Endpoint(asyncio.Protocol):
         self._wake_reader()
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_exception(PeerClosed("connection closed"))
-        if not self._closed_fut.done():
+        if self._closed_fut is not None and not self._closed_fut.done():
             self._closed_fut.set_result(None)
         if not was_eof and self.on_eof is not None:
             self.on_eof()
+        if self.on_lost is not None:
+            self.on_lost()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -165,11 +189,16 @@ class Endpoint(asyncio.Protocol):
 
     @property
     def closed(self) -> asyncio.Future[None]:
+        """Done when the socket has closed."""
+        if self._closed_fut is None:
+            self._closed_fut = asyncio.get_running_loop().create_future()
+            if self._lost is not None:
+                self._closed_fut.set_result(None)
         return self._closed_fut
 
     @property
     def is_closed(self) -> bool:
-        return self._closed_fut.done()
+        return self._lost is not None
 
     def close(self) -> None:
         if self.transport is not None:
@@ -194,6 +223,8 @@ class Endpoint(asyncio.Protocol):
 
 class PlainEndpoint(Endpoint):
     """A TCP connection as it is."""
+
+    __slots__ = ()
 
     def data_received(self, data: bytes) -> None:
         self._deliver(data)

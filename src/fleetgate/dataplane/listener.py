@@ -84,6 +84,8 @@ Handler = Callable[[Conn], Awaitable[SpliceResult | None]]
 
 
 class _Accepted(PlainEndpoint):
+    __slots__ = ("_on_made",)
+
     def __init__(self, on_made: Callable[[Endpoint], None]) -> None:
         super().__init__()
         self._on_made = on_made
@@ -96,6 +98,8 @@ class _Accepted(PlainEndpoint):
 class _AcceptedTls(TlsEndpoint):
     """A device connection on a tls/mtls listener: the handshake runs as bytes arrive, and a
     failed one sends its alert before closing (asyncio's own TLS server closes silently)."""
+
+    __slots__ = ("_on_made",)
 
     def __init__(self, context: ssl.SSLContext, on_made: Callable[[Endpoint], None]) -> None:
         super().__init__(context, server_side=True)

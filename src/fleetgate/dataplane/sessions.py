@@ -62,6 +62,8 @@ class _Bound:
 
 
 class _Accepted(PlainEndpoint):
+    __slots__ = ("_bound", "_plane")
+
     def __init__(self, bound: _Bound, plane: SessionPlane) -> None:
         super().__init__()
         self._bound, self._plane = bound, plane
@@ -72,6 +74,8 @@ class _Accepted(PlainEndpoint):
 
 
 class _AcceptedTls(TlsEndpoint):
+    __slots__ = ("_bound", "_plane")
+
     def __init__(self, bound: _Bound, plane: SessionPlane, tls: ServerTls) -> None:
         super().__init__(tls.context, server_side=True)
         self._bound, self._plane = bound, plane

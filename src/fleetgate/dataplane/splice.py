@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from fleetgate.clock import Clock
 from fleetgate.dataplane.endpoint import Endpoint
+from fleetgate.dataplane.idle import idle_watch
 
 Transform = Callable[[bytes], bytes]
 
@@ -26,30 +27,28 @@ class SpliceResult:
 
 
 class _Direction:
+    """One way through the splice: what ``source`` delivers goes to ``sink``."""
+
+    __slots__ = ("bytes", "done", "sink", "source", "splice", "transform")
+
     def __init__(
-        self,
-        source: Endpoint,
-        sink: Endpoint,
-        transform: Transform | None,
-        on_activity: Callable[[], None],
-        on_error: Callable[[BaseException], None],
+        self, splice: _Splice, source: Endpoint, sink: Endpoint, transform: Transform | None
     ) -> None:
+        self.splice = splice
         self.source = source
         self.sink = sink
         self.transform = transform
         self.bytes = 0
         self.done = False
-        self._activity = on_activity
-        self._error = on_error
 
     def data(self, chunk: bytes) -> None:
         self.bytes += len(chunk)
-        self._activity()
+        self.splice.last = self.splice.clock.monotonic()
         if self.transform is not None:
             try:
                 chunk = self.transform(chunk)
             except ValueError as exc:  # the transform refuses what it was fed
-                self._error(exc)
+                self.splice.finish(f"protocol_error: {exc}")
                 return
         if chunk:
             self.sink.write(chunk)
@@ -58,6 +57,135 @@ class _Direction:
         if not self.done:
             self.done = True
             self.sink.write_eof()
+        self.splice.check_both_done()
+
+
+class _Splice:
+    """The state of one splice: one small object per relayed connection (an idle gateway
+    holds thousands), its callbacks bound methods rather than closures."""
+
+    __slots__ = (
+        "clock",
+        "destination",
+        "device",
+        "downward",
+        "finished",
+        "idle_slot",
+        "idle_timeout_s",
+        "idle_watch",
+        "last",
+        "on_done",
+        "upward",
+    )
+
+    def __init__(
+        self,
+        device: Endpoint,
+        destination: Endpoint,
+        clock: Clock,
+        idle_timeout_s: float,
+        up: Transform | None,
+        down: Transform | None,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        self.device = device
+        self.destination = destination
+        self.clock = clock
+        self.idle_timeout_s = idle_timeout_s
+        self.last = clock.monotonic()
+        self.finished: asyncio.Future[str] = loop.create_future()
+        self.upward = _Direction(self, device, destination, up)
+        self.downward = _Direction(self, destination, device, down)
+        self.idle_watch = idle_watch(clock)
+        self.idle_slot: int | None = None
+        self.on_done: Callable[[Splicing, SpliceResult], None] | None = None
+
+    def start(self) -> None:
+        upward, downward = self.upward, self.downward
+        # Anything a handler read past its own message is sent first.
+        for direction in (upward, downward):
+            leftover = direction.source.take_buffered()
+            if leftover:
+                direction.data(leftover)
+            if direction.source.at_eof:
+                direction.eof()
+        device, destination = self.device, self.destination
+        device.on_data, device.on_eof = upward.data, upward.eof
+        destination.on_data, destination.on_eof = downward.data, downward.eof
+        # When one end cannot take more, stop reading the other.
+        destination.on_write_paused = device.hold_reading
+        device.on_write_paused = destination.hold_reading
+        device.on_lost, destination.on_lost = self._device_lost, self._destination_lost
+        for side, lost in ((device, self._device_lost), (destination, self._destination_lost)):
+            if side.is_closed:
+                lost()
+        self.check_both_done()
+        self.idle_slot = self.idle_watch.watch(self, self.last + self.idle_timeout_s)
+
+    def stop(self) -> None:
+        if self.idle_slot is not None:
+            self.idle_watch.forget(self, self.idle_slot)
+            self.idle_slot = None
+        device, destination = self.device, self.destination
+        device.on_data = device.on_eof = destination.on_data = destination.on_eof = None
+        device.on_write_paused = destination.on_write_paused = None
+        device.on_lost = destination.on_lost = None
+
+    def finish(self, reason: str) -> None:
+        if not self.finished.done():
+            self.finished.set_result(reason)
+
+    def result(self) -> SpliceResult:
+        return SpliceResult(self.upward.bytes, self.downward.bytes, self.finished.result())
+
+    def _done(self, _: asyncio.Future[str]) -> None:
+        self.stop()
+        if self.on_done is not None:
+            on_done, self.on_done = self.on_done, None
+            on_done(self, self.result())
+
+    def check_both_done(self) -> None:
+        if self.upward.done and self.downward.done:
+            self.finish("closed")
+
+    # A socket closed under us (reset, or closed after both half-closes).
+    def _device_lost(self) -> None:
+        self.finish("closed" if self.upward.done and self.downward.done else "device_lost")
+
+    def _destination_lost(self) -> None:
+        self.finish("closed" if self.upward.done and self.downward.done else "destination_lost")
+
+    def idle_check(self, now: float) -> None:
+        """Its idle deadline came (see ``idle``): end it, or watch for the new deadline."""
+        self.idle_slot = None
+        if self.finished.done():
+            return
+        deadline = self.last + self.idle_timeout_s
+        if deadline <= now:
+            self.finish("idle_timeout")
+        else:
+            self.idle_slot = self.idle_watch.watch(self, deadline)
+
+
+Splicing = _Splice  # what start_splice hands back: ``finish(reason)`` ends it early
+
+
+def start_splice(
+    device: Endpoint,
+    destination: Endpoint,
+    clock: Clock,
+    *,
+    idle_timeout_s: float,
+    on_done: Callable[[Splicing, SpliceResult], None],
+) -> Splicing:
+    """:func:`splice` without a coroutine waiting on it: ``on_done`` gets the result (and
+    closes the endpoints). For relays that hold many idle connections and have nothing else
+    to do for them: no task and no frames per connection."""
+    state = _Splice(device, destination, clock, idle_timeout_s, None, None)
+    state.on_done = on_done
+    state.finished.add_done_callback(state._done)
+    state.start()
+    return state
 
 
 async def splice(
@@ -70,72 +198,10 @@ async def splice(
     down: Transform | None = None,
 ) -> SpliceResult:
     """Relay until both directions end. The caller closes both endpoints afterwards."""
-    loop = asyncio.get_running_loop()
-    finished: asyncio.Future[str] = loop.create_future()
-    last = clock.monotonic()
-
-    def touch() -> None:
-        nonlocal last
-        last = clock.monotonic()
-
-    def finish(reason: str) -> None:
-        if not finished.done():
-            finished.set_result(reason)
-
-    def protocol_error(exc: BaseException) -> None:
-        finish(f"protocol_error: {exc}")
-
-    upward = _Direction(device, destination, up, touch, protocol_error)
-    downward = _Direction(destination, device, down, touch, protocol_error)
-
-    def on_eof(direction: _Direction) -> Callable[[], None]:
-        def handler() -> None:
-            direction.eof()
-            if upward.done and downward.done:
-                finish("closed")
-
-        return handler
-
-    # Anything a handler read past its own message is sent first.
-    for direction in (upward, downward):
-        leftover = direction.source.take_buffered()
-        if leftover:
-            direction.data(leftover)
-        if direction.source.at_eof:
-            direction.eof()
-
-    device.on_data, device.on_eof = upward.data, on_eof(upward)
-    destination.on_data, destination.on_eof = downward.data, on_eof(downward)
-    # When one end cannot take more, stop reading the other.
-    destination.on_write_paused = device.hold_reading
-    device.on_write_paused = destination.hold_reading
-
-    def lost(which: str) -> Callable[[asyncio.Future[None]], None]:
-        def handler(_: asyncio.Future[None]) -> None:
-            # A socket closed under us (reset, or closed after both half-closes).
-            finish("closed" if upward.done and downward.done else f"{which}_lost")
-
-        return handler
-
-    device.closed.add_done_callback(lost("device"))
-    destination.closed.add_done_callback(lost("destination"))
-    if upward.done and downward.done:
-        finish("closed")
-
-    def check_idle() -> None:
-        if finished.done():
-            return
-        remaining = last + idle_timeout_s - clock.monotonic()
-        if remaining <= 0:
-            finish("idle_timeout")
-        else:
-            timers[0] = loop.call_later(max(remaining, 0.05), check_idle)
-
-    timers = [loop.call_later(idle_timeout_s, check_idle)]
+    state = _Splice(device, destination, clock, idle_timeout_s, up, down)
+    state.start()
     try:
-        reason = await finished
+        reason = await state.finished
     finally:
-        timers[0].cancel()
-        device.on_data = device.on_eof = destination.on_data = destination.on_eof = None
-        device.on_write_paused = destination.on_write_paused = None
-    return SpliceResult(upward.bytes, downward.bytes, reason)
+        state.stop()
+    return SpliceResult(state.upward.bytes, state.downward.bytes, reason)

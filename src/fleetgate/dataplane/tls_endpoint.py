@@ -128,6 +128,23 @@ def spki_sha256(der_certificate: bytes) -> str:
 class TlsEndpoint(Endpoint):
     """A TLS connection (client or server side) with the plain endpoint's interface."""
 
+    __slots__ = (
+        "_after_read",
+        "_free_reads",
+        "_handshaken",
+        "_incoming",
+        "_outgoing",
+        "_pins",
+        "_preamble",
+        "_raw",
+        "_shutdown_sent",
+        "_ssl",
+        "failure",
+        "handshake",
+        "opening",
+        "psk_identity",
+    )
+
     def __init__(
         self,
         context: ssl.SSLContext,
@@ -159,7 +176,7 @@ class TlsEndpoint(Endpoint):
         self._preamble = preamble  # sent in clear before the handshake (PROXY protocol)
         self._handshaken = False
         self._shutdown_sent = False
-        self._after_read: list[Callable[[], bool]] = []
+        self._after_read: list[Callable[[], bool]] | None = None
         # Why the peer ended the connection after the handshake, when TLS said so: with TLS 1.3
         # a server refuses the client's certificate only after the client's handshake is done,
         # and the alert arrives with the first read.
@@ -250,6 +267,7 @@ class TlsEndpoint(Endpoint):
             self._fail(TlsFailure("pin_mismatch", "no certificate in the chain matches a pin"))
             return
         self._handshaken = True
+        self.opening.clear()  # only a failed handshake is explained with it
         if not self.handshake.done():
             self.handshake.set_result(None)
         # The last handshake flight goes out with the first application bytes when whoever
@@ -314,7 +332,7 @@ class TlsEndpoint(Endpoint):
         if self._outgoing.pending:
             self._flush()  # key updates and the like
         if self._after_read:
-            self._after_read = [hook for hook in self._after_read if not hook()]
+            self._after_read = [hook for hook in self._after_read if not hook()] or None
         if self._free_reads and not self._incoming.pending:
             self._free_reads -= 1
             native.free_buffers(self._ssl)
@@ -348,6 +366,8 @@ class TlsEndpoint(Endpoint):
 
     def after_first_read(self, hook: Callable[[], bool]) -> None:
         """Run ``hook`` after each batch of incoming records until it returns True."""
+        if self._after_read is None:
+            self._after_read = []
         self._after_read.append(hook)
 
     def resumable_session(self) -> Resumable | None:
