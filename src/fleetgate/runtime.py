@@ -322,9 +322,12 @@ class Gateway:
     async def _reload_loop(self, reloads: asyncio.Queue[None], listeners: ListenerSet) -> None:
         while True:
             await reloads.get()
-            await self.reload(listeners)
+            with contextlib.suppress(ConfigError):  # logged; the old configuration stays
+                await self.reload(listeners)
 
     async def reload(self, listeners: ListenerSet) -> None:
+        """Apply the configuration file again; :class:`ConfigError` (logged, the previous
+        configuration kept) when it is invalid."""
         if self._workers is not None:
             self._workers.signal(signal.SIGHUP)  # each worker reads the file itself
         try:
@@ -332,7 +335,7 @@ class Gateway:
         except ConfigError as exc:
             self.metrics.config_reloads.labels("failed").inc()
             log.error("config.reload_failed", detail=exc.detail, kept="previous configuration")
-            return
+            raise
         needs_restart = [
             key for key in RESTART_KEYS if getattr(fresh, key) != getattr(self.config, key)
         ]

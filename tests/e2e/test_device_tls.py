@@ -350,6 +350,23 @@ def test_plain_mqtt_on_a_tls_listener_is_not_tls(site: Site) -> None:
     assert 'fleetgate_listener_connections_total{listener="tls",outcome="not_tls"}' in metrics
 
 
+def test_a_device_that_does_not_trust_the_gateway_is_told_apart(site: Site) -> None:
+    """mosquitto_pub without fleetgate's CA: the device's alert is about the gateway's
+    certificate, and the log says so (not that the device's certificate was refused)."""
+    mark = site.gateway.mark()
+    elsewhere = site.workdir / "other-ca.pem"
+    elsewhere.write_bytes(TestCA.create("not fleetgate").bundle_pem())
+    sent = mosquitto_pub(
+        site.ports["tls"], "--cafile", elsewhere, "-t", "t", "-m", "m", "-i", "untrusting"
+    )
+    assert sent.returncode != 0, sent.stderr
+    refused = site.gateway.wait_for(
+        "listener.refused", lambda e: e["listener"] == "tls", since=mark
+    )
+    assert refused["reason"] == "server_certificate_refused", refused
+    assert "fleetgate's CA" in refused["detail"], refused
+
+
 # -- psk: the device is the identity of its pre-shared key -----------------------------------------
 
 

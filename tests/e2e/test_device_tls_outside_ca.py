@@ -9,6 +9,7 @@ s_client`` and Python's ``ssl``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -42,6 +43,7 @@ from support.mqtt_peer import HOST, TIMEOUT_S
 class Site:
     gateway: Gateway
     port: int
+    by_address_port: int  # mtls too, but the device is its source address
     root: Path  # fleetgate's root: what devices trust the listener by
     outside: TestCA
     workdir: Path
@@ -61,18 +63,21 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
                 pem = outside.root.certificate.public_bytes(Encoding.PEM).decode()
                 trusted = api.post("/v1/ca/trust", json={"certificate_pem": pem, "name": "oem"})
                 assert trusted.status_code == 201, trusted.text
-            port = free_port()
+            port, by_address_port = free_port(), free_port()
             text = (
                 f'\n[listeners.m]\nprotocol = "tcp"\nbind = "{HOST}:{port}"\n'
                 f'forward_to = "{HOST}:{echo.server_address[1]}"\nidentity = "certificate"\n'
                 f'\n[listeners.m.tls]\nmode = "mtls"\nserver_names = {json.dumps([HOST])}\n'
+                f'\n[listeners.ma]\nprotocol = "tcp"\nbind = "{HOST}:{by_address_port}"\n'
+                f'forward_to = "{HOST}:{echo.server_address[1]}"\nidentity = "source_address"\n'
+                f'\n[listeners.ma.tls]\nmode = "mtls"\nserver_names = {json.dumps([HOST])}\n'
             )
             mark = gateway.mark()
             with gateway.data_dir.joinpath("fleetgate.toml").open("a") as out:
                 out.write(text)
             gateway.signal(signal.SIGHUP)
-            gateway.wait_for("listener.bound", since=mark)
-            yield Site(gateway, port, root, outside, workdir)
+            gateway.wait_for("config.reloaded", since=mark)
+            yield Site(gateway, port, by_address_port, root, outside, workdir)
     finally:
         echo.shutdown()
         echo.server_close()
@@ -145,3 +150,68 @@ def test_revoked_fleetgate_certificates_are_still_refused(site: Site) -> None:
     mark = site.gateway.mark()
     assert answered(site, CertFiles(cert, key)) == b""
     assert refused_reason(site, mark) == "certificate_revoked"
+
+
+def _own_certificate(site: Site, device_id: str, address: str) -> tuple[CertFiles, str]:
+    """A device registered at ``address`` with a certificate fleetgate issued; its serial."""
+    with site.gateway.client(ADMIN) as api:
+        add_device(api, device_id, addresses=[address])
+        key, csr = make_csr(site.workdir, device_id, f"/CN={device_id}")
+        issued = issue_csr(api, device_id, csr)
+    cert = write_pem(
+        site.workdir / f"{device_id}.crt", issued["certificate_pem"] + issued["chain_pem"]
+    )
+    return CertFiles(cert, key), issued["certificate"]["serial"]
+
+
+def _connect(site: Site, files: CertFiles, source: str) -> ssl.SSLSocket:
+    context = ssl.create_default_context(cafile=site.root)
+    context.load_cert_chain(files.cert, files.key)
+    raw = socket.create_connection(
+        (HOST, site.by_address_port), timeout=TIMEOUT_S, source_address=(source, 0)
+    )
+    return context.wrap_socket(raw, server_hostname=HOST)
+
+
+def test_a_revoked_certificate_is_refused_where_the_address_names_the_device(
+    site: Site,
+) -> None:
+    """The handshake's CRL check is off (an outside CA is trusted), and the device is found by
+    its address, not its certificate: the revocation is checked all the same."""
+    files, serial = _own_certificate(site, "by-address-revoked", "127.0.4.1")
+    with site.gateway.client(ADMIN) as api:
+        revoke(api, serial)
+    mark = site.gateway.mark()
+    try:
+        with _connect(site, files, "127.0.4.1") as tls:
+            tls.sendall(b"ping")
+            assert tls.recv(4) == b""
+    except (ssl.SSLError, ConnectionError):
+        pass
+    refused = site.gateway.wait_for("listener.refused", since=mark, timeout_s=TIMEOUT_S)
+    assert (refused["listener"], refused["reason"]) == ("ma", "certificate_revoked"), refused
+
+
+def test_revoking_cuts_a_connection_its_certificate_opened_where_the_address_names_the_device(
+    site: Site,
+) -> None:
+    files, serial = _own_certificate(site, "by-address-live", "127.0.4.2")
+    with _connect(site, files, "127.0.4.2") as tls:
+        tls.sendall(b"ping")
+        assert tls.recv(4) == b"ping"
+        mark = site.gateway.mark()
+        with site.gateway.client(ADMIN) as api:
+            revoke(api, serial)
+        cut = site.gateway.wait_for("listener.connection_cut", since=mark, timeout_s=TIMEOUT_S)
+        assert (cut["listener"], cut["device"], cut["reason"]) == (
+            "ma",
+            "by-address-live",
+            "certificate_revoked",
+        )
+        with contextlib.suppress(ssl.SSLError, ConnectionError):
+            assert tls.recv(4) == b""  # closed, or reset
+    with site.gateway.client(ADMIN) as api:
+        audit = api.get(
+            "/v1/audit", params={"action": "connection.cut", "target_id": "by-address-live"}
+        ).json()["items"]
+    assert [entry["after"]["reason"] for entry in audit] == ["certificate_revoked"]

@@ -80,7 +80,7 @@ async def some_certificates(pki: Services, count: int, lifetime: timedelta) -> l
 
 
 async def test_the_crl_is_refreshed_only_after_its_refresh_point(
-    pki: Services, clock: FakeClock
+    pki: Services, clock: FakeClock, db: Database
 ) -> None:
     ca = await issuing_ca(pki)
     lifetime = pki.authority.config.crl_lifetime_s
@@ -106,6 +106,9 @@ async def test_the_crl_is_refreshed_only_after_its_refresh_point(
     checked(second, ca)
     assert issuing_only(await pki.revocation.refresh_crls()) == []
     assert await pki.revocation.crl() == second
+    # Each refresh is on the change feed, so mtls listeners load the new CRL before theirs ends.
+    refreshes = await audit_entries(db, action="crl.refresh", target_id=ca.id)
+    assert [(entry.after or {})["number"] for entry in refreshes] == [2, 1]  # newest first
 
 
 @pytest.mark.parametrize(("lifetime_s", "fraction"), [(3600, 0.25), (2 * 86400, 0.9)])

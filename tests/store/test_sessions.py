@@ -16,9 +16,9 @@ from fleetgate.records import Role
 from fleetgate.remote.records import EventKind
 from fleetgate.services.bundle import Services
 from fleetgate.services.context import SYSTEM_CALLER
-from fleetgate.services.devices import DeviceService, NewDevice
+from fleetgate.services.devices import DevicePatch, DeviceService, NewDevice
 from fleetgate.services.groups import GroupService
-from fleetgate.services.sessions import SessionRequest, SessionService
+from fleetgate.services.sessions import PORT_QUARANTINE_S, SessionRequest, SessionService
 from fleetgate.store import Database
 
 from .helpers import audit_entries, caller
@@ -162,3 +162,41 @@ async def test_an_mtls_session_mints_a_client_certificate_that_ends_with_it(
         await sessions.client_credential(ADMIN, opened.id)
     audited = [e.action for e in await audit_entries(db) if e.target_id == opened.id]
     assert "session.client_credential" in audited
+
+
+async def test_a_port_another_program_holds_is_passed_over_for_a_while(
+    sessions: SessionService, clock: FakeClock
+) -> None:
+    sessions.quarantine_port(30000)
+    opened = await sessions.open(ADMIN, SessionRequest("kiosk", 22))
+    assert opened.public_port == 30001
+    with pytest.raises(Conflict, match="1 held by other programs"):
+        await sessions.open(ADMIN, SessionRequest("kiosk", 8080))
+    clock.advance(PORT_QUARANTINE_S)
+    again = await sessions.open(ADMIN, SessionRequest("kiosk", 8080))
+    assert again.public_port == 30000
+
+
+async def test_a_device_change_ends_the_sessions_it_no_longer_allows(
+    sessions: SessionService, devices: DeviceService, db: Database
+) -> None:
+    renamed = await sessions.open(ADMIN, SessionRequest("kiosk", 22))
+    await devices.update(SYSTEM_CALLER, "kiosk", DevicePatch(name="Kiosk 5"))
+    assert await sessions.end_for_device("kiosk") == []  # a new name changes nothing
+    await devices.update(SYSTEM_CALLER, "kiosk", DevicePatch(addresses=("10.0.0.5", "10.0.0.6")))
+    assert await sessions.end_for_device("kiosk") == []  # the dialled address is still its own
+    await devices.update(SYSTEM_CALLER, "kiosk", DevicePatch(addresses=("10.0.0.6",)))
+    assert await sessions.end_for_device("kiosk") == [renamed.id]
+    ended = await sessions.get(ADMIN, renamed.id)
+    assert (ended.open, ended.end_reason) == (False, "device_address_removed")
+    events = (await sessions.events(ADMIN, renamed.id)).items
+    assert [(e.kind, e.detail) for e in events[-1:]] == [
+        (EventKind.ENDED, {"reason": "device_address_removed"})
+    ]
+    assert "session.end" in [e.action for e in await audit_entries(db)]
+
+    moved = await sessions.open(ADMIN, SessionRequest("kiosk", 22))
+    await devices.update(SYSTEM_CALLER, "kiosk", DevicePatch(group="plant"))
+    assert await sessions.end_for_device("kiosk") == [moved.id]
+    assert (await sessions.get(ADMIN, moved.id)).end_reason == "device_group_changed"
+    assert await sessions.end_for_device("kiosk") == []  # ended once only

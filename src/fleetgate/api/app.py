@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -54,7 +55,7 @@ def build_app(
     *,
     max_body_bytes: int,
     after_write: Callable[[], Awaitable[object]] | None = None,
-    reload: Callable[[], Awaitable[None]] | None = None,
+    reload: Callable[[], Coroutine[Any, Any, None]] | None = None,
     session_bind_failure: Callable[[str], Awaitable[BindFailure | None]] | None = None,
 ) -> FastAPI:
     app = FastAPI(

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+import contextvars
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
 from fleetgate.api.deps import CallerDep
 from fleetgate.auth.authz import require_unscoped_admin
-from fleetgate.errors import NotFound
+from fleetgate.errors import ConfigError, Conflict, NotFound
 from fleetgate.health import Health
 from fleetgate.logs import get_logger
 
@@ -27,10 +30,18 @@ async def reload(request: Request, caller: CallerDep) -> ReloadOut:
     CAs, CRLs, PSKs), as SIGHUP does, and answer once it is applied. Established connections
     are kept; a listener whose new material is unusable keeps the old and says why in the log."""
     require_unscoped_admin(caller.principal, "reloading the node")
-    action: Callable[[], Awaitable[None]] | None = request.app.state.reload
+    action: Callable[[], Coroutine[Any, Any, None]] | None = request.app.state.reload
     if action is None:
         raise NotFound("this process has nothing to reload")
     log.info("node.reload_requested", actor=caller.principal.actor)
-    await action()
+    try:
+        # In a context of its own: listeners and tasks started by the reload must not log
+        # this request's id for the rest of their lives.
+        await asyncio.get_running_loop().create_task(action(), context=contextvars.Context())
+    except ConfigError as exc:
+        raise Conflict(
+            f"the configuration file is invalid, nothing was reloaded: {exc.detail}",
+            field="config",
+        ) from None
     health: Health = request.app.state.health
     return ReloadOut(listeners=dict(health.listeners))

@@ -116,6 +116,15 @@ class DataPath:
     async def by_source(self, source: str) -> Device:
         return self.admit(await self.registry.device_by_address(source))
 
+    async def admit_certificate(self, der: bytes) -> str:
+        """A verified client certificate's serial; refused if fleetgate issued it and has
+        revoked it (the handshake's CRL check is off when an outside CA is trusted)."""
+        serial = format(x509.load_der_x509_certificate(der).serial_number, "x")
+        issued = await self.registry.certificate(serial)
+        if issued is not None and issued.der == der and issued.revoked:
+            raise Refused("certificate_revoked", f"serial {serial}")
+        return serial
+
     async def by_certificate(self, der: bytes, name_from: str) -> tuple[Device, str]:
         """The device a verified client certificate names, and the certificate's serial.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import ssl
 from collections import Counter
@@ -51,11 +52,16 @@ class Conn:
     psk_identity: str | None = None  # psk: the identity whose key the handshake used
     # What authenticated the device, once known: a certificate serial or a PSK credential id.
     credential: str | None = None
+    # mtls: the serial of the verified client certificate, whatever identified the device (a
+    # revocation cuts the connections it opened).
+    client_serial: str | None = None
 
     async def device(self) -> Device:
         """The device this connection is, by what the listener trusts for it: the verified
         client certificate, the PSK of the handshake, or the source address. (A login in the
         device's protocol is the handler's business.)"""
+        if self.peer_certificate is not None:  # revoked is revoked, however names are found
+            self.client_serial = await self.path.admit_certificate(self.peer_certificate)
         if self.config.identity == "certificate":
             assert self.config.tls is not None
             if self.peer_certificate is None:
@@ -210,6 +216,28 @@ class StreamListener:
             self._path.metrics.listener_connections.labels(self.name, f"cut_{reason}").inc(cut)
         return cut
 
+    def cut_certificate(self, serial: str) -> list[str]:
+        """Close the connections the client certificate ``serial`` opened, whichever device
+        they identified as; the devices, once per connection cut."""
+        devices: list[str] = []
+        for device_id, held in list(self._by_device.items()):
+            for task, conn in list(held.items()):
+                if conn.client_serial == serial:
+                    task.cancel()
+                    devices.append(device_id)
+                    log.warning(
+                        "listener.connection_cut",
+                        listener=self.name,
+                        device=device_id,
+                        source=conn.source,
+                        reason="certificate_revoked",
+                    )
+        if devices:
+            self._path.metrics.listener_connections.labels(
+                self.name, "cut_certificate_revoked"
+            ).inc(len(devices))
+        return devices
+
     # -- one connection ---------------------------------------------------------------------------
 
     def _endpoint(self) -> Endpoint:
@@ -218,9 +246,29 @@ class StreamListener:
         return _Accepted(self._accepted)
 
     def _accepted(self, endpoint: Endpoint) -> None:
-        task = asyncio.get_running_loop().create_task(self._serve(endpoint))
+        """A new connection (from ``connection_made``: before any of its bytes is read, so a
+        connection over the caps is reset before a TLS handshake starts)."""
+        peer = endpoint.peer_address()
+        source = peer[0] if peer else "?"
+        metrics = self._path.metrics
+        refusal = self._over_limit(source)
+        if refusal is not None:
+            metrics.listener_connections.labels(self.name, refusal).inc()
+            log.warning("listener.refused", listener=self.name, source=source, reason=refusal)
+            endpoint.abort()
+            return
+        self._per_source[source] += 1
+        metrics.listener_active.labels(self.name).inc()
+        task = asyncio.get_running_loop().create_task(self._serve(endpoint, source))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(functools.partial(self._ended, source))
+
+    def _ended(self, source: str, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._path.metrics.listener_active.labels(self.name).dec()
+        self._per_source[source] -= 1
+        if not self._per_source[source]:
+            del self._per_source[source]
 
     def _register(self, conn: Conn, device_id: str) -> None:
         held = self._by_device.get(device_id, {})
@@ -242,7 +290,7 @@ class StreamListener:
 
     def _over_limit(self, source: str) -> str | None:
         """Why a new connection from ``source`` is one too many, if it is."""
-        if self.active > self.config.max_connections:
+        if self.active >= self.config.max_connections:
             return "listener_full"
         limit = self.config.max_per_source
         if limit is not None and self._per_source[source] >= limit:
@@ -269,9 +317,7 @@ class StreamListener:
         else:
             conn.peer_certificate = endpoint.ssl_object.getpeercert(binary_form=True)
 
-    async def _serve(self, endpoint: Endpoint) -> None:
-        peer = endpoint.peer_address()
-        source = peer[0] if peer else "?"
+    async def _serve(self, endpoint: Endpoint, source: str) -> None:
         conn = Conn(
             id=f"{self.name}-{next(_conn_ids)}",
             listener=self.name,
@@ -283,14 +329,6 @@ class StreamListener:
         )
         metrics = self._path.metrics
         with bind(listener=self.name, conn=conn.id, source=source):
-            refusal = self._over_limit(source)
-            if refusal is not None:
-                metrics.listener_connections.labels(self.name, refusal).inc()
-                log.warning("listener.refused", reason=refusal)
-                endpoint.abort()
-                return
-            self._per_source[source] += 1
-            metrics.listener_active.labels(self.name).inc()
             try:
                 if isinstance(endpoint, TlsEndpoint):
                     await self._handshake(conn, endpoint)
@@ -322,9 +360,5 @@ class StreamListener:
                         down_bytes=result.down_bytes,
                     )
             finally:
-                metrics.listener_active.labels(self.name).dec()
-                self._per_source[source] -= 1
-                if not self._per_source[source]:
-                    del self._per_source[source]
                 self._unregister(conn)
                 endpoint.close()

@@ -56,6 +56,7 @@ class Listener(Protocol):
         keep_sources: tuple[str, ...] | None = None,
         credential: str | None = None,
     ) -> int: ...
+    def cut_certificate(self, serial: str) -> list[str]: ...
 
 
 class ListenerSet:
@@ -105,6 +106,22 @@ class ListenerSet:
             ),
         )
 
+    async def _tls_usable(self, name: str, config: ListenerConfig) -> bool:
+        """Whether a changed listener's new TLS material loads (before the old one stops)."""
+        if config.tls is None:
+            return True
+        try:
+            await ServerTls(name, config.tls, self._services, self.keys, self._clock).load()
+        except TlsSetupError as exc:
+            log.error(
+                "listener.tls_failed",
+                listener=name,
+                detail=str(exc),
+                kept="the running listener and its previous settings",
+            )
+            return False
+        return True
+
     async def _start(self, name: str, config: ListenerConfig) -> None:
         listener = self._make(name, config)
         try:
@@ -136,7 +153,10 @@ class ListenerSet:
             await self._psk_change()
         running_before = set(self._listeners)
         for name in list(self._listeners):
-            if configs.get(name) != self._listeners[name].config:
+            fresh = configs.get(name)
+            if fresh != self._listeners[name].config:
+                if fresh is not None and not await self._tls_usable(name, fresh):
+                    continue  # the running listener stays, with its old settings
                 old = self._listeners.pop(name)
                 await old.stop_accepting()
                 self._retired.append(old)
@@ -213,8 +233,11 @@ class ListenerSet:
             listener.cut(device_id, reason, keep_sources=keep_sources, credential=credential)
             for listener in [*self._listeners.values(), *self._retired]
         )
-        if not cut:
-            return
+        if cut:
+            await self._audit_cut(device_id, reason, cut)
+
+    async def _audit_cut(self, device_id: str, reason: str, cut: int) -> None:
+        """Write down in the audit log that this process cut ``cut`` connections."""
         entry = NewAuditEntry(
             actor=SYSTEM_CALLER.principal.actor,
             action="connection.cut",
@@ -233,16 +256,19 @@ class ListenerSet:
         """A revocation closes the connections that certificate opened and, like a new CA or
         a renewed listener certificate, makes the listeners build fresh server contexts."""
         if change.action == "certificate.revoke":
-            issued = await self.path.registry.certificate(change.target_id)
-            if issued is not None and issued.device_id is not None:
-                await self._cut(
-                    issued.device_id, "certificate_revoked", credential=change.target_id
-                )
+            cut = [
+                device_id
+                for listener in [*self._listeners.values(), *self._retired]
+                for device_id in listener.cut_certificate(change.target_id)
+            ]
+            for device_id in sorted(set(cut)):
+                await self._audit_cut(device_id, "certificate_revoked", cut.count(device_id))
             await self._reload_tls(lambda tls: tls.config.mode == "mtls", "certificate revoked")
             # A listener's own certificate may be the one revoked: its staple says so now.
             await self._refresh_staples(lambda tls: tls.config.mode != "psk")
-        elif change.target_type == "ca":
-            await self._reload_tls(lambda tls: tls.config.mode == "mtls", "CAs changed")
+        elif change.target_type == "ca":  # a CA trusted or removed, or a CRL refreshed
+            why = "crl.refresh" if change.action == "crl.refresh" else "CAs changed"
+            await self._reload_tls(lambda tls: tls.config.mode == "mtls", why)
         elif change.action == "certificate.renew" or change.target_type == "credential":
             await self._reload_tls(lambda tls: tls.uses_store, change.action)
         if change.target_type == "credential" and self._serves_psk():

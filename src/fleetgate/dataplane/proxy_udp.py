@@ -101,6 +101,9 @@ class UdpListener:
     ) -> int:
         return 0
 
+    def cut_certificate(self, serial: str) -> list[str]:
+        return []
+
     def received(self, data: bytes, addr: tuple[str, int]) -> None:
         metrics = self._path.metrics
         if len(self._tasks) >= self.config.max_in_flight:

@@ -68,6 +68,7 @@ _REASON_CAUSES = {
     "DECRYPTION_FAILED_OR_BAD_RECORD_MAC": "bad_record_mac",
     # TLS 1.3 with no usable PSK falls back to certificates, which a psk listener has none of.
     "NO_SUITABLE_SIGNATURE_ALGORITHM": "no_suitable_signature",
+    "NO_SUITABLE_KEY_SHARE": "no_shared_group",
 }
 
 
@@ -255,6 +256,13 @@ class TlsEndpoint(Endpoint):
             return
         except ssl.SSLError as exc:
             failure = classify(exc)
+            if failure.cause == "client_certificate_refused" and self._ssl.server_side:
+                # The alert came from the device, about the gateway's own certificate.
+                failure = TlsFailure(
+                    "server_certificate_refused",
+                    f"the device refused the gateway's certificate ({failure.detail}): "
+                    "it needs fleetgate's CA (/pki/ca.pem) and the name it connects to",
+                )
             if failure.cause == "not_tls" and self._ssl.server_side and not self._outgoing.pending:
                 # OpenSSL answers a peer that does not speak TLS with silence; a device that
                 # forgot TLS gets an alert all the same (in clear: no keys exist yet).

@@ -32,7 +32,7 @@ from fleetgate.pki.records import (
 )
 from fleetgate.records import NewAuditEntry
 from fleetgate.services.authority import AuthorityService, Issuance
-from fleetgate.services.context import Caller
+from fleetgate.services.context import SYSTEM_CALLER, Caller
 from fleetgate.services.issuing import keep_in_credential
 from fleetgate.services.vault import Vault
 from fleetgate.store import Database, Tx
@@ -208,7 +208,21 @@ class RevocationService:
                     due = current.this_update + lifetime * self._config.crl_refresh_fraction
                     if now < due:
                         continue
-                await self.regenerate_crl(tx, ca.id)
+                crl = await self.regenerate_crl(tx, ca.id)
+                # On the change feed: mtls listeners load it (the one they hold will expire).
+                await AuditRepo(tx).append(
+                    NewAuditEntry(
+                        actor=SYSTEM_CALLER.principal.actor,
+                        action="crl.refresh",
+                        target_type="ca",
+                        target_id=ca.id,
+                        after={
+                            "number": crl.number,
+                            "next_update": crl.next_update.isoformat(),
+                        },
+                    ),
+                    now,
+                )
             refreshed.append(ca.id)
         return refreshed
 
