@@ -7,6 +7,8 @@ import base64
 import json
 import secrets
 import shutil
+import socket
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -326,3 +328,34 @@ def unhandled(gateway: Gateway, since: int = 0) -> list[str]:
         for e in gateway.events[since:]
         if e.get("event") == "api.unhandled_exception"
     ]
+
+
+def served_certificate(
+    port: int, *, cafile: Path | None = None, cadata: str | None = None
+) -> x509.Certificate:
+    """The certificate a new TLS handshake with 127.0.0.1:``port`` is served, verified against
+    ``cafile`` or ``cadata`` and the address (the connection is then closed)."""
+    context = ssl.create_default_context(cafile=cafile, cadata=cadata)
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def tls_listener_env(name: str, port: int, forward_to: int, **tls: str) -> dict[str, str]:
+    """The environment that defines listener ``name`` on 127.0.0.1:``port`` relaying to
+    127.0.0.1:``forward_to`` over TLS: ``[listeners.NAME.tls]`` keys from ``tls`` (mode tls,
+    and the address as the certificate's name unless it comes from files)."""
+    prefix = f"FLEETGATE_LISTENERS__{name.upper()}__"
+    env = {
+        f"{prefix}BIND": f"127.0.0.1:{port}",
+        f"{prefix}FORWARD_TO": f"127.0.0.1:{forward_to}",
+        f"{prefix}TLS__MODE": "tls",
+    }
+    if "cert_file" not in tls:
+        env[f"{prefix}TLS__SERVER_NAMES"] = '["127.0.0.1"]'
+    env.update({f"{prefix}TLS__{key.upper()}": value for key, value in tls.items()})
+    return env

@@ -15,11 +15,9 @@ import socket
 import ssl
 from pathlib import Path
 
-from cryptography import x509
-
 from e2e.conftest import ADMIN
 from e2e.gateway import Gateway, GatewayFactory, free_port
-from e2e.pki_support import add_device, fetch
+from e2e.pki_support import add_device, fetch, served_certificate, tls_listener_env
 from support.certs import CertFiles, TestCA
 from support.mqtt_peer import HOST, TIMEOUT_S
 
@@ -36,17 +34,6 @@ def _files_listener(name: str, port: int, echo: int, files: CertFiles, timeout_s
         f'\n[listeners.{name}.tls]\nmode = "tls"\ncert_file = "{files.cert}"\n'
         f'key_file = "{files.key}"\nhandshake_timeout_s = {timeout_s}\n'
     )
-
-
-def _served_serial(port: int, cafile: Path) -> int:
-    context = ssl.create_default_context(cafile=cafile)
-    with (
-        socket.create_connection((HOST, port), timeout=TIMEOUT_S) as raw,
-        context.wrap_socket(raw, server_hostname=HOST) as tls,
-    ):
-        der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return x509.load_der_x509_certificate(der).serial_number
 
 
 def test_an_api_reload_of_an_invalid_file_answers_409_and_keeps_the_old(
@@ -77,7 +64,7 @@ def test_a_changed_listener_whose_new_certificate_does_not_load_keeps_serving(
     _append(gateway, _files_listener("guarded", port, echo_server, good, 10.0))
     gateway.signal(signal.SIGHUP)
     gateway.wait_for("listener.bound", lambda e: e["listener"] == "guarded", since=mark)
-    serving = _served_serial(port, cafile)
+    serving = served_certificate(port, cafile=cafile).serial_number
 
     # The listener changes (another timeout) and its new certificate file is garbage.
     broken = CertFiles(tmp_path / "broken.crt", good.key)
@@ -92,7 +79,9 @@ def test_a_changed_listener_whose_new_certificate_does_not_load_keeps_serving(
         "listener.tls_failed", lambda e: e["listener"] == "guarded", since=mark
     )
     assert "holds no PEM certificate" in failed["detail"], failed
-    assert _served_serial(port, cafile) == serving  # still the running listener
+    assert (
+        served_certificate(port, cafile=cafile).serial_number == serving
+    )  # still the running listener
 
 
 def test_a_connection_over_the_caps_is_reset_before_any_handshake(
@@ -101,11 +90,8 @@ def test_a_connection_over_the_caps_is_reset_before_any_handshake(
     port = free_port()
     gateway = gateway_factory(
         FLEETGATE_ADMIN_TOKEN=ADMIN,
-        FLEETGATE_LISTENERS__CAPPED__BIND=f"{HOST}:{port}",
-        FLEETGATE_LISTENERS__CAPPED__FORWARD_TO=f"{HOST}:{echo_server}",
         FLEETGATE_LISTENERS__CAPPED__MAX_PER_SOURCE="1",
-        FLEETGATE_LISTENERS__CAPPED__TLS__MODE="tls",
-        FLEETGATE_LISTENERS__CAPPED__TLS__SERVER_NAMES=f'["{HOST}"]',
+        **tls_listener_env("capped", port, echo_server),
     ).start()
     gateway.wait_for("listener.bound", lambda e: e["listener"] == "capped")
     with gateway.client(ADMIN) as api:
@@ -144,11 +130,8 @@ def test_an_mtls_listener_loads_each_crl_fleetgate_refreshes(
         FLEETGATE_PKI__CRL_LIFETIME_S="600",
         FLEETGATE_PKI__CRL_REFRESH_FRACTION="0.005",  # a new CRL every 3 s
         FLEETGATE_PKI__MAINTENANCE_INTERVAL_S="1",
-        FLEETGATE_LISTENERS__GUARD__BIND=f"{HOST}:{port}",
-        FLEETGATE_LISTENERS__GUARD__FORWARD_TO=f"{HOST}:{echo_server}",
         FLEETGATE_LISTENERS__GUARD__IDENTITY="certificate",
-        FLEETGATE_LISTENERS__GUARD__TLS__MODE="mtls",
-        FLEETGATE_LISTENERS__GUARD__TLS__SERVER_NAMES=f'["{HOST}"]',
+        **tls_listener_env("guard", port, echo_server, mode="mtls"),
     ).start()
     gateway.wait_for("listener.bound", lambda e: e["listener"] == "guard")
     reloaded = gateway.wait_for(

@@ -24,7 +24,8 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from cryptography.hazmat.primitives import serialization
 
 from e2e.conftest import ADMIN
 from e2e.gateway import Gateway, GatewayFactory, free_port
-from e2e.pki_support import add_device, fetch
+from e2e.pki_support import add_device, fetch, served_certificate, tls_listener_env
 from fleetgate.dataplane.listeners import FILE_CHECK_S
 from fleetgate.pki.authority import BACKDATE
 from support.mqtt_peer import HOST, TIMEOUT_S
@@ -56,17 +57,6 @@ def _client_context(cafile: Path) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=cafile)  # CERT_REQUIRED, names checked
 
 
-def served(port: int, cafile: Path) -> x509.Certificate:
-    """The certificate a new, verified handshake gets (the connection is then closed)."""
-    with (
-        socket.create_connection((HOST, port), timeout=TIMEOUT_S) as raw,
-        _client_context(cafile).wrap_socket(raw, server_hostname=HOST) as tls,
-    ):
-        der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return x509.load_der_x509_certificate(der)
-
-
 def served_until(
     port: int, cafile: Path, serials: Callable[[], set[int]], timeout_s: float
 ) -> x509.Certificate:
@@ -74,7 +64,7 @@ def served_until(
     deadline = time.monotonic() + timeout_s
     seen: list[str] = []
     while True:
-        certificate = served(port, cafile)
+        certificate = served_certificate(port, cafile=cafile)
         wanted = serials()
         if certificate.serial_number in wanted:
             return certificate
@@ -85,6 +75,16 @@ def served_until(
                 f"no handshake served {sorted(wanted)} within {timeout_s}s; served: {seen}"
             )
         time.sleep(POLL_S)
+
+
+@contextmanager
+def _device_connection(port: int, root: Path) -> Iterator[ssl.SSLSocket]:
+    """A verified TLS connection from the relaying device's address."""
+    raw = socket.create_connection(
+        (HOST, port), timeout=TIMEOUT_S, source_address=(DEVICE_SOURCE, 0)
+    )
+    with _client_context(root).wrap_socket(raw, server_hostname=HOST) as tls:
+        yield tls
 
 
 def echo(tls: ssl.SSLSocket, payload: bytes) -> bytes:
@@ -121,22 +121,14 @@ def test_a_renewed_listener_certificate_is_served_and_open_connections_keep_rela
         FLEETGATE_PKI__SERVER_LIFETIME_DAYS=str(SERVER_LIFETIME.days),
         FLEETGATE_PKI__RENEW_AT_FRACTION=repr(RENEW_AT_FRACTION),
         FLEETGATE_PKI__MAINTENANCE_INTERVAL_S="1",
-        FLEETGATE_LISTENERS__EDGE__BIND=f"{HOST}:{port}",
-        FLEETGATE_LISTENERS__EDGE__FORWARD_TO=f"{HOST}:{echo_server}",
-        FLEETGATE_LISTENERS__EDGE__TLS__MODE="tls",
-        FLEETGATE_LISTENERS__EDGE__TLS__SERVER_NAMES=f'["{HOST}"]',
+        **tls_listener_env("edge", port, echo_server),
     ).start()
     gateway.wait_for("listener.bound", lambda e: e["listener"] == "edge")
     root = fetch(gateway, "/pki/root.pem", tmp_path / "root.pem")
     with gateway.client(ADMIN) as api:
         add_device(api, "edge-meter", addresses=[DEVICE_SOURCE])
 
-    with (
-        socket.create_connection(
-            (HOST, port), timeout=TIMEOUT_S, source_address=(DEVICE_SOURCE, 0)
-        ) as raw,
-        _client_context(root).wrap_socket(raw, server_hostname=HOST) as live,
-    ):
+    with _device_connection(port, root) as live:
         der = live.getpeercert(binary_form=True)
         assert der is not None
         before = x509.load_der_x509_certificate(der)  # verified against the root
@@ -172,12 +164,7 @@ def test_a_renewed_listener_certificate_is_served_and_open_connections_keep_rela
         assert not [e for e in gateway.events if e.get("event") == "listener.connection_cut"]
 
     # A device connecting now is served the renewed certificate and relays too.
-    with (
-        socket.create_connection(
-            (HOST, port), timeout=TIMEOUT_S, source_address=(DEVICE_SOURCE, 0)
-        ) as raw,
-        _client_context(root).wrap_socket(raw, server_hostname=HOST) as fresh,
-    ):
+    with _device_connection(port, root) as fresh:
         der = fresh.getpeercert(binary_form=True)
         assert der is not None
         assert x509.load_der_x509_certificate(der).serial_number in _serials_from(
@@ -256,7 +243,7 @@ def test_replaced_certificate_files_are_served_and_a_broken_one_keeps_the_last_g
         )
     gateway.signal(signal.SIGHUP)
     gateway.wait_for("listener.bound", lambda e: e["listener"] == "files", since=mark)
-    assert served(port, root).serial_number == serial_in(first[0])
+    assert served_certificate(port, cafile=root).serial_number == serial_in(first[0])
 
     # Another tool renews the files (the key first, then the certificate): no signal needed.
     mark = gateway.mark()
@@ -283,7 +270,7 @@ def test_replaced_certificate_files_are_served_and_a_broken_one_keeps_the_last_g
     assert failed["why"] == "file changed", failed
     assert failed["detail"] == f"listener files: cert_file {cert_file} holds no PEM certificate"
     for _ in range(3):
-        assert served(port, root).serial_number == serial_in(renewed[0])
+        assert served_certificate(port, cafile=root).serial_number == serial_in(renewed[0])
 
     # The watch goes on after a failure: good files are picked up again.
     replace_file(key_file, repaired[1])

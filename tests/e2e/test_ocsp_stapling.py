@@ -12,13 +12,12 @@ import subprocess
 import threading
 from pathlib import Path
 
-from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import ocsp
 
 from e2e.conftest import ADMIN
 from e2e.gateway import GatewayFactory, free_port
-from e2e.pki_support import fetch, revoke
+from e2e.pki_support import fetch, revoke, served_certificate, tls_listener_env
 from fleetgate.dataplane import native
 from support.certs import TestCA, write_cert_files
 from support.mqtt_peer import HOST, TIMEOUT_S
@@ -38,32 +37,18 @@ def s_client_status(port: int, cafile: Path) -> str:
     return done.stdout
 
 
-def served_serial(port: int, cafile: Path) -> str:
-    context = ssl.create_default_context(cafile=cafile)
-    with (
-        socket.create_connection((HOST, port), timeout=TIMEOUT_S) as raw,
-        context.wrap_socket(raw, server_hostname=HOST) as tls,
-    ):
-        der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return format(x509.load_der_x509_certificate(der).serial_number, "x")
-
-
 def test_a_listener_staples_fleetgates_answer_and_then_the_revocation(
     gateway_factory: GatewayFactory, echo_server: int, tmp_path: Path
 ) -> None:
     port = free_port()
     gateway = gateway_factory(
         FLEETGATE_ADMIN_TOKEN=ADMIN,
-        FLEETGATE_LISTENERS__EDGE__BIND=f"{HOST}:{port}",
-        FLEETGATE_LISTENERS__EDGE__FORWARD_TO=f"{HOST}:{echo_server}",
-        FLEETGATE_LISTENERS__EDGE__TLS__MODE="tls",
-        FLEETGATE_LISTENERS__EDGE__TLS__SERVER_NAMES=f'["{HOST}"]',
+        **tls_listener_env("edge", port, echo_server),
     ).start()
     stapled = gateway.wait_for("listener.ocsp_stapled", lambda e: e["listener"] == "edge")
     assert stapled["status"] == "good"
     root = fetch(gateway, "/pki/root.pem", tmp_path / "root.pem")
-    serial = served_serial(port, root)
+    serial = format(served_certificate(port, cafile=root).serial_number, "x")
 
     printed = s_client_status(port, root)
     assert "OCSP Response Status: successful" in printed, printed
@@ -94,11 +79,9 @@ def test_another_cas_certificate_is_served_without_a_staple(
     port = free_port()
     gateway = gateway_factory(
         FLEETGATE_ADMIN_TOKEN=ADMIN,
-        FLEETGATE_LISTENERS__FILES__BIND=f"{HOST}:{port}",
-        FLEETGATE_LISTENERS__FILES__FORWARD_TO=f"{HOST}:{echo_server}",
-        FLEETGATE_LISTENERS__FILES__TLS__MODE="tls",
-        FLEETGATE_LISTENERS__FILES__TLS__CERT_FILE=str(files.cert),
-        FLEETGATE_LISTENERS__FILES__TLS__KEY_FILE=str(files.key),
+        **tls_listener_env(
+            "files", port, echo_server, cert_file=str(files.cert), key_file=str(files.key)
+        ),
     ).start()
     gateway.wait_for("listener.bound", lambda e: e["listener"] == "files")
     printed = s_client_status(port, outside.write_bundle(tmp_path / "outside.pem"))

@@ -11,21 +11,20 @@ import http.server
 import json
 import shutil
 import socket
-import ssl
 import subprocess
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from cryptography import x509
 
 from e2e.conftest import ADMIN
 from e2e.gateway import Gateway, base_env, fleetgate_argv, free_port, run_cli
-from e2e.pki_support import running_gateway
+from e2e.pki_support import running_gateway, served_certificate
 
 HOST = "127.0.0.1"
 TIMEOUT_S = 15.0
@@ -183,21 +182,9 @@ def test_a_tls_session_serves_curl_with_the_ca_it_names(site: Site) -> None:
     assert kinds[:3] == ["CREATED", "ACCESS", "CONNECTED"], kinds
 
 
-def _served_serial(port: int, ca_pem: str) -> int:
-    """The serial of the certificate a tls session serves, verified with ``ca_pem``."""
-    context = ssl.create_default_context(cadata=ca_pem)
-    with (
-        socket.create_connection((HOST, port), timeout=TIMEOUT_S) as raw,
-        context.wrap_socket(raw, server_hostname=HOST) as tls,
-    ):
-        der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return x509.load_der_x509_certificate(der).serial_number
-
-
 def test_a_tls_session_serves_the_reissued_certificate_without_a_restart(site: Site) -> None:
     session = open_session(site, site.web_port, tls=True, cidrs=[f"{HOST}/32"])
-    before = _served_serial(session["public_port"], session["ca_pem"])
+    before = served_certificate(session["public_port"], cadata=session["ca_pem"]).serial_number
     since = len(site.gateway.events)
     with site.api() as api:
         reissued = api.post("/v1/certificates", json={
@@ -208,7 +195,7 @@ def test_a_tls_session_serves_the_reissued_certificate_without_a_restart(site: S
     site.gateway.wait_for(
         "listener.tls_reloaded", lambda e: e["listener"] == "sessions", since=since
     )
-    after = _served_serial(session["public_port"], session["ca_pem"])
+    after = served_certificate(session["public_port"], cadata=session["ca_pem"]).serial_number
     assert after != before
     assert format(after, "x") == reissued.json()["certificate"]["serial"]
 
@@ -335,9 +322,12 @@ def test_the_cli_opens_a_session_and_connect_session_uses_it(site: Site) -> None
 # -- restarts --------------------------------------------------------------------------------------
 
 
-def test_an_open_session_is_bound_again_after_a_restart(site: Site, tmp_path: Path) -> None:
+@contextmanager
+def _gateway_with_ports(site: Site, tmp_path: Path, ports: str) -> Iterator[Gateway]:
+    """A gateway of its own whose session pool is ``ports``, with the lab device (the web
+    server) registered."""
     gateway = Gateway(data_dir=tmp_path / "data", port=free_port(), env=base_env(
-        FLEETGATE_ADMIN_TOKEN=ADMIN, FLEETGATE_SESSIONS__PORTS="21000-21099",
+        FLEETGATE_ADMIN_TOKEN=ADMIN, FLEETGATE_SESSIONS__PORTS=ports,
     )).start()  # fmt: skip
     try:
         with gateway.client(ADMIN) as api:
@@ -345,6 +335,14 @@ def test_an_open_session_is_bound_again_after_a_restart(site: Site, tmp_path: Pa
             assert api.post("/v1/groups", json=group).status_code == 201
             device = {"id": "kiosk", "group": "lab", "addresses": [HOST]}
             assert api.post("/v1/devices", json=device).status_code == 201
+        yield gateway
+    finally:
+        gateway.stop()
+
+
+def test_an_open_session_is_bound_again_after_a_restart(site: Site, tmp_path: Path) -> None:
+    with _gateway_with_ports(site, tmp_path, "21000-21099") as gateway:
+        with gateway.client(ADMIN) as api:
             opened = api.post(
                 "/v1/sessions",
                 json={"device_id": "kiosk", "port": site.web_port, "cidrs": [f"{HOST}/32"]},
@@ -360,8 +358,6 @@ def test_an_open_session_is_bound_again_after_a_restart(site: Site, tmp_path: Pa
         fetched = curl(f"http://{HOST}:{session['public_port']}/")
         assert fetched.returncode == 0, fetched.stderr
         assert fetched.stdout.encode() == PAGE
-    finally:
-        gateway.stop()
 
 
 # -- mtls sessions: a client certificate for the session alone ------------------------------------
@@ -416,61 +412,46 @@ def _two_free_ports() -> int:
 
 def test_a_public_port_another_program_holds_is_passed_over(site: Site, tmp_path: Path) -> None:
     low = _two_free_ports()
+    body = {"device_id": "kiosk", "port": site.web_port, "cidrs": [f"{HOST}/32"]}
     with socket.socket() as squatter:
         squatter.bind((HOST, low))
         squatter.listen()
-        gateway = Gateway(data_dir=tmp_path / "data", port=free_port(), env=base_env(
-            FLEETGATE_ADMIN_TOKEN=ADMIN, FLEETGATE_SESSIONS__PORTS=f"{low}-{low + 1}",
-        )).start()  # fmt: skip
-        try:
-            with gateway.client(ADMIN) as api:
-                group = {"name": "lab", "settings": {"session_ports": [site.web_port]}}
-                assert api.post("/v1/groups", json=group).status_code == 201
-                device = {"id": "kiosk", "group": "lab", "addresses": [HOST]}
-                assert api.post("/v1/devices", json=device).status_code == 201
-                body = {"device_id": "kiosk", "port": site.web_port, "cidrs": [f"{HOST}/32"]}
-                opened = api.post("/v1/sessions", json=body)
-                assert opened.status_code == 201, opened.text
-                assert opened.json()["public_port"] == low + 1
-                fetched = curl(f"http://{HOST}:{low + 1}/")
-                assert fetched.stdout.encode() == PAGE, fetched.stderr
-                # The held port is not tried again at once: nothing is left to offer.
-                refused = api.post("/v1/sessions", json=body)
-                assert refused.status_code == 409, refused.text
-                assert "1 held by other programs" in refused.json()["detail"]
-                found = api.get("/v1/sessions").json()["items"]
-            by_port = {s["public_port"]: s for s in found}
-            assert (by_port[low]["state"], by_port[low]["end_reason"]) == ("ended", "bind_failed")
-            assert by_port[low + 1]["state"] == "open"
-        finally:
-            gateway.stop()
+        with (
+            _gateway_with_ports(site, tmp_path, f"{low}-{low + 1}") as gateway,
+            gateway.client(ADMIN) as api,
+        ):
+            opened = api.post("/v1/sessions", json=body)
+            assert opened.status_code == 201, opened.text
+            assert opened.json()["public_port"] == low + 1
+            fetched = curl(f"http://{HOST}:{low + 1}/")
+            assert fetched.stdout.encode() == PAGE, fetched.stderr
+            # The held port is not tried again at once: nothing is left to offer.
+            refused = api.post("/v1/sessions", json=body)
+            assert refused.status_code == 409, refused.text
+            assert "1 held by other programs" in refused.json()["detail"]
+            found = api.get("/v1/sessions").json()["items"]
+    by_port = {s["public_port"]: s for s in found}
+    assert (by_port[low]["state"], by_port[low]["end_reason"]) == ("ended", "bind_failed")
+    assert by_port[low + 1]["state"] == "open"
 
 
 def test_when_every_public_port_is_held_the_api_says_which_and_why(
     site: Site, tmp_path: Path
 ) -> None:
+    body = {"device_id": "kiosk", "port": site.web_port, "cidrs": [f"{HOST}/32"]}
     with socket.socket() as squatter:
         squatter.bind((HOST, 0))
         squatter.listen()
         taken = squatter.getsockname()[1]
-        gateway = Gateway(data_dir=tmp_path / "data", port=free_port(), env=base_env(
-            FLEETGATE_ADMIN_TOKEN=ADMIN, FLEETGATE_SESSIONS__PORTS=f"{taken}-{taken}",
-        )).start()  # fmt: skip
-        try:
-            with gateway.client(ADMIN) as api:
-                group = {"name": "lab", "settings": {"session_ports": [site.web_port]}}
-                assert api.post("/v1/groups", json=group).status_code == 201
-                device = {"id": "kiosk", "group": "lab", "addresses": [HOST]}
-                assert api.post("/v1/devices", json=device).status_code == 201
-                body = {"device_id": "kiosk", "port": site.web_port, "cidrs": [f"{HOST}/32"]}
-                refused = api.post("/v1/sessions", json=body)
-                assert refused.status_code == 409, refused.text
-                detail = refused.json()["detail"]
-                assert f"public ports could not be bound: {taken} (" in detail
-                [ended] = api.get("/v1/sessions").json()["items"]
-            assert (ended["state"], ended["end_reason"]) == ("ended", "bind_failed")
-        finally:
-            gateway.stop()
+        with (
+            _gateway_with_ports(site, tmp_path, f"{taken}-{taken}") as gateway,
+            gateway.client(ADMIN) as api,
+        ):
+            refused = api.post("/v1/sessions", json=body)
+            assert refused.status_code == 409, refused.text
+            assert f"public ports could not be bound: {taken} (" in refused.json()["detail"]
+            [ended] = api.get("/v1/sessions").json()["items"]
+    assert (ended["state"], ended["end_reason"]) == ("ended", "bind_failed")
 
 
 def test_a_sessions_certificate_that_cannot_load_is_refused_not_promised(
