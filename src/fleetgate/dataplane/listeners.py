@@ -151,6 +151,8 @@ class ListenerSet:
         self.path.reconfigure(destinations or {})
         if any(c.tls is not None and c.tls.mode == "psk" for c in configs.values()):
             await self._psk_change()
+        # Listeners retired by earlier reloads are forgotten once their last connection ended.
+        self._retired = [old for old in self._retired if old.active]
         running_before = set(self._listeners)
         for name in list(self._listeners):
             fresh = configs.get(name)
