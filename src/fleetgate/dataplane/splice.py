@@ -26,56 +26,28 @@ class SpliceResult:
     reason: str  # closed | idle_timeout | device_lost | destination_lost | protocol_error
 
 
-class _Direction:
-    """One way through the splice: what ``source`` delivers goes to ``sink``."""
-
-    __slots__ = ("bytes", "done", "sink", "source", "splice", "transform")
-
-    def __init__(
-        self, splice: _Splice, source: Endpoint, sink: Endpoint, transform: Transform | None
-    ) -> None:
-        self.splice = splice
-        self.source = source
-        self.sink = sink
-        self.transform = transform
-        self.bytes = 0
-        self.done = False
-
-    def data(self, chunk: bytes) -> None:
-        self.bytes += len(chunk)
-        self.splice.last = self.splice.clock.monotonic()
-        if self.transform is not None:
-            try:
-                chunk = self.transform(chunk)
-            except ValueError as exc:  # the transform refuses what it was fed
-                self.splice.finish(f"protocol_error: {exc}")
-                return
-        if chunk:
-            self.sink.write(chunk)
-
-    def eof(self) -> None:
-        if not self.done:
-            self.done = True
-            self.sink.write_eof()
-        self.splice.check_both_done()
-
-
 class _Splice:
     """The state of one splice: one small object per relayed connection (an idle gateway
-    holds thousands), its callbacks bound methods rather than closures."""
+    holds thousands). Its callbacks are its bound methods, held by the endpoints only while
+    it runs: once stopped, nothing refers back to it, so it and both endpoints (with their
+    OpenSSL objects) are freed at once, not at the next full garbage collection."""
 
     __slots__ = (
         "clock",
         "destination",
         "device",
-        "downward",
+        "down_bytes",
+        "down_done",
+        "down_transform",
         "finished",
         "idle_slot",
         "idle_timeout_s",
         "idle_watch",
         "last",
         "on_done",
-        "upward",
+        "up_bytes",
+        "up_done",
+        "up_transform",
     )
 
     def __init__(
@@ -87,39 +59,43 @@ class _Splice:
         up: Transform | None,
         down: Transform | None,
     ) -> None:
-        loop = asyncio.get_running_loop()
         self.device = device
         self.destination = destination
         self.clock = clock
         self.idle_timeout_s = idle_timeout_s
         self.last = clock.monotonic()
-        self.finished: asyncio.Future[str] = loop.create_future()
-        self.upward = _Direction(self, device, destination, up)
-        self.downward = _Direction(self, destination, device, down)
+        self.finished: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.up_transform, self.down_transform = up, down
+        self.up_bytes = self.down_bytes = 0
+        self.up_done = self.down_done = False
         self.idle_watch = idle_watch(clock)
         self.idle_slot: int | None = None
         self.on_done: Callable[[Splicing, SpliceResult], None] | None = None
 
     def start(self) -> None:
-        upward, downward = self.upward, self.downward
-        # Anything a handler read past its own message is sent first.
-        for direction in (upward, downward):
-            leftover = direction.source.take_buffered()
-            if leftover:
-                direction.data(leftover)
-            if direction.source.at_eof:
-                direction.eof()
         device, destination = self.device, self.destination
-        device.on_data, device.on_eof = upward.data, upward.eof
-        destination.on_data, destination.on_eof = downward.data, downward.eof
+        # Anything a handler read past its own message is sent first.
+        leftover = device.take_buffered()
+        if leftover:
+            self._up_data(leftover)
+        if device.at_eof:
+            self._up_eof()
+        leftover = destination.take_buffered()
+        if leftover:
+            self._down_data(leftover)
+        if destination.at_eof:
+            self._down_eof()
+        device.on_data, device.on_eof = self._up_data, self._up_eof
+        destination.on_data, destination.on_eof = self._down_data, self._down_eof
         # When one end cannot take more, stop reading the other.
         destination.on_write_paused = device.hold_reading
         device.on_write_paused = destination.hold_reading
         device.on_lost, destination.on_lost = self._device_lost, self._destination_lost
-        for side, lost in ((device, self._device_lost), (destination, self._destination_lost)):
-            if side.is_closed:
-                lost()
-        self.check_both_done()
+        if device.is_closed:
+            self._device_lost()
+        if destination.is_closed:
+            self._destination_lost()
+        self._check_both_done()
         self.idle_slot = self.idle_watch.watch(self, self.last + self.idle_timeout_s)
 
     def stop(self) -> None:
@@ -136,24 +112,51 @@ class _Splice:
             self.finished.set_result(reason)
 
     def result(self) -> SpliceResult:
-        return SpliceResult(self.upward.bytes, self.downward.bytes, self.finished.result())
+        return SpliceResult(self.up_bytes, self.down_bytes, self.finished.result())
 
-    def _done(self, _: asyncio.Future[str]) -> None:
-        self.stop()
-        if self.on_done is not None:
-            on_done, self.on_done = self.on_done, None
-            on_done(self, self.result())
+    # -- the two directions ---------------------------------------------------------------------
 
-    def check_both_done(self) -> None:
-        if self.upward.done and self.downward.done:
+    def _up_data(self, chunk: bytes) -> None:
+        self.up_bytes += len(chunk)
+        self._relay(chunk, self.up_transform, self.destination)
+
+    def _down_data(self, chunk: bytes) -> None:
+        self.down_bytes += len(chunk)
+        self._relay(chunk, self.down_transform, self.device)
+
+    def _relay(self, chunk: bytes, transform: Transform | None, sink: Endpoint) -> None:
+        self.last = self.clock.monotonic()
+        if transform is not None:
+            try:
+                chunk = transform(chunk)
+            except ValueError as exc:  # the transform refuses what it was fed
+                self.finish(f"protocol_error: {exc}")
+                return
+        if chunk:
+            sink.write(chunk)
+
+    def _up_eof(self) -> None:
+        if not self.up_done:
+            self.up_done = True
+            self.destination.write_eof()
+        self._check_both_done()
+
+    def _down_eof(self) -> None:
+        if not self.down_done:
+            self.down_done = True
+            self.device.write_eof()
+        self._check_both_done()
+
+    def _check_both_done(self) -> None:
+        if self.up_done and self.down_done:
             self.finish("closed")
 
     # A socket closed under us (reset, or closed after both half-closes).
     def _device_lost(self) -> None:
-        self.finish("closed" if self.upward.done and self.downward.done else "device_lost")
+        self.finish("closed" if self.up_done and self.down_done else "device_lost")
 
     def _destination_lost(self) -> None:
-        self.finish("closed" if self.upward.done and self.downward.done else "destination_lost")
+        self.finish("closed" if self.up_done and self.down_done else "destination_lost")
 
     def idle_check(self, now: float) -> None:
         """Its idle deadline came (see ``idle``): end it, or watch for the new deadline."""
@@ -165,6 +168,12 @@ class _Splice:
             self.finish("idle_timeout")
         else:
             self.idle_slot = self.idle_watch.watch(self, deadline)
+
+    def _done(self, _: asyncio.Future[str]) -> None:
+        self.stop()
+        if self.on_done is not None:
+            on_done, self.on_done = self.on_done, None
+            on_done(self, self.result())
 
 
 Splicing = _Splice  # what start_splice hands back: ``finish(reason)`` ends it early
@@ -204,4 +213,4 @@ async def splice(
         reason = await state.finished
     finally:
         state.stop()
-    return SpliceResult(state.upward.bytes, state.downward.bytes, reason)
+    return SpliceResult(state.up_bytes, state.down_bytes, reason)

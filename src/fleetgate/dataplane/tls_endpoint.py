@@ -237,6 +237,7 @@ class TlsEndpoint(Endpoint):
                 classify(exc) if exc else TlsFailure("connection_lost", "closed in handshake")
             )
             self.handshake.exception()  # retrieved: a caller that timed out does not leak it
+        self._after_read = None  # hooks refer back to this endpoint: no cycle outlives it
         super().connection_lost(exc)
 
     # -- handshake ----------------------------------------------------------------------------
