@@ -128,8 +128,9 @@ class DataPath:
     async def by_certificate(self, der: bytes, name_from: str) -> tuple[Device, str]:
         """The device a verified client certificate names, and the certificate's serial.
 
-        A certificate fleetgate issued must not be revoked and must be the named device's; one
-        from a trusted outside CA is taken at its name (its CA vouches for it).
+        A certificate fleetgate issued must be the named device's (its revocation was checked
+        by :meth:`admit_certificate`); one from a trusted outside CA is taken at its name (its
+        CA vouches for it).
         """
         certificate = x509.load_der_x509_certificate(der)
         name = certificate_name(certificate, name_from)
@@ -137,14 +138,12 @@ class DataPath:
             raise Refused("certificate_unnamed", f"the client certificate has no {name_from}")
         serial = format(certificate.serial_number, "x")
         issued = await self.registry.certificate(serial)
-        if issued is not None and issued.der == der:
-            if issued.revoked:
-                raise Refused("certificate_revoked", f"serial {serial}")
-            if issued.device_id is not None and issued.device_id != name:
-                raise Refused(
-                    "certificate_not_for_device",
-                    f"serial {serial} was issued to {issued.device_id}, names {name}",
-                )
+        issued_to = issued.device_id if issued is not None and issued.der == der else None
+        if issued_to is not None and issued_to != name:
+            raise Refused(
+                "certificate_not_for_device",
+                f"serial {serial} was issued to {issued_to}, names {name}",
+            )
         device = await self.registry.device_by_field("device_id", name)
         return self.admit(device), serial
 

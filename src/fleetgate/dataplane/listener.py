@@ -195,16 +195,33 @@ class StreamListener:
         those its source address identified, except from these addresses (a certificate or
         a PSK does not depend on the address); with ``credential``, only those it
         authenticated."""
-        cut = 0
-        for task, conn in list(self._by_device.get(device_id, {}).items()):
-            if keep_sources is not None and (
-                conn.source in keep_sources or conn.config.identity != "source_address"
-            ):
-                continue
-            if credential is not None and conn.credential != credential:
-                continue
+        targets = [
+            (device_id, task, conn)
+            for task, conn in self._by_device.get(device_id, {}).items()
+            if not (
+                keep_sources is not None
+                and (conn.source in keep_sources or conn.config.identity != "source_address")
+            )
+            and (credential is None or conn.credential == credential)
+        ]
+        return len(self._cancel(targets, reason))
+
+    def cut_certificate(self, serial: str) -> list[str]:
+        """Close the connections the client certificate ``serial`` opened, whichever device
+        they identified as; the devices, once per connection cut."""
+        targets = [
+            (device_id, task, conn)
+            for device_id, held in self._by_device.items()
+            for task, conn in held.items()
+            if conn.client_serial == serial
+        ]
+        return self._cancel(targets, "certificate_revoked")
+
+    def _cancel(
+        self, targets: list[tuple[str, asyncio.Task[None], Conn]], reason: str
+    ) -> list[str]:
+        for device_id, task, conn in targets:
             task.cancel()
-            cut += 1
             log.warning(
                 "listener.connection_cut",
                 listener=self.name,
@@ -212,31 +229,10 @@ class StreamListener:
                 source=conn.source,
                 reason=reason,
             )
-        if cut:
-            self._path.metrics.listener_connections.labels(self.name, f"cut_{reason}").inc(cut)
-        return cut
-
-    def cut_certificate(self, serial: str) -> list[str]:
-        """Close the connections the client certificate ``serial`` opened, whichever device
-        they identified as; the devices, once per connection cut."""
-        devices: list[str] = []
-        for device_id, held in list(self._by_device.items()):
-            for task, conn in list(held.items()):
-                if conn.client_serial == serial:
-                    task.cancel()
-                    devices.append(device_id)
-                    log.warning(
-                        "listener.connection_cut",
-                        listener=self.name,
-                        device=device_id,
-                        source=conn.source,
-                        reason="certificate_revoked",
-                    )
-        if devices:
-            self._path.metrics.listener_connections.labels(
-                self.name, "cut_certificate_revoked"
-            ).inc(len(devices))
-        return devices
+        if targets:
+            labels = self._path.metrics.listener_connections.labels(self.name, f"cut_{reason}")
+            labels.inc(len(targets))
+        return [device_id for device_id, _, _ in targets]
 
     # -- one connection ---------------------------------------------------------------------------
 
