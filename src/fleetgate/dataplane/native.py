@@ -10,7 +10,9 @@ What the data path needs and the ``ssl`` module does not do well:
   (``SSL_free_buffers``): about a quarter of an idle proxied connection's memory;
 * choosing the key-exchange groups a server accepts (``SSL_CTX_set1_groups_list``);
 * stapling an OCSP response to the server certificate for clients that ask for one
-  (``SSL_CTX_set_tlsext_status_cb``, ``SSL_set_tlsext_status_ocsp_resp``).
+  (``SSL_CTX_set_tlsext_status_cb``, ``SSL_set_tlsext_status_ocsp_resp``);
+* deciding how a server's chain gets verified (``SSL_CTX_set_cert_verify_callback``), so a
+  chain verified moments ago need not be built and checked again (see ``chain_cache``).
 
 Reaching OpenSSL's objects means reading the pointers inside CPython's ``_ssl`` objects, whose
 layout is not a public interface. So nothing is trusted: at import, the layout is checked on a
@@ -166,6 +168,107 @@ def staple(context: ssl.SSLContext, found: Staple | None) -> None:
     _staples[pointer] = found
 
 
+# -- peer chain verification ----------------------------------------------------------------------
+
+_VERIFY_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+_SHA256_SIZE = 32
+
+
+class PeerChain:
+    """The chain a peer presented, as OpenSSL is about to verify it (valid only inside the
+    verification hook)."""
+
+    __slots__ = ("_result", "_store")
+
+    def __init__(self, store: int) -> None:
+        self._store = store
+        self._result: bool | None = None
+
+    def fingerprint(self) -> bytes:
+        """SHA-256 of each certificate as sent, leaf first, concatenated."""
+        assert _lib is not None
+        sent = _lib.X509_STORE_CTX_get0_untrusted(self._store)
+        count = _lib.OPENSSL_sk_num(sent) if sent else 0
+        digest = ctypes.create_string_buffer(_SHA256_SIZE * max(count, 1))
+        size = ctypes.c_uint()
+        sha256 = _lib.EVP_sha256()
+        for index in range(count):
+            certificate = _lib.OPENSSL_sk_value(sent, index)
+            slot = ctypes.byref(digest, _SHA256_SIZE * index)
+            if _lib.X509_digest(certificate, sha256, slot, ctypes.byref(size)) != 1:
+                raise ValueError("X509_digest failed")
+        if not count:
+            raise ValueError("no chain")
+        return digest.raw
+
+    def verify(self) -> bool:
+        """OpenSSL's own verification (chain building, signatures, names, time); once."""
+        assert _lib is not None
+        if self._result is None:
+            self._result = _lib.X509_verify_cert(self._store) == 1
+        return self._result
+
+    def _verified(self) -> list[int]:
+        assert _lib is not None
+        assert self._result
+        chain = _lib.X509_STORE_CTX_get0_chain(self._store)
+        return [_lib.OPENSSL_sk_value(chain, i) for i in range(_lib.OPENSSL_sk_num(chain))]
+
+    def verified_ders(self) -> list[bytes]:
+        """The verified chain (leaf to trust anchor), DER; after a successful :meth:`verify`."""
+        assert _lib is not None
+        ders = []
+        for certificate in self._verified():
+            size = _lib.i2d_X509(certificate, None)
+            buffer = ctypes.create_string_buffer(max(size, 1))
+            cursor = ctypes.c_void_p(ctypes.addressof(buffer))
+            if size <= 0 or _lib.i2d_X509(certificate, ctypes.byref(cursor)) != size:
+                raise ValueError("i2d_X509 failed")
+            ders.append(buffer.raw[:size])
+        return ders
+
+    def seconds_valid(self) -> float:
+        """Seconds until the first certificate of the verified chain expires."""
+        assert _lib is not None
+        days, seconds = ctypes.c_int(), ctypes.c_int()
+        left = float("inf")
+        for certificate in self._verified():
+            not_after = _lib.X509_get0_notAfter(certificate)
+            if not _lib.ASN1_TIME_diff(ctypes.byref(days), ctypes.byref(seconds), None, not_after):
+                return 0.0
+            left = min(left, days.value * 86_400.0 + seconds.value)
+        return left
+
+
+type VerifyHook = Callable[[PeerChain], bool]
+_verify_hooks: dict[int, VerifyHook] = {}  # SSL_CTX pointer -> who decides
+
+
+def _verify_chain(store: int | None, ctx_pointer: int | None) -> int:
+    """OpenSSL asks, inside a handshake, whether the peer's chain is good."""
+    chain = PeerChain(store or 0)
+    try:
+        hook = _verify_hooks.get(ctx_pointer or 0)
+        return int(hook(chain) if hook is not None else chain.verify())
+    except Exception:  # noqa: BLE001 - an exception must not cross into OpenSSL
+        return int(chain.verify())  # OpenSSL's own answer, as without a hook
+
+
+_VERIFY_CHAIN = _VERIFY_CALLBACK(_verify_chain)  # kept alive for OpenSSL
+
+
+def hook_verification(context: ssl.SSLContext, hook: VerifyHook) -> None:
+    """Let ``hook`` decide on the peer chains of ``context``'s handshakes. The hook answers
+    whether the chain is good; :meth:`PeerChain.verify` gives OpenSSL's own answer (whose
+    error, when it fails, is what the handshake reports)."""
+    assert _lib is not None
+    pointer = _ctx_pointer(context)
+    if pointer not in _verify_hooks:
+        _lib.SSL_CTX_set_cert_verify_callback(pointer, _VERIFY_CHAIN, pointer)
+        weakref.finalize(context, _verify_hooks.pop, pointer, None)
+    _verify_hooks[pointer] = hook
+
+
 def _load() -> ctypes.CDLL:
     """The libssl ``_ssl`` uses: already loaded in this process, so found by its soname."""
     import _ssl
@@ -197,6 +300,17 @@ def _bind(lib: ctypes.CDLL) -> None:
         "SSL_CTX_callback_ctrl": ((vp, c_int, vp), ctypes.c_long),
         "SSL_ctrl": ((vp, c_int, ctypes.c_long, vp), ctypes.c_long),
         "CRYPTO_malloc": ((ctypes.c_size_t, ctypes.c_char_p, c_int), vp),
+        "SSL_CTX_set_cert_verify_callback": ((vp, _VERIFY_CALLBACK, vp), None),
+        "X509_verify_cert": ((vp,), c_int),
+        "X509_STORE_CTX_get0_untrusted": ((vp,), vp),
+        "X509_STORE_CTX_get0_chain": ((vp,), vp),
+        "OPENSSL_sk_num": ((vp,), c_int),
+        "OPENSSL_sk_value": ((vp, c_int), vp),
+        "EVP_sha256": ((), vp),
+        "X509_digest": ((vp, vp, vp, vp), c_int),
+        "i2d_X509": ((vp, vp), c_int),
+        "X509_get0_notAfter": ((vp,), vp),
+        "ASN1_TIME_diff": ((vp, vp, vp, vp), c_int),
     }
     for name, (args, result) in signatures.items():
         function = getattr(lib, name)

@@ -140,6 +140,7 @@ class TlsEndpoint(Endpoint):
         "_raw",
         "_shutdown_sent",
         "_ssl",
+        "chain_checked",
         "failure",
         "handshake",
         "opening",
@@ -182,6 +183,9 @@ class TlsEndpoint(Endpoint):
         # a server refuses the client's certificate only after the client's handshake is done,
         # and the alert arrives with the first read.
         self.failure: TlsFailure | None = None
+        # Set by a verification hook (chain_cache) that checked the pins itself, or knew the
+        # chain had passed them moments ago.
+        self.chain_checked = False
         self.psk_identity: str | None = None  # server side: whose key the handshake used
         self.opening = bytearray()  # the peer's first bytes, until the handshake is done
         self.handshake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -287,6 +291,8 @@ class TlsEndpoint(Endpoint):
             self._read_plaintext()
 
     def _pinned(self) -> bool:
+        if self.chain_checked:
+            return True
         if self._ssl.session_reused:
             # No chain is sent on resumption; the session came from a handshake with this
             # context, whose pins it passed (sessions are never shared across destinations).

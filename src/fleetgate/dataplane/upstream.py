@@ -9,7 +9,9 @@ renewal or a new key makes the next connection build a fresh one; a revoked cred
 reaches here (the registry view refuses it). Each context keeps the last healthy session for
 resumption, refreshed at most once a second; sessions are taken and offered through OpenSSL
 directly where :mod:`~fleetgate.dataplane.native` can, since the ``ssl`` module's way costs a
-copy and, on the CPython builds here, leaks a few KiB each time.
+copy and, on the CPython builds here, leaks a few KiB each time. A server chain verified for a
+destination is remembered for a minute (:mod:`~fleetgate.dataplane.chain_cache`), for every
+context of that destination.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from dataclasses import dataclass, field
 
 from fleetgate.clock import Clock
 from fleetgate.config.schema import DestinationConfig, split_host_port
+from fleetgate.dataplane import native
+from fleetgate.dataplane.chain_cache import VerifiedChains
 from fleetgate.dataplane.endpoint import Endpoint, PlainEndpoint
 from fleetgate.dataplane.tls_endpoint import Resumable, TlsEndpoint, TlsFailure, classify
 from fleetgate.sealing import Secret
@@ -100,6 +104,9 @@ class Upstream:
         self._contexts: OrderedDict[tuple[str, DestinationConfig, str], _ContextEntry] = (
             OrderedDict()
         )
+        # Shared by every context of a destination: the server's chain does not depend on
+        # which device's certificate the gateway presents.
+        self._chains: dict[tuple[str, DestinationConfig], VerifiedChains] = {}
 
     def _entry(
         self, name: str, destination: DestinationConfig, client: ClientCertificate | None
@@ -111,6 +118,8 @@ class Upstream:
                 context = build_context(destination, client)
             except (ssl.SSLError, OSError, ValueError) as exc:
                 raise UpstreamError("tls_setup", f"destination {name}: {exc}") from None
+            if native.AVAILABLE:
+                native.hook_verification(context, self.verified_chains(name, destination))
             entry = self._contexts[key] = _ContextEntry(context)
             if len(self._contexts) > MAX_CONTEXTS:
                 self._contexts.popitem(last=False)
@@ -118,9 +127,18 @@ class Upstream:
             self._contexts.move_to_end(key)
         return entry
 
+    def verified_chains(self, name: str, destination: DestinationConfig) -> VerifiedChains:
+        chains = self._chains.get((name, destination))
+        if chains is None:
+            chains = VerifiedChains(self._clock, frozenset(destination.pin_sha256))
+            self._chains[(name, destination)] = chains
+        return chains
+
     def forget(self) -> None:
-        """Drop every cached context and session (credentials or trust changed)."""
+        """Drop every cached context, session and verified chain (credentials or trust
+        changed)."""
         self._contexts.clear()
+        self._chains.clear()
 
     @property
     def cached_contexts(self) -> int:

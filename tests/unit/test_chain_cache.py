@@ -1,0 +1,192 @@
+"""A destination's verified server chain is remembered briefly, and nothing else is: real TLS
+servers on 127.0.0.1, the gateway's own upstream code, an injected clock for the remembering."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from fleetgate.clock import FakeClock
+from fleetgate.config.schema import DestinationConfig
+from fleetgate.dataplane import native
+from fleetgate.dataplane.chain_cache import REMEMBER_S
+from fleetgate.dataplane.tls_endpoint import TlsEndpoint, TlsFailure
+from fleetgate.dataplane.upstream import Upstream, UpstreamError, build_context
+from support.certs import CertFiles, TestCA, Validity, spki_sha256_b64
+from support.tls_pair import server_context
+
+pytestmark = pytest.mark.skipif(not native.AVAILABLE, reason=native.WHY_NOT)
+
+
+@dataclass
+class Server:
+    """A TLS echo server whose certificate can be swapped between connections."""
+
+    context: ssl.SSLContext
+    port: int = 0
+    served: list[str] = field(default_factory=list)
+
+    def present(self, files: CertFiles) -> None:
+        self.context.load_cert_chain(files.cert, files.key)
+
+
+@dataclass
+class Setup:
+    ca: TestCA
+    cafile: Path
+    server: Server
+    tmp: Path
+
+    def destination(self, **overrides: object) -> DestinationConfig:
+        values: dict[str, object] = {
+            "address": f"127.0.0.1:{self.server.port}",
+            "server_name": "localhost",
+            "ca_file": str(self.cafile),
+            "session_resumption": False,  # every connection a full handshake, with a chain
+        }
+        values.update(overrides)
+        return DestinationConfig.model_validate(values)
+
+
+@pytest.fixture
+async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
+    ca = TestCA.create("chain cache root", intermediate=True)
+    cafile = ca.write_bundle(tmp_path / "ca.pem")
+    server = Server(server_context(ca.issue_server().write(tmp_path, "server")))
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(await reader.read(100))
+            await writer.drain()
+        except (ConnectionError, ssl.SSLError):
+            pass  # a client that refused our chain
+        finally:
+            writer.close()
+
+    listening = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=server.context)
+    server.port = listening.sockets[0].getsockname()[1]
+    yield Setup(ca, cafile, server, tmp_path)
+    listening.close()
+    listening.close_clients()  # a test that failed may have left a connection open
+    await listening.wait_closed()
+
+
+async def _exchange(upstream: Upstream, destination: DestinationConfig) -> TlsEndpoint:
+    """Connect, and see the server echo (the connection is good, not merely handshaken)."""
+    endpoint = await upstream.connect("to", destination, None)
+    assert isinstance(endpoint, TlsEndpoint)
+    endpoint.write(b"ping")
+    assert await asyncio.wait_for(endpoint.read_some(), 5) == b"ping"
+    endpoint.close()
+    return endpoint
+
+
+async def _refused(upstream: Upstream, destination: DestinationConfig) -> str:
+    with pytest.raises(UpstreamError) as refused:
+        await upstream.connect("to", destination, None)
+    return refused.value.cause
+
+
+async def test_the_next_connection_skips_verifying_the_same_chain(setup: Setup) -> None:
+    clock = FakeClock()
+    upstream = Upstream(clock)
+    destination = setup.destination()
+    first = await _exchange(upstream, destination)
+    second = await _exchange(upstream, destination)
+    chains = upstream.verified_chains("to", destination)
+    assert (chains.misses, chains.hits) == (1, 1)
+    assert first.chain_checked
+    assert second.chain_checked
+    assert not second.session_reused  # a full handshake each time: only verification was saved
+
+
+async def test_remembered_for_a_minute_at_most(setup: Setup) -> None:
+    clock = FakeClock()
+    upstream = Upstream(clock)
+    destination = setup.destination()
+    await _exchange(upstream, destination)
+    clock.advance(REMEMBER_S - 1)
+    await _exchange(upstream, destination)
+    clock.advance(2)
+    await _exchange(upstream, destination)
+    chains = upstream.verified_chains("to", destination)
+    assert (chains.misses, chains.hits) == (2, 1)
+
+
+async def test_never_remembered_past_the_chain_expiry(setup: Setup) -> None:
+    now = setup.ca.now
+    short = Validity(now - timedelta(minutes=5), now + timedelta(seconds=30))
+    setup.server.present(setup.ca.issue_server(validity=short).write(setup.tmp, "short"))
+    clock = FakeClock()
+    upstream = Upstream(clock)
+    destination = setup.destination()
+    await _exchange(upstream, destination)
+    clock.advance(31)  # well inside a minute, but past what the leaf had left when verified
+    await _exchange(upstream, destination)
+    chains = upstream.verified_chains("to", destination)
+    assert (chains.misses, chains.hits) == (2, 0)
+
+
+async def test_a_changed_chain_is_verified_again_and_can_fail(setup: Setup) -> None:
+    upstream = Upstream(FakeClock())
+    destination = setup.destination()
+    await _exchange(upstream, destination)
+    outsider = TestCA.create("not trusted")
+    setup.server.present(outsider.issue_server().write(setup.tmp, "outsider"))
+    assert await _refused(upstream, destination) == "unknown_ca"
+    assert await _refused(upstream, destination) == "unknown_ca"
+    chains = upstream.verified_chains("to", destination)
+    assert (chains.misses, chains.hits) == (3, 0)
+
+
+async def test_a_failing_chain_is_never_remembered(setup: Setup) -> None:
+    upstream = Upstream(FakeClock())
+    destination = setup.destination(server_name="elsewhere.test")
+    for _ in range(3):
+        assert await _refused(upstream, destination) == "hostname_mismatch"
+    assert upstream.verified_chains("to", destination).hits == 0
+
+
+async def test_a_chain_remembered_for_one_name_is_checked_again_for_another(
+    setup: Setup,
+) -> None:
+    upstream = Upstream(FakeClock())
+    destination = setup.destination()
+    await _exchange(upstream, destination)
+    # The same cache, handed a handshake for a name the certificate does not carry.
+    chains = upstream.verified_chains("to", destination)
+    context = build_context(destination, None)
+    native.hook_verification(context, chains)
+    endpoint: TlsEndpoint | None = None
+
+    def factory() -> TlsEndpoint:
+        nonlocal endpoint
+        endpoint = TlsEndpoint(context, server_hostname="elsewhere.test")
+        return endpoint
+
+    await asyncio.get_running_loop().create_connection(factory, "127.0.0.1", setup.server.port)
+    assert endpoint is not None
+    with pytest.raises(TlsFailure) as refused:
+        await asyncio.wait_for(endpoint.handshake, 5)
+    assert refused.value.cause == "hostname_mismatch"
+    assert chains.hits == 0
+
+
+async def test_pins_are_checked_before_a_chain_is_remembered(setup: Setup) -> None:
+    upstream = Upstream(FakeClock())
+    wrong = setup.destination(pin_sha256=["A" * 43 + "="])
+    for _ in range(2):
+        assert await _refused(upstream, wrong) == "pin_mismatch"
+    assert upstream.verified_chains("to", wrong).hits == 0
+
+    pin = spki_sha256_b64(setup.ca.certificate)  # the root's key: a pin on the trust anchor
+    pinned = setup.destination(pin_sha256=[pin])
+    await _exchange(upstream, pinned)
+    await _exchange(upstream, pinned)
+    assert upstream.verified_chains("to", pinned).hits == 1
