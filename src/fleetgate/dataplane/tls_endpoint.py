@@ -28,6 +28,9 @@ from fleetgate.dataplane.endpoint import Endpoint
 # and no join of many small chunks.
 RECORD_MAX = 16 * 1024
 _SCRATCH = memoryview(bytearray(256 * 1024))
+# What the socket gives is received straight into this buffer (shared too: it is handed on to
+# OpenSSL's memory BIO before anything else can read), not into a new bytes object per read.
+_RECEIVE = memoryview(bytearray(256 * 1024))
 
 # OpenSSL X509_V_ERR_* codes (x509_vfy.h) to the causes the gateway logs and counts.
 _VERIFY_CAUSES = {
@@ -126,7 +129,7 @@ def spki_sha256(der_certificate: bytes) -> str:
     return base64.b64encode(hashlib.sha256(spki).digest()).decode()
 
 
-class TlsEndpoint(Endpoint):
+class TlsEndpoint(Endpoint, asyncio.BufferedProtocol):
     """A TLS connection (client or server side) with the plain endpoint's interface."""
 
     __slots__ = (
@@ -203,7 +206,13 @@ class TlsEndpoint(Endpoint):
         if not self._ssl.server_side:
             self._step_handshake()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _RECEIVE
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(_RECEIVE[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         self._incoming.write(data)
         if not self._handshaken:
             if len(self.opening) < OPENING_BYTES:  # kept to say what a failed peer spoke
