@@ -204,6 +204,7 @@ class Gateway:
             after_write=follower.poll_once,
             reload=lambda: self.reload(listeners),
             session_bind_failure=sessions.bind_failure,
+            data_dir=self.data.path,
         )
         server = _ApiServer(
             uvicorn.Config(

@@ -30,6 +30,7 @@ from fleetgate.errors import ConfigError, FleetgateError
 from fleetgate.health import Health
 from fleetgate.limits import fds_needed, raise_nofile_limit
 from fleetgate.metrics import Metrics
+from fleetgate.metrics_share import Publisher, snapshot_path
 from fleetgate.services.bundle import Services
 from fleetgate.services.changes import ChangeFollower
 from fleetgate.store import open_database
@@ -136,7 +137,12 @@ class Worker:
                 public_url=public_url(self.config),
                 sessions=self.config.sessions,
             )
-            listeners = ListenerSet(services, Metrics(), self.clock, Health(), reuse_port=True)
+            metrics = Metrics()
+            listeners = ListenerSet(services, metrics, self.clock, Health(), reuse_port=True)
+            index = int(self.env.get(WORKER_ENV, "0"))
+            publisher = Publisher(
+                metrics.registry, snapshot_path(self.data.path, index), self.clock
+            )
             follower = ChangeFollower(db, self.clock)
             await follower.start_from_now()
             await listeners.apply(self.config.listeners, self.config.destinations)
@@ -155,9 +161,11 @@ class Worker:
             async with asyncio.TaskGroup() as tg:
                 follow = tg.create_task(follower.run())
                 reload = tg.create_task(self._reload_loop(reloads, listeners))
+                publish = tg.create_task(publisher.run())
                 await stop.wait()
                 follow.cancel()
                 reload.cancel()
+                publish.cancel()  # and its snapshot goes with it
                 await listeners.close(self.config.api.drain_timeout_s)
             if watching_parent:
                 loop.remove_reader(0)

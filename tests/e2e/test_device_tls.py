@@ -355,7 +355,8 @@ def test_plain_mqtt_on_a_tls_listener_is_not_tls(site: Site) -> None:
     assert refused["reason"] == "not_tls", refused
     with site.gateway.client(None) as anonymous:
         metrics = anonymous.get("/metrics").text
-    assert 'fleetgate_listener_connections_total{listener="tls",outcome="not_tls"}' in metrics
+    series = 'fleetgate_listener_connections_total{listener="tls",outcome="not_tls",process="main"}'
+    assert series in metrics
 
 
 def test_a_device_that_does_not_trust_the_gateway_is_told_apart(site: Site) -> None:

@@ -61,7 +61,8 @@ def test_registered_device_is_relayed_with_half_close(relay: Relay) -> None:
     assert closed["up_bytes"] == closed["down_bytes"] == len(payload)
     with relay_gateway.client(None) as api:
         metrics = api.get("/metrics").text
-    assert 'fleetgate_listener_connections_total{listener="plc",outcome="relayed"} 1.0' in metrics
+    series = 'fleetgate_listener_connections_total{listener="plc",outcome="relayed",process="main"}'
+    assert f"{series} 1.0" in metrics
 
 
 def test_unknown_and_disabled_devices_are_refused_and_logged(relay: Relay) -> None:

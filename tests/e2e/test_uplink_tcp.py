@@ -207,9 +207,8 @@ def test_bytes_flow_both_ways_with_the_device_certificate_and_half_close(uplink:
     assert closed["device"] == "sensor-relay"
     assert closed["reason"] == "closed"
     assert (closed["up_bytes"], closed["down_bytes"]) == (MIB, MIB + len(trailer))
-    assert 'fleetgate_listener_connections_total{listener="relay",outcome="relayed"} 1.0' in (
-        uplink.metrics()
-    )
+    labels = 'listener="relay",outcome="relayed",process="main"'
+    assert f"fleetgate_listener_connections_total{{{labels}}} 1.0" in uplink.metrics()
 
 
 # -- PROXY protocol v2 ---------------------------------------------------------------------------
@@ -513,7 +512,8 @@ def test_a_failing_destination_closes_the_device_connection_naming_the_cause(
     assert refused["detail"]
     if cause == "connect_timeout":
         assert 0.4 < elapsed < 5  # the destination's 0.5 s, not the default 10 s
-    metric = f'fleetgate_listener_connections_total{{listener="{listener}",outcome="{cause}"}} 1.0'
+    labels = f'listener="{listener}",outcome="{cause}",process="main"'
+    metric = f"fleetgate_listener_connections_total{{{labels}}} 1.0"
     assert metric in uplink.metrics()
 
 

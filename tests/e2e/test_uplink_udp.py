@@ -308,7 +308,8 @@ def test_a_datagram_from_an_unknown_or_disabled_device_is_dropped_and_logged(
         assert len(sink.requests) == before
         assert nothing_waiting(sock)
     assert (refused["reason"], refused["listener"], refused["source"]) == (who, "udp", source)
-    metric = f'fleetgate_listener_connections_total{{listener="udp",outcome="{who}"}}'
+    labels = f'listener="udp",outcome="{who}",process="main"'
+    metric = f"fleetgate_listener_connections_total{{{labels}}}"
     assert f"{metric} 1.0" in uplink.metrics()
 
 

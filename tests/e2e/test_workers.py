@@ -19,6 +19,7 @@ import signal
 import socket
 import socketserver
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from e2e.conftest import ADMIN
 from e2e.gateway import Gateway, base_env, free_port
@@ -216,6 +218,34 @@ def test_connections_are_spread_over_both_processes(pool: Pool) -> None:
     events = [event for _, event in conns.open]
     assert {e.get("worker") for e in events} == {None, 1}
     assert all(e["device"] == "plc-1" and e["listener"] == "plc" for e in events)
+
+
+def _active_by_process(pool: Pool) -> dict[str, float]:
+    with pool.gateway.client(None) as api:
+        text = api.get("/metrics").text
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "fleetgate_listener_active_connections":
+            for sample in family.samples:
+                if sample.labels.get("listener") == "plc":
+                    found[sample.labels["process"]] = sample.value
+    return found
+
+
+def test_metrics_show_the_connections_of_every_process(pool: Pool) -> None:
+    conns = Connections(pool)
+    try:
+        conns.until_both_processes_serve()
+        held = {"main": 0.0, "worker-1": 0.0}
+        for _, event in conns.open:
+            held["worker-1" if served_by_worker(event) else "main"] += 1
+        # Workers publish their figures every second: wait for the ones counted now.
+        deadline = time.monotonic() + TIMEOUT_S
+        while (seen := _active_by_process(pool)) != held and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert seen == held
+    finally:
+        conns.close()
 
 
 def test_every_process_takes_the_hard_open_file_limit(pool: Pool) -> None:

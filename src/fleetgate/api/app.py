@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -57,6 +58,7 @@ def build_app(
     after_write: Callable[[], Awaitable[object]] | None = None,
     reload: Callable[[], Coroutine[Any, Any, None]] | None = None,
     session_bind_failure: Callable[[str], Awaitable[BindFailure | None]] | None = None,
+    data_dir: Path | None = None,
 ) -> FastAPI:
     app = FastAPI(
         title="fleetgate",
@@ -69,6 +71,7 @@ def build_app(
     app.state.services = services
     app.state.health = health
     app.state.metrics = metrics
+    app.state.data_dir = data_dir  # where workers leave their metrics (metrics_share)
     app.state.clock = clock
     app.state.reload = reload
     # After opening a session: why its public port could not be bound, if it could not.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -12,6 +13,7 @@ from fleetgate.api.deps import ServicesDep
 from fleetgate.errors import FleetgateError
 from fleetgate.health import Health
 from fleetgate.metrics import Metrics
+from fleetgate.metrics_share import merged
 
 router = APIRouter(tags=["operations"])
 
@@ -69,4 +71,9 @@ async def metrics(request: Request, svc: ServicesDep) -> Response:
             ).set(item.not_after.timestamp())
     except FleetgateError:
         instruments.store_up.set(0)
-    return Response(generate_latest(instruments.registry), media_type=CONTENT_TYPE_LATEST)
+    data_dir = request.app.state.data_dir
+    if data_dir is None:
+        return Response(generate_latest(instruments.registry), media_type=CONTENT_TYPE_LATEST)
+    # Workers' data-plane series too, each labelled with its process.
+    every = await asyncio.to_thread(merged, instruments.registry, data_dir, request.app.state.clock)
+    return Response(generate_latest(every), media_type=CONTENT_TYPE_LATEST)
