@@ -1,17 +1,23 @@
 """Dialling a destination: TCP, then TLS verified the destination's way, presenting the device's
 own client certificate.
 
-One ``SSLContext`` per (destination, credential) — the only way the standard library can present
-a certificate — kept small: a private CA bundle is a few KiB per context, and the system roots are
-read through the hashed directory (looked up on demand) instead of the 800 KiB bundle each
-context would otherwise parse. Contexts are cached by the credential's id and revision, so a
-renewal or a new key makes the next connection build a fresh one; a revoked credential never
-reaches here (the registry view refuses it). Each context keeps the last healthy session for
-resumption, refreshed at most once a second; sessions are taken and offered through OpenSSL
-directly where :mod:`~fleetgate.dataplane.native` can, since the ``ssl`` module's way costs a
-copy and, on the CPython builds here, leaks a few KiB each time. A server chain verified for a
-destination is remembered for a minute (:mod:`~fleetgate.dataplane.chain_cache`), for every
-context of that destination.
+One ``SSLContext`` per destination, shared by every device: each connection presents its
+device's certificate itself (:class:`~fleetgate.dataplane.native.ClientIdentity`, parsed once
+per credential revision), so ten thousand devices cost ten thousand parsed certificates and
+keys (a few KiB each) instead of ten thousand contexts (25 KiB and 2 ms to build each). Where
+:mod:`~fleetgate.dataplane.native` is not available, the standard library's only way is used:
+a context per (destination, credential). A private CA bundle is a few KiB per context, and the
+system roots are read through the hashed directory (looked up on demand) instead of the 800 KiB
+bundle each context would otherwise parse.
+
+Entries are cached by the credential's id and revision, so a renewal or a new key makes the next
+connection use fresh material; a revoked credential never reaches here (the registry view
+refuses it). Each entry keeps the last healthy session *of that credential* for resumption
+(a session resumed by another device would present the first device's identity), refreshed at
+most once a second; sessions are taken and offered through OpenSSL directly where ``native``
+can, since the ``ssl`` module's way costs a copy and, on the CPython builds here, leaks a few KiB
+each time. A server chain verified for a destination is remembered for a minute
+(:mod:`~fleetgate.dataplane.chain_cache`).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from fleetgate.dataplane.endpoint import Endpoint, PlainEndpoint
 from fleetgate.dataplane.tls_endpoint import Resumable, TlsEndpoint, TlsFailure, classify
 from fleetgate.sealing import Secret
 
-MAX_CONTEXTS = 50_000
+MAX_ENTRIES = 50_000  # credentials (per destination) whose material and session are kept
 SESSION_REFRESH_S = 1.0
 
 
@@ -54,8 +60,12 @@ class ClientCertificate:
 
 
 @dataclass
-class _ContextEntry:
+class _Entry:
+    """One credential at one destination: the context to use, the identity to present on it
+    (None: the context presents it, or none is presented), and its session to resume."""
+
     context: ssl.SSLContext
+    identity: native.ClientIdentity | None = None
     session: Resumable | None = None
     session_at: float = field(default=-1e18)
 
@@ -101,31 +111,44 @@ class Upstream:
 
     def __init__(self, clock: Clock) -> None:
         self._clock = clock
-        self._contexts: OrderedDict[tuple[str, DestinationConfig, str], _ContextEntry] = (
-            OrderedDict()
-        )
-        # Shared by every context of a destination: the server's chain does not depend on
-        # which device's certificate the gateway presents.
+        self._entries: OrderedDict[tuple[str, DestinationConfig, str], _Entry] = OrderedDict()
+        # Per destination: the context every device shares (native), and the server chains
+        # verified lately (the server's chain does not depend on who the device is).
+        self._shared: dict[tuple[str, DestinationConfig], ssl.SSLContext] = {}
         self._chains: dict[tuple[str, DestinationConfig], VerifiedChains] = {}
 
     def _entry(
         self, name: str, destination: DestinationConfig, client: ClientCertificate | None
-    ) -> _ContextEntry:
+    ) -> _Entry:
         key = (name, destination, client.key_id if client else "")
-        entry = self._contexts.get(key)
-        if entry is None:
-            try:
-                context = build_context(destination, client)
-            except (ssl.SSLError, OSError, ValueError) as exc:
-                raise UpstreamError("tls_setup", f"destination {name}: {exc}") from None
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            return entry
+        try:
             if native.AVAILABLE:
-                native.hook_verification(context, self.verified_chains(name, destination))
-            entry = self._contexts[key] = _ContextEntry(context)
-            if len(self._contexts) > MAX_CONTEXTS:
-                self._contexts.popitem(last=False)
-        else:
-            self._contexts.move_to_end(key)
+                identity = (
+                    native.ClientIdentity(client.chain_pem, client.key.reveal())
+                    if client is not None
+                    else None
+                )
+                entry = _Entry(self._shared_context(name, destination), identity)
+            else:
+                entry = _Entry(build_context(destination, client))
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise UpstreamError("tls_setup", f"destination {name}: {exc}") from None
+        self._entries[key] = entry
+        if len(self._entries) > MAX_ENTRIES:
+            self._entries.popitem(last=False)
         return entry
+
+    def _shared_context(self, name: str, destination: DestinationConfig) -> ssl.SSLContext:
+        context = self._shared.get((name, destination))
+        if context is None:
+            context = build_context(destination, None)
+            native.hook_verification(context, self.verified_chains(name, destination))
+            self._shared[(name, destination)] = context
+        return context
 
     def verified_chains(self, name: str, destination: DestinationConfig) -> VerifiedChains:
         chains = self._chains.get((name, destination))
@@ -135,14 +158,11 @@ class Upstream:
         return chains
 
     def forget(self) -> None:
-        """Drop every cached context, session and verified chain (credentials or trust
-        changed)."""
-        self._contexts.clear()
+        """Drop every cached context, identity, session and verified chain (credentials or
+        trust changed)."""
+        self._entries.clear()
+        self._shared.clear()
         self._chains.clear()
-
-    @property
-    def cached_contexts(self) -> int:
-        return len(self._contexts)
 
     async def connect(
         self,
@@ -181,6 +201,8 @@ class Upstream:
                 pins=pins,
                 preamble=preamble,
             )
+            if entry.identity is not None:
+                entry.identity.present(endpoint.ssl_object)
             return endpoint
 
         try:
@@ -199,11 +221,13 @@ class Upstream:
             raise UpstreamError(failure.cause, failure.detail) from None
         except OSError as exc:
             raise UpstreamError("connect_failed", f"{destination.address}: {exc}") from None
+        except ValueError as exc:  # the identity could not be put on the connection
+            raise UpstreamError("tls_setup", f"destination {name}: {exc}") from None
         if destination.session_resumption:
             self._keep_session(entry, endpoint)
         return endpoint
 
-    def _keep_session(self, entry: _ContextEntry, endpoint: TlsEndpoint) -> None:
+    def _keep_session(self, entry: _Entry, endpoint: TlsEndpoint) -> None:
         """Remember a session for the next connection, once it carries its ticket (TLS 1.3
         tickets arrive after the handshake, with the first data)."""
         now = self._clock.monotonic()

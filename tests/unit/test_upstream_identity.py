@@ -1,0 +1,123 @@
+"""Every device presents its own certificate through one shared context per destination, and
+resumes only its own sessions: a real TLS server on 127.0.0.1 that requires a client
+certificate and answers with the name it saw."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from fleetgate.clock import FakeClock
+from fleetgate.config.schema import DestinationConfig
+from fleetgate.dataplane import native
+from fleetgate.dataplane.tls_endpoint import TlsEndpoint
+from fleetgate.dataplane.upstream import ClientCertificate, Upstream, UpstreamError
+from fleetgate.sealing import Secret
+from support.certs import TestCA
+from support.tls_pair import server_context
+
+pytestmark = pytest.mark.skipif(not native.AVAILABLE, reason=native.WHY_NOT)
+
+
+class Site:
+    def __init__(self, ca: TestCA, port: int) -> None:
+        self.ca = ca
+        self.port = port
+
+    def destination(self) -> DestinationConfig:
+        return DestinationConfig(
+            address=f"127.0.0.1:{self.port}", server_name="localhost", ca_file=self.cafile
+        )
+
+    cafile = ""
+
+    def device(self, name: str) -> ClientCertificate:
+        issued = self.ca.issue_client(name)
+        return ClientCertificate(f"{name}@1", issued.chain_pem(), Secret(issued.key_pem()))
+
+
+@pytest.fixture
+async def site(tmp_path: Path) -> AsyncIterator[Site]:
+    # Leaves are signed by an intermediate the server does not hold: a device's chain must be
+    # presented whole for the server to accept it.
+    ca = TestCA.create("identity root", intermediate=True)
+    root = tmp_path / "root.pem"
+    root.write_bytes(ca.bundle_pem())
+    context = server_context(ca.issue_server().write(tmp_path, "server"), client_cafile=root)
+    context.verify_mode = ssl.CERT_REQUIRED
+
+    async def who(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.read(1)
+            peer = writer.get_extra_info("peercert") or {}
+            subject = dict(item[0] for item in peer.get("subject", ()))
+            writer.write(subject.get("commonName", "?").encode())
+            await writer.drain()
+        except (ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(who, "127.0.0.1", 0, ssl=context)
+    found = Site(ca, server.sockets[0].getsockname()[1])
+    found.cafile = str(root)
+    yield found
+    server.close()
+    server.close_clients()
+    await server.wait_closed()
+
+
+async def _seen_as(upstream: Upstream, site: Site, device: ClientCertificate) -> tuple[str, bool]:
+    endpoint = await upstream.connect("to", site.destination(), device)
+    assert isinstance(endpoint, TlsEndpoint)
+    endpoint.write(b"?")
+    name = b""
+    while chunk := await asyncio.wait_for(endpoint.read_some(), 5):
+        name += chunk
+    endpoint.close()
+    return name.decode(), endpoint.session_reused
+
+
+async def test_each_device_is_seen_as_itself_through_one_context(site: Site) -> None:
+    upstream = Upstream(FakeClock())
+    alpha, beta = site.device("alpha"), site.device("beta")
+    seen = [await _seen_as(upstream, site, device) for device in (alpha, alpha, beta, beta)]
+    assert [name for name, _ in seen] == ["alpha", "alpha", "beta", "beta"]
+    # Sessions are kept per credential: beta's first connection is a full handshake although
+    # alpha's session is at hand on the same context (resuming it would present alpha).
+    assert not seen[2][1]
+    kept = [upstream._entry("to", site.destination(), d).session for d in (alpha, beta)]
+    assert kept[0] is not None
+    assert kept[1] is not None
+    assert kept[0] is not kept[1]
+    shared = {upstream._entry("to", site.destination(), d).context for d in (alpha, beta)}
+    assert len(shared) == 1
+
+
+async def test_a_renewed_credential_is_presented_from_the_next_connection(site: Site) -> None:
+    upstream = Upstream(FakeClock())
+    assert await _seen_as(upstream, site, site.device("gamma")) == ("gamma", False)
+    issued = site.ca.issue_client("gamma-renewed")
+    renewed = ClientCertificate("gamma@2", issued.chain_pem(), Secret(issued.key_pem()))
+    name, reused = await _seen_as(upstream, site, renewed)
+    assert (name, reused) == ("gamma-renewed", False)  # not the old revision's session
+
+
+async def test_a_key_that_does_not_match_is_refused_before_dialling(site: Site) -> None:
+    upstream = Upstream(FakeClock())
+    one, other = site.ca.issue_client("one"), site.ca.issue_client("other")
+    mismatched = ClientCertificate("one@1", one.chain_pem(), Secret(other.key_pem()))
+    with pytest.raises(UpstreamError) as refused:
+        await upstream.connect("to", site.destination(), mismatched)
+    assert refused.value.cause == "tls_setup"
+    assert "does not belong" in refused.value.detail
+    garbage = ClientCertificate("bad@1", b"not a certificate", Secret(one.key_pem()))
+    with pytest.raises(UpstreamError) as refused:
+        await upstream.connect("to", site.destination(), garbage)
+    assert refused.value.cause == "tls_setup"
+    # Nothing was left in OpenSSL's error queue to surface in an unrelated later call.
+    assert await _seen_as(upstream, site, site.device("after")) == ("after", False)
