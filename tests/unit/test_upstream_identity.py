@@ -5,6 +5,7 @@ certificate and answers with the name it saw."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -86,14 +87,10 @@ async def test_each_device_is_seen_as_itself_through_one_context(site: Site) -> 
     upstream = Upstream(FakeClock())
     alpha, beta = site.device("alpha"), site.device("beta")
     seen = [await _seen_as(upstream, site, device) for device in (alpha, alpha, beta, beta)]
-    assert [name for name, _ in seen] == ["alpha", "alpha", "beta", "beta"]
-    # Sessions are kept per credential: beta's first connection is a full handshake although
-    # alpha's session is at hand on the same context (resuming it would present alpha).
-    assert not seen[2][1]
-    kept = [upstream._entry("to", site.destination(), d).session for d in (alpha, beta)]
-    assert kept[0] is not None
-    assert kept[1] is not None
-    assert kept[0] is not kept[1]
+    # Each resumes its own session, never another device's (which would present that
+    # device's name): beta's first connection is a full handshake although alpha's session is
+    # at hand on the same context.
+    assert seen == [("alpha", False), ("alpha", True), ("beta", False), ("beta", True)]
     shared = {upstream._entry("to", site.destination(), d).context for d in (alpha, beta)}
     assert len(shared) == 1
 
@@ -121,3 +118,20 @@ async def test_a_key_that_does_not_match_is_refused_before_dialling(site: Site) 
     assert refused.value.cause == "tls_setup"
     # Nothing was left in OpenSSL's error queue to surface in an unrelated later call.
     assert await _seen_as(upstream, site, site.device("after")) == ("after", False)
+
+
+async def test_a_connection_cut_without_close_notify_leaves_the_session_resumable(
+    site: Site,
+) -> None:
+    upstream = Upstream(FakeClock())
+    device = site.device("delta")
+    assert await _seen_as(upstream, site, device) == ("delta", False)
+    for _ in range(3):
+        # Ended the way a device that drops off ends it: no close_notify to the destination.
+        endpoint = await upstream.connect("to", site.destination(), device)
+        assert isinstance(endpoint, TlsEndpoint)
+        assert endpoint.session_reused
+        endpoint.abort()
+        await endpoint.closed
+        del endpoint
+        gc.collect()  # OpenSSL judges the session when the connection's SSL is freed

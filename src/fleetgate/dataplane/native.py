@@ -97,6 +97,23 @@ def offer_session(obj: ssl.SSLObject, session: Session) -> None:
         raise ValueError("SSL_set_session refused the session")
 
 
+_SSL_SENT_SHUTDOWN = 1  # ssl.h
+
+
+def keep_session_resumable(obj: ssl.SSLObject) -> None:
+    """Let the session of a connection that ended without our close_notify stay resumable.
+
+    When such a connection's ``SSL`` is freed, OpenSSL marks its session non-resumable (the
+    TLS 1.0 rule against truncation attacks; TLS 1.1 and later dropped it, RFC 5246 section
+    7.2.1, and TLS 1.3 sessions are tickets). That session is the very object kept for the next
+    connections (``SSL_get1_session`` shares it), so one device that drops its connection would
+    cost the next ones their resumption. The connection is gone when this is called.
+    """
+    assert _lib is not None
+    pointer = _ssl_pointer(obj)
+    _lib.SSL_set_shutdown(pointer, _lib.SSL_get_shutdown(pointer) | _SSL_SENT_SHUTDOWN)
+
+
 def free_buffers(obj: ssl.SSLObject) -> bool:
     """Release the record buffers if nothing is pending in them; whether it did."""
     assert _lib is not None
@@ -402,6 +419,8 @@ def _bind(lib: ctypes.CDLL) -> None:
         "OPENSSL_sk_free": ((vp,), None),
         "ERR_clear_error": ((), None),
         "SSL_use_cert_and_key": ((vp, vp, vp, vp, c_int), c_int),
+        "SSL_get_shutdown": ((vp,), c_int),
+        "SSL_set_shutdown": ((vp, c_int), None),
     }
     for name, (args, result) in signatures.items():
         function = getattr(lib, name)

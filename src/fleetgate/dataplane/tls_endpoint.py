@@ -251,6 +251,8 @@ class TlsEndpoint(Endpoint, asyncio.BufferedProtocol):
             )
             self.handshake.exception()  # retrieved: a caller that timed out does not leak it
         self._after_read = None  # hooks refer back to this endpoint: no cycle outlives it
+        if self._handshaken and native.AVAILABLE and not self._ssl.server_side:
+            native.keep_session_resumable(self._ssl)  # however it ended: see there
         super().connection_lost(exc)
 
     # -- handshake ----------------------------------------------------------------------------
