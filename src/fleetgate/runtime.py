@@ -20,6 +20,7 @@ from fleetgate.clock import Clock, SystemClock
 from fleetgate.config import Config, load_config
 from fleetgate.config.schema import split_host_port
 from fleetgate.datadir import DataDir, prepare
+from fleetgate.dataplane.affinity import PortSharing
 from fleetgate.dataplane.listeners import ListenerSet
 from fleetgate.dataplane.sessions import SessionPlane
 from fleetgate.errors import ConfigError, FleetgateError, Unauthenticated
@@ -180,7 +181,7 @@ class Gateway:
             self.metrics,
             self.clock,
             self.health,
-            reuse_port=self.config.node.workers > 1,
+            sharing=PortSharing.for_node(self.config.node),
         )
         await listeners.apply(self.config.listeners, self.config.destinations)
         follower = ChangeFollower(db, self.clock)

@@ -25,6 +25,7 @@ from fleetgate import logs
 from fleetgate.clock import Clock, SystemClock
 from fleetgate.config import Config, load_config
 from fleetgate.datadir import DataDir, prepare
+from fleetgate.dataplane.affinity import PortSharing
 from fleetgate.dataplane.listeners import ListenerSet
 from fleetgate.errors import ConfigError, FleetgateError
 from fleetgate.health import Health
@@ -138,7 +139,8 @@ class Worker:
                 sessions=self.config.sessions,
             )
             metrics = Metrics()
-            listeners = ListenerSet(services, metrics, self.clock, Health(), reuse_port=True)
+            sharing = PortSharing.for_node(self.config.node)
+            listeners = ListenerSet(services, metrics, self.clock, Health(), sharing=sharing)
             index = int(self.env.get(WORKER_ENV, "0"))
             publisher = Publisher(
                 metrics.registry, snapshot_path(self.data.path, index), self.clock

@@ -31,10 +31,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from e2e.conftest import ADMIN
 from e2e.gateway import Gateway, base_env, free_port
+from fleetgate.dataplane.affinity import source_slot
 
 TIMEOUT_S = 20.0
 DRAIN_TIMEOUT_S = 2.0
 MAX_ATTEMPTS = 200  # connections tried before concluding one process never gets any
+# The device's addresses: connections come from each in turn, since the processes are chosen
+# by source address (node.worker_affinity, default source_address).
+SOURCES = [f"127.0.0.{i}" for i in range(1, 17)]
 
 
 @dataclass
@@ -112,7 +116,7 @@ def start_pool(data_dir: Path, echo_port: int, workers: int = 2) -> Pool:
         for index in range(1, workers):
             gw.wait_for("listener.bound", _field_is("worker", index))
         with gw.client(ADMIN) as api:
-            created = api.post("/v1/devices", json={"id": "plc-1", "addresses": ["127.0.0.1"]})
+            created = api.post("/v1/devices", json={"id": "plc-1", "addresses": SOURCES})
             assert created.status_code == 201, created.text
     except BaseException:
         stop_pool(pool)
@@ -174,9 +178,13 @@ class Connections:
         self._position = pool.gateway.mark()
         self.open: list[tuple[socket.socket, dict[str, Any]]] = []
 
-    def add(self) -> tuple[socket.socket, dict[str, Any]]:
+    def add(self, source: str | None = None) -> tuple[socket.socket, dict[str, Any]]:
         gw = self._pool.gateway
-        sock = socket.create_connection(("127.0.0.1", self._pool.port), timeout=TIMEOUT_S)
+        if source is None:
+            source = SOURCES[len(self.open) % len(SOURCES)]
+        sock = socket.create_connection(
+            ("127.0.0.1", self._pool.port), timeout=TIMEOUT_S, source_address=(source, 0)
+        )
         sock.sendall(b"ping")
         assert sock.recv(16) == b"ping"
         event = gw.wait_for("listener.connected", since=self._position)
@@ -246,6 +254,22 @@ def test_metrics_show_the_connections_of_every_process(pool: Pool) -> None:
         assert seen == held
     finally:
         conns.close()
+
+
+def test_a_device_keeps_coming_back_to_the_same_process(pool: Pool) -> None:
+    # Two addresses the source-address program sends to different places in the group.
+    first = next(a for a in SOURCES if source_slot(a, 2) == 0)
+    second = next(a for a in SOURCES if source_slot(a, 2) == 1)
+    conns = Connections(pool)
+    try:
+        served = {
+            source: {served_by_worker(conns.add(source)[1]) for _ in range(6)}
+            for source in (first, second)
+        }
+    finally:
+        conns.close()
+    assert all(len(processes) == 1 for processes in served.values()), served
+    assert served[first] != served[second]
 
 
 def test_every_process_takes_the_hard_open_file_limit(pool: Pool) -> None:

@@ -395,6 +395,11 @@ class NodeConfig(Frozen):
         le=64,
         description="processes serving the listeners (SO_REUSEPORT); the first also runs the API",
     )
+    worker_affinity: Literal["source_address", "connection"] = Field(
+        default="source_address",
+        description="with several workers: a device's connections go to one process chosen by "
+        "its source address (warm caches and TLS sessions), or anywhere (connection)",
+    )
 
 
 class Config(Frozen):

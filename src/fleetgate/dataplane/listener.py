@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from fleetgate.config.schema import ListenerConfig, split_host_port
+from fleetgate.dataplane.affinity import PortSharing
 from fleetgate.dataplane.datapath import DataPath, Refused
 from fleetgate.dataplane.endpoint import Endpoint, PlainEndpoint
 from fleetgate.dataplane.server_tls import ServerTls
@@ -124,7 +125,7 @@ class StreamListener:
         path: DataPath,
         handler: Handler,
         *,
-        reuse_port: bool,
+        sharing: PortSharing | None,
         tls: ServerTls | None = None,
     ) -> None:
         self.name = name
@@ -132,7 +133,7 @@ class StreamListener:
         self.tls = tls
         self._path = path
         self._handler = handler
-        self._reuse_port = reuse_port
+        self._sharing = sharing
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         # Connections by device: what a revocation cuts.
@@ -159,9 +160,12 @@ class StreamListener:
             host or None,
             port,
             reuse_address=True,
-            reuse_port=self._reuse_port or None,
+            reuse_port=self._sharing is not None or None,
             backlog=4096,
         )
+        if self._sharing is not None:
+            for sock in self._server.sockets:
+                self._sharing.steer(sock)
         self._path.metrics.listener_up.labels(self.name).set(1)
         log.info("listener.bound", listener=self.name, addresses=self.bound_addresses)
 

@@ -11,6 +11,7 @@ from typing import Protocol
 
 from fleetgate.clock import Clock
 from fleetgate.config.schema import DestinationConfig, ListenerConfig
+from fleetgate.dataplane.affinity import PortSharing
 from fleetgate.dataplane.datapath import DataPath
 from fleetgate.dataplane.http_upstream import HttpUpstream
 from fleetgate.dataplane.listener import Handler, StreamListener
@@ -67,12 +68,12 @@ class ListenerSet:
         clock: Clock,
         health: Health,
         *,
-        reuse_port: bool = False,
+        sharing: PortSharing | None = None,
     ) -> None:
         self._services = services
         self._clock = clock
         self._health = health
-        self._reuse_port = reuse_port
+        self._sharing = sharing  # None: this process alone serves the listeners
         self.keys = PskTable(services)
         self.path = DataPath(
             RegistryView(services, clock), Upstream(clock), {}, clock, metrics, self.keys
@@ -92,13 +93,13 @@ class ListenerSet:
 
     def _make(self, name: str, config: ListenerConfig) -> Listener:
         if config.protocol == "udp":
-            return UdpListener(name, config, self.path, self.http, reuse_port=self._reuse_port)
+            return UdpListener(name, config, self.path, self.http, sharing=self._sharing)
         return StreamListener(
             name,
             config,
             self.path,
             self._handlers[config.protocol],
-            reuse_port=self._reuse_port,
+            sharing=self._sharing,
             tls=(
                 ServerTls(name, config.tls, self._services, self.keys, self._clock)
                 if config.tls is not None

@@ -16,6 +16,7 @@ import json
 import h11
 
 from fleetgate.config.schema import ListenerConfig, split_host_port
+from fleetgate.dataplane.affinity import PortSharing
 from fleetgate.dataplane.datapath import DataPath, Refused
 from fleetgate.dataplane.http_upstream import HttpUpstream
 from fleetgate.dataplane.proxy_http import build_request
@@ -43,13 +44,13 @@ class UdpListener:
         path: DataPath,
         http: HttpUpstream,
         *,
-        reuse_port: bool,
+        sharing: PortSharing | None,
     ) -> None:
         self.name = name
         self.config = config
         self._path = path
         self._http = http
-        self._reuse_port = reuse_port
+        self._sharing = sharing
         self._transport: asyncio.DatagramTransport | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -69,8 +70,10 @@ class UdpListener:
         self._transport, _ = await loop.create_datagram_endpoint(
             lambda: _Receiver(self),
             local_addr=(host or "0.0.0.0", port),  # noqa: S104 - the operator's bind
-            reuse_port=self._reuse_port or None,
+            reuse_port=self._sharing is not None or None,
         )
+        if self._sharing is not None:
+            self._sharing.steer(self._transport.get_extra_info("socket"))
         self._path.metrics.listener_up.labels(self.name).set(1)
         log.info("listener.bound", listener=self.name, addresses=self.bound_addresses)
 
