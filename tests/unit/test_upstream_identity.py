@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from fleetgate.clock import FakeClock
 from fleetgate.config.schema import DestinationConfig
@@ -116,6 +117,19 @@ async def test_a_key_that_does_not_match_is_refused_before_dialling(site: Site) 
     with pytest.raises(UpstreamError) as refused:
         await upstream.connect("to", site.destination(), garbage)
     assert refused.value.cause == "tls_setup"
+    # An encrypted key is refused (never a password prompt on the gateway's terminal).
+    locked = one.private_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret"),
+    )
+    encrypted = ClientCertificate("locked@1", one.chain_pem(), Secret(locked))
+    with pytest.raises(UpstreamError) as refused:
+        await upstream.connect("to", site.destination(), encrypted)
+    assert (refused.value.cause, refused.value.detail) == (
+        "tls_setup",
+        "destination to: no private key",
+    )
     # Nothing was left in OpenSSL's error queue to surface in an unrelated later call.
     assert await _seen_as(upstream, site, site.device("after")) == ("after", False)
 

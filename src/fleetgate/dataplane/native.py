@@ -245,6 +245,14 @@ class ClientIdentity:
         self._chain = self._certificate = self._key = 0
 
 
+_PASSWORD_CALLBACK = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p
+)
+# An encrypted key gets no password (and so fails) instead of OpenSSL's default, which would
+# ask for one on the terminal and block the process.
+_NO_PASSWORD = _PASSWORD_CALLBACK(lambda _buf, _size, _rw, _arg: 0)
+
+
 def _read_pem(data: bytes, read: Callable[..., int | None]) -> list[int]:
     """Every object ``read`` (a ``PEM_read_bio_*``) finds in ``data``, in order."""
     assert _lib is not None
@@ -253,7 +261,7 @@ def _read_pem(data: bytes, read: Callable[..., int | None]) -> list[int]:
         raise ValueError("out of memory")
     found: list[int] = []
     try:
-        while len(found) < MAX_PEM_OBJECTS and (item := read(bio, None, None, None)):
+        while len(found) < MAX_PEM_OBJECTS and (item := read(bio, None, _NO_PASSWORD, None)):
             found.append(item)
     finally:
         _lib.BIO_free(bio)
@@ -409,8 +417,8 @@ def _bind(lib: ctypes.CDLL) -> None:
         "ASN1_TIME_diff": ((vp, vp, vp, vp), c_int),
         "BIO_new_mem_buf": ((ctypes.c_char_p, c_int), vp),
         "BIO_free": ((vp,), c_int),
-        "PEM_read_bio_X509": ((vp, vp, vp, vp), vp),
-        "PEM_read_bio_PrivateKey": ((vp, vp, vp, vp), vp),
+        "PEM_read_bio_X509": ((vp, vp, _PASSWORD_CALLBACK, vp), vp),
+        "PEM_read_bio_PrivateKey": ((vp, vp, _PASSWORD_CALLBACK, vp), vp),
         "X509_free": ((vp,), None),
         "EVP_PKEY_free": ((vp,), None),
         "X509_check_private_key": ((vp, vp), c_int),
