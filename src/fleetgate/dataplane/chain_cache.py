@@ -20,7 +20,7 @@ from collections import OrderedDict
 
 from fleetgate.clock import Clock
 from fleetgate.dataplane import native
-from fleetgate.dataplane.tls_endpoint import spki_sha256, stepping
+from fleetgate.dataplane.tls_endpoint import matches_pins, stepping
 
 REMEMBER_S = 60.0
 MAX_CHAINS = 16  # per destination: a server behind a balancer may present a few
@@ -54,7 +54,7 @@ class VerifiedChains:
         self.misses += 1
         if not chain.verify():
             return False
-        if self._pins and not any(spki_sha256(der) in self._pins for der in chain.verified_ders()):
+        if self._pins and not matches_pins(chain.verified_ders(), self._pins):
             return True  # verified, but the endpoint's pin check will refuse it: not remembered
         endpoint.chain_checked = True
         self._known[key] = now + min(REMEMBER_S, chain.seconds_valid())

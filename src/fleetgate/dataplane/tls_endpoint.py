@@ -14,7 +14,7 @@ import base64
 import contextlib
 import hashlib
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import cast
 
 from cryptography import x509
@@ -127,6 +127,11 @@ def spki_sha256(der_certificate: bytes) -> str:
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return base64.b64encode(hashlib.sha256(spki).digest()).decode()
+
+
+def matches_pins(chain: Iterable[bytes], pins: frozenset[str]) -> bool:
+    """Whether a certificate of ``chain`` (DER) has one of the SPKI ``pins``."""
+    return any(spki_sha256(der) in pins for der in chain)
 
 
 class TlsEndpoint(Endpoint, asyncio.BufferedProtocol):
@@ -309,7 +314,7 @@ class TlsEndpoint(Endpoint, asyncio.BufferedProtocol):
             # context, whose pins it passed (sessions are never shared across destinations).
             return True
         chain = self._ssl.get_verified_chain() or []
-        return any(spki_sha256(cert) in self._pins for cert in chain)
+        return matches_pins(chain, self._pins)
 
     def _fail(self, failure: TlsFailure) -> None:
         if not self.handshake.done():
