@@ -114,6 +114,36 @@ def keep_session_resumable(obj: ssl.SSLObject) -> None:
     _lib.SSL_set_shutdown(pointer, _lib.SSL_get_shutdown(pointer) | _SSL_SENT_SHUTDOWN)
 
 
+def ssl_address(obj: ssl.SSLObject) -> int:
+    """The address of the connection's ``SSL`` (for the compiled relay)."""
+    return _ssl_pointer(obj)
+
+
+_RELAY_ENTRY_POINTS = (
+    "SSL_read_ex",
+    "SSL_write_ex",
+    "SSL_get_error",
+    "SSL_get_rbio",
+    "SSL_get_wbio",
+    "BIO_write",
+    "BIO_read",
+    "BIO_ctrl_pending",
+    "ERR_clear_error",
+)
+
+
+def relay_entry_points() -> tuple[int, ...]:
+    """The addresses of the OpenSSL functions the compiled relay calls, in its order: the
+    libssl the ``ssl`` module uses, found and checked here."""
+    assert _lib is not None
+    addresses = tuple(
+        ctypes.cast(getattr(_lib, name), ctypes.c_void_p).value or 0 for name in _RELAY_ENTRY_POINTS
+    )
+    if not all(addresses):
+        raise RuntimeError("an OpenSSL entry point has no address")
+    return addresses
+
+
 def free_buffers(obj: ssl.SSLObject) -> bool:
     """Release the record buffers if nothing is pending in them; whether it did."""
     assert _lib is not None
@@ -429,6 +459,15 @@ def _bind(lib: ctypes.CDLL) -> None:
         "SSL_use_cert_and_key": ((vp, vp, vp, vp, c_int), c_int),
         "SSL_get_shutdown": ((vp,), c_int),
         "SSL_set_shutdown": ((vp, c_int), None),
+        # What the compiled relay calls (its addresses only: see relay_entry_points).
+        "SSL_read_ex": ((vp, vp, ctypes.c_size_t, vp), c_int),
+        "SSL_write_ex": ((vp, vp, ctypes.c_size_t, vp), c_int),
+        "SSL_get_error": ((vp, c_int), c_int),
+        "SSL_get_rbio": ((vp,), vp),
+        "SSL_get_wbio": ((vp,), vp),
+        "BIO_write": ((vp, vp, c_int), c_int),
+        "BIO_read": ((vp, vp, c_int), c_int),
+        "BIO_ctrl_pending": ((vp,), ctypes.c_size_t),
     }
     for name, (args, result) in signatures.items():
         function = getattr(lib, name)

@@ -4,6 +4,8 @@ for the idle timeout.
 
 Nothing here runs per byte: a received chunk is handed to the other end's ``write`` in the
 same callback (optionally through a per-direction transform, such as the MQTT topic mount).
+Without transforms, the chunks do not even come here: the compiled relay (``fastpath``) moves
+them, and only the events (ends, losses, flow control) reach this module.
 """
 
 from __future__ import annotations
@@ -11,10 +13,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fleetgate.clock import Clock
+from fleetgate.dataplane import fastpath
 from fleetgate.dataplane.endpoint import Endpoint
 from fleetgate.dataplane.idle import idle_watch
+
+if TYPE_CHECKING:
+    from fleetgate.dataplane._relay import Pipe
 
 Transform = Callable[[bytes], bytes]
 
@@ -45,6 +52,7 @@ class _Splice:
         "idle_watch",
         "last",
         "on_done",
+        "pipes",
         "up_bytes",
         "up_done",
         "up_transform",
@@ -71,6 +79,7 @@ class _Splice:
         self.idle_watch = idle_watch(clock)
         self.idle_slot: int | None = None
         self.on_done: Callable[[Splicing, SpliceResult], None] | None = None
+        self.pipes: tuple[Pipe, Pipe] | None = None
 
     def start(self) -> None:
         device, destination = self.device, self.destination
@@ -96,12 +105,20 @@ class _Splice:
         if destination.is_closed:
             self._destination_lost()
         self._check_both_done()
+        if self.up_transform is None and self.down_transform is None and not self.finished.done():
+            self.pipes = fastpath.attach(device, destination, self.clock)
         self.idle_slot = self.idle_watch.watch(self, self.last + self.idle_timeout_s)
 
     def stop(self) -> None:
         if self.idle_slot is not None:
             self.idle_watch.forget(self, self.idle_slot)
             self.idle_slot = None
+        if self.pipes is not None:
+            pipes, self.pipes = self.pipes, None
+            fastpath.detach(pipes)
+            self.up_bytes += pipes[0].received
+            self.down_bytes += pipes[1].received
+            self.last = max(self.last, pipes[0].last, pipes[1].last)
         device, destination = self.device, self.destination
         device.on_data = device.on_eof = destination.on_data = destination.on_eof = None
         device.on_write_paused = destination.on_write_paused = None
@@ -163,6 +180,8 @@ class _Splice:
         self.idle_slot = None
         if self.finished.done():
             return
+        if self.pipes is not None:
+            self.last = max(self.last, self.pipes[0].last, self.pipes[1].last)
         deadline = self.last + self.idle_timeout_s
         if deadline <= now:
             self.finish("idle_timeout")

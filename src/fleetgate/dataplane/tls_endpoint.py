@@ -92,6 +92,12 @@ FREE_BUFFER_READS = 4
 OPENING_BYTES = 64
 
 
+def receive_buffer() -> memoryview:
+    """The buffer reads are received into (for whoever stands in as the transport's protocol:
+    see ``fastpath``)."""
+    return _RECEIVE
+
+
 def _ascii(server_hostname: str | None) -> str | None:
     """An ASCII name as bytes: the ssl module then skips its (slow) IDNA codec."""
     if server_hostname is None or not server_hostname.isascii():
@@ -394,6 +400,15 @@ class TlsEndpoint(Endpoint, asyncio.BufferedProtocol):
     def _flush(self) -> None:
         if self._outgoing.pending and self.transport is not None:
             self.transport.write(self._outgoing.read())
+
+    @property
+    def handshaken(self) -> bool:
+        return self._handshaken
+
+    def relay_ready(self) -> bool:
+        """Whether reads need nothing from this endpoint but decrypting: the first reads' work
+        (session hooks, buffers given back) is done. Asked by the compiled relay."""
+        return not self._free_reads and self._after_read is None
 
     def after_first_read(self, hook: Callable[[], bool]) -> None:
         """Run ``hook`` after each batch of incoming records until it returns True."""

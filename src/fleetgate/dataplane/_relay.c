@@ -1,0 +1,596 @@
+/*
+ * The steady state of a splice, compiled: what one relayed chunk costs once both ends are set up.
+ *
+ * A Pipe stands in for an endpoint as its transport's protocol while a splice relays (see
+ * dataplane/fastpath.py). For each read the event loop hands it, it decrypts (a TLS side: the
+ * endpoint's own OpenSSL objects, through its memory BIOs), encrypts for the other side when
+ * that side is TLS, and writes to the other side's transport: no Python frame per chunk.
+ * Everything that is not a plain chunk of data is handed back to the endpoint, which handles it
+ * as it always does: the end of input, a lost connection, write flow control, a TLS alert or
+ * close_notify (left unread here, so the endpoint's own read meets it), and the first reads of
+ * a TLS connection (session tickets, buffers given back).
+ *
+ * OpenSSL is reached through the entry points native.py found in the libssl the ssl module uses
+ * (bind()), so this file needs neither OpenSSL's headers nor linking against it.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <time.h>
+
+#define RECORD_MAX 16384
+#define SCRATCH_SIZE (256 * 1024)
+#define SSL_ERROR_WANT_READ 2 /* ssl.h */
+
+typedef int (*ssl_read_ex_f)(void *, void *, size_t, size_t *);
+typedef int (*ssl_write_ex_f)(void *, const void *, size_t, size_t *);
+typedef int (*ssl_get_error_f)(const void *, int);
+typedef void *(*ssl_get_bio_f)(const void *);
+typedef int (*bio_write_f)(void *, const void *, int);
+typedef int (*bio_read_f)(void *, void *, int);
+typedef size_t (*bio_ctrl_pending_f)(void *);
+typedef void (*err_clear_error_f)(void);
+
+static struct {
+    ssl_read_ex_f ssl_read_ex;
+    ssl_write_ex_f ssl_write_ex;
+    ssl_get_error_f ssl_get_error;
+    ssl_get_bio_f ssl_get_rbio;
+    ssl_get_bio_f ssl_get_wbio;
+    bio_write_f bio_write;
+    bio_read_f bio_read;
+    bio_ctrl_pending_f bio_ctrl_pending;
+    err_clear_error_f err_clear_error;
+    int bound;
+} ossl;
+
+/* Plaintext read from a TLS side, before it is written to the other: one per process (the loop
+ * is one thread, and a chunk is written out before the next read). */
+static char scratch[SCRATCH_SIZE];
+
+static PyObject *str_received, *str_sent, *str_relay_ready, *str_buffer_updated,
+    *str_data_received, *str_read_plaintext, *str_eof_received, *str_connection_lost,
+    *str_pause_writing, *str_resume_writing, *str_write, *str_is_closing;
+
+typedef struct Pipe {
+    PyObject_HEAD
+    PyObject *endpoint;     /* the Endpoint this stands in for */
+    PyObject *write;        /* its transport's write */
+    PyObject *is_closing;   /* its transport's is_closing */
+    PyObject *buffer;       /* what get_buffer hands the loop */
+    Py_buffer view;         /* ... held for the pipe's life */
+    PyObject *clock;        /* a callable for the monotonic time, or NULL: CLOCK_MONOTONIC */
+    struct Pipe *peer;      /* the other end's pipe; NULL once detached */
+    void *ssl, *rbio, *wbio; /* a TLS side's OpenSSL objects; NULL for a plain side */
+    unsigned long long received, sent;     /* plaintext from / to this side, in total */
+    unsigned long long unsynced_received, unsynced_sent; /* not yet added to the endpoint */
+    double last;            /* when data last came from this side */
+    int warm;               /* TLS: the endpoint's first-read work is done, reads are ours */
+} Pipe;
+
+static double
+now(Pipe *self)
+{
+    if (self->clock == NULL) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+    }
+    PyObject *value = PyObject_CallNoArgs(self->clock);
+    if (value == NULL) {
+        return -1.0;
+    }
+    double seconds = PyFloat_AsDouble(value);
+    Py_DECREF(value);
+    return seconds;
+}
+
+/* Add what moved since the last time to the endpoint's own counters (read by Python code that
+ * runs next: the end of a connection, a log line). */
+static int
+add_to(PyObject *endpoint, PyObject *name, unsigned long long *count)
+{
+    if (*count == 0) {
+        return 0;
+    }
+    PyObject *old = PyObject_GetAttr(endpoint, name);
+    if (old == NULL) {
+        return -1;
+    }
+    PyObject *delta = PyLong_FromUnsignedLongLong(*count);
+    PyObject *sum = delta ? PyNumber_Add(old, delta) : NULL;
+    Py_DECREF(old);
+    Py_XDECREF(delta);
+    if (sum == NULL) {
+        return -1;
+    }
+    int failed = PyObject_SetAttr(endpoint, name, sum);
+    Py_DECREF(sum);
+    if (failed == 0) {
+        *count = 0;
+    }
+    return failed;
+}
+
+static int
+sync_counts(Pipe *self)
+{
+    if (add_to(self->endpoint, str_received, &self->unsynced_received) < 0) {
+        return -1;
+    }
+    return add_to(self->endpoint, str_sent, &self->unsynced_sent);
+}
+
+/* Send what OpenSSL wrote to a TLS side's outgoing BIO. */
+static int
+flush(Pipe *self)
+{
+    size_t pending = ossl.bio_ctrl_pending(self->wbio);
+    if (pending == 0) {
+        return 0;
+    }
+    if (pending > INT_MAX) {
+        pending = INT_MAX;
+    }
+    PyObject *records = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)pending);
+    if (records == NULL) {
+        return -1;
+    }
+    int got = ossl.bio_read(self->wbio, PyBytes_AS_STRING(records), (int)pending);
+    if (got <= 0) {
+        Py_DECREF(records);
+        return 0;
+    }
+    if ((size_t)got < pending && _PyBytes_Resize(&records, got) < 0) {
+        return -1;
+    }
+    PyObject *result = PyObject_CallOneArg(self->write, records);
+    Py_DECREF(records);
+    if (result == NULL) {
+        return -1;
+    }
+    Py_DECREF(result);
+    return 0;
+}
+
+/* Write plaintext to this side (the other side read it). As the endpoint's write does: nothing
+ * is written to a transport that is closing. */
+static int
+send_plain(Pipe *self, const char *data, size_t size)
+{
+    PyObject *closing = PyObject_CallNoArgs(self->is_closing);
+    if (closing == NULL) {
+        return -1;
+    }
+    int is_closing = PyObject_IsTrue(closing);
+    Py_DECREF(closing);
+    if (is_closing != 0) {
+        return is_closing < 0 ? -1 : 0;
+    }
+    if (self->ssl == NULL) {
+        PyObject *chunk = PyBytes_FromStringAndSize(data, (Py_ssize_t)size);
+        if (chunk == NULL) {
+            return -1;
+        }
+        PyObject *result = PyObject_CallOneArg(self->write, chunk);
+        Py_DECREF(chunk);
+        if (result == NULL) {
+            return -1;
+        }
+        Py_DECREF(result);
+    }
+    else {
+        size_t done = 0;
+        while (done < size) {
+            size_t written = 0;
+            if (ossl.ssl_write_ex(self->ssl, data + done, size - done, &written) != 1) {
+                /* Shut down for writing (close_notify sent) or failed: what the connection's
+                 * end will report; the chunk cannot go anywhere. */
+                ossl.err_clear_error();
+                return 0;
+            }
+            done += written;
+        }
+        if (flush(self) < 0) {
+            return -1;
+        }
+    }
+    self->sent += size;
+    self->unsynced_sent += size;
+    return 0;
+}
+
+/* Plaintext that came from this side goes to the other. */
+static int
+deliver(Pipe *self, const char *data, size_t size)
+{
+    self->received += size;
+    self->unsynced_received += size;
+    if (self->peer == NULL) {
+        return 0;
+    }
+    return send_plain(self->peer, data, size);
+}
+
+/* Bytes the socket gave: relayed, or handed to the endpoint when it has more to do than relay. */
+static PyObject *
+received_bytes(Pipe *self, const char *data, Py_ssize_t size, PyObject *as_python, PyObject *method)
+{
+    double moment = now(self);
+    if (moment < 0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    self->last = moment;
+    if (self->ssl == NULL) {
+        if (deliver(self, data, (size_t)size) < 0) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    if (!self->warm) {
+        PyObject *ready = PyObject_CallMethodNoArgs(self->endpoint, str_relay_ready);
+        if (ready == NULL) {
+            return NULL;
+        }
+        self->warm = PyObject_IsTrue(ready) == 1;
+        Py_DECREF(ready);
+        if (!self->warm) {
+            if (sync_counts(self) < 0) {
+                return NULL;
+            }
+            return PyObject_CallMethodOneArg(self->endpoint, method, as_python);
+        }
+    }
+    if (size > 0 && ossl.bio_write(self->rbio, data, (int)size) != (int)size) {
+        PyErr_SetString(PyExc_MemoryError, "the TLS input buffer did not take the data");
+        return NULL;
+    }
+    size_t filled = 0;
+    int more_for_endpoint = 0;
+    for (;;) {
+        size_t got = 0;
+        if (ossl.ssl_read_ex(self->ssl, scratch + filled, RECORD_MAX, &got) == 1) {
+            filled += got;
+            if (filled > SCRATCH_SIZE - RECORD_MAX) {
+                if (deliver(self, scratch, filled) < 0) {
+                    return NULL;
+                }
+                filled = 0;
+            }
+            continue;
+        }
+        /* Out of records, or something that is not data: the end of input, an alert, an
+         * error. That last is left where it is (the error queue too) for the endpoint's own
+         * read to meet and explain. */
+        more_for_endpoint = ossl.ssl_get_error(self->ssl, 0) != SSL_ERROR_WANT_READ;
+        break;
+    }
+    if (flush(self) < 0) { /* what reading produced: a key update's answer, an alert */
+        return NULL;
+    }
+    if (filled && deliver(self, scratch, filled) < 0) {
+        return NULL;
+    }
+    if (more_for_endpoint) {
+        if (sync_counts(self) < 0) {
+            return NULL;
+        }
+        return PyObject_CallMethodNoArgs(self->endpoint, str_read_plaintext);
+    }
+    Py_RETURN_NONE;
+}
+
+/* -- the protocol interface ------------------------------------------------------------------- */
+
+static PyObject *
+Pipe_get_buffer(Pipe *self, PyObject *sizehint)
+{
+    return Py_NewRef(self->buffer);
+}
+
+static PyObject *
+Pipe_buffer_updated(Pipe *self, PyObject *arg)
+{
+    Py_ssize_t size = PyLong_AsSsize_t(arg);
+    if (size == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (size < 0 || size > self->view.len) {
+        PyErr_SetString(PyExc_ValueError, "more bytes than the buffer holds");
+        return NULL;
+    }
+    return received_bytes(self, (const char *)self->view.buf, size, arg, str_buffer_updated);
+}
+
+static PyObject *
+Pipe_data_received(Pipe *self, PyObject *data)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    PyObject *result =
+        received_bytes(self, (const char *)view.buf, view.len, data, str_data_received);
+    PyBuffer_Release(&view);
+    return result;
+}
+
+static PyObject *
+forward(Pipe *self, PyObject *name, PyObject *arg)
+{
+    if (sync_counts(self) < 0) {
+        return NULL;
+    }
+    if (arg == NULL) {
+        return PyObject_CallMethodNoArgs(self->endpoint, name);
+    }
+    return PyObject_CallMethodOneArg(self->endpoint, name, arg);
+}
+
+static PyObject *
+Pipe_eof_received(Pipe *self, PyObject *unused)
+{
+    return forward(self, str_eof_received, NULL);
+}
+
+static PyObject *
+Pipe_connection_lost(Pipe *self, PyObject *exc)
+{
+    return forward(self, str_connection_lost, exc);
+}
+
+static PyObject *
+Pipe_pause_writing(Pipe *self, PyObject *unused)
+{
+    return forward(self, str_pause_writing, NULL);
+}
+
+static PyObject *
+Pipe_resume_writing(Pipe *self, PyObject *unused)
+{
+    return forward(self, str_resume_writing, NULL);
+}
+
+static PyObject *
+Pipe_connection_made(Pipe *self, PyObject *transport)
+{
+    Py_RETURN_NONE; /* a pipe is set on a connected transport */
+}
+
+static PyObject *
+Pipe_detach(Pipe *self, PyObject *unused)
+{
+    Py_CLEAR(self->peer);
+    if (sync_counts(self) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static int
+Pipe_traverse(Pipe *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->endpoint);
+    Py_VISIT(self->write);
+    Py_VISIT(self->is_closing);
+    Py_VISIT(self->buffer);
+    Py_VISIT(self->clock);
+    Py_VISIT((PyObject *)self->peer);
+    return 0;
+}
+
+static int
+Pipe_clear(Pipe *self)
+{
+    Py_CLEAR(self->peer);
+    Py_CLEAR(self->endpoint);
+    Py_CLEAR(self->write);
+    Py_CLEAR(self->is_closing);
+    Py_CLEAR(self->clock);
+    if (self->buffer != NULL) {
+        PyBuffer_Release(&self->view);
+        Py_CLEAR(self->buffer);
+    }
+    return 0;
+}
+
+static void
+Pipe_dealloc(Pipe *self)
+{
+    PyObject_GC_UnTrack(self);
+    Pipe_clear(self);
+    PyTypeObject *type = Py_TYPE(self);
+    type->tp_free((PyObject *)self);
+    Py_DECREF(type);
+}
+
+/* Pipe(endpoint, transport, buffer, ssl, clock): ``ssl`` is the address of a TLS side's SSL
+ * object (0 for a plain side), ``clock`` a callable or None for the system's monotonic clock. */
+static int
+Pipe_init(Pipe *self, PyObject *args, PyObject *kwargs)
+{
+    PyObject *endpoint, *transport, *buffer, *ssl_address, *clock;
+    if (!PyArg_ParseTuple(args, "OOOOO:Pipe", &endpoint, &transport, &buffer, &ssl_address,
+                          &clock)) {
+        return -1;
+    }
+    if (self->endpoint != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "a Pipe is made once");
+        return -1;
+    }
+    void *ssl = PyLong_AsVoidPtr(ssl_address);
+    if (ssl == NULL && PyErr_Occurred()) {
+        return -1;
+    }
+    if (ssl != NULL && !ossl.bound) {
+        PyErr_SetString(PyExc_RuntimeError, "OpenSSL entry points not bound");
+        return -1;
+    }
+    if (PyObject_GetBuffer(buffer, &self->view, PyBUF_WRITABLE) < 0) {
+        return -1;
+    }
+    self->buffer = Py_NewRef(buffer);
+    self->write = PyObject_GetAttr(transport, str_write);
+    self->is_closing = PyObject_GetAttr(transport, str_is_closing);
+    if (self->write == NULL || self->is_closing == NULL) {
+        return -1;
+    }
+    self->endpoint = Py_NewRef(endpoint);
+    self->clock = clock == Py_None ? NULL : Py_NewRef(clock);
+    if (ssl != NULL) {
+        self->ssl = ssl;
+        self->rbio = ossl.ssl_get_rbio(ssl);
+        self->wbio = ossl.ssl_get_wbio(ssl);
+        if (self->rbio == NULL || self->wbio == NULL) {
+            PyErr_SetString(PyExc_ValueError, "the SSL object has no memory BIOs");
+            return -1;
+        }
+    }
+    double moment = now(self);
+    if (moment < 0 && PyErr_Occurred()) {
+        return -1;
+    }
+    self->last = moment;
+    return 0;
+}
+
+static PyObject *
+Pipe_join(Pipe *self, PyObject *other)
+{
+    if (!PyObject_TypeCheck(other, Py_TYPE(self))) {
+        PyErr_SetString(PyExc_TypeError, "a Pipe joins a Pipe");
+        return NULL;
+    }
+    Py_XSETREF(self->peer, (Pipe *)Py_NewRef(other));
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Pipe_methods[] = {
+    {"get_buffer", (PyCFunction)Pipe_get_buffer, METH_O, NULL},
+    {"buffer_updated", (PyCFunction)Pipe_buffer_updated, METH_O, NULL},
+    {"data_received", (PyCFunction)Pipe_data_received, METH_O, NULL},
+    {"eof_received", (PyCFunction)Pipe_eof_received, METH_NOARGS, NULL},
+    {"connection_lost", (PyCFunction)Pipe_connection_lost, METH_O, NULL},
+    {"connection_made", (PyCFunction)Pipe_connection_made, METH_O, NULL},
+    {"pause_writing", (PyCFunction)Pipe_pause_writing, METH_NOARGS, NULL},
+    {"resume_writing", (PyCFunction)Pipe_resume_writing, METH_NOARGS, NULL},
+    {"join", (PyCFunction)Pipe_join, METH_O, "Relay what this side reads to ``other``."},
+    {"detach", (PyCFunction)Pipe_detach, METH_NOARGS,
+     "Stop relaying; the endpoint's counters are brought up to date."},
+    {NULL},
+};
+
+static PyMemberDef Pipe_members[] = {
+    {"received", T_ULONGLONG, offsetof(Pipe, received), READONLY,
+     "plaintext bytes read from this side"},
+    {"sent", T_ULONGLONG, offsetof(Pipe, sent), READONLY, "plaintext bytes written to it"},
+    {"last", T_DOUBLE, offsetof(Pipe, last), READONLY, "when this side last sent data"},
+    {"endpoint", T_OBJECT, offsetof(Pipe, endpoint), READONLY, NULL},
+    {NULL},
+};
+
+static PyType_Slot Pipe_slots[] = {
+    {Py_tp_doc, "One end of a compiled splice: the protocol of that end's transport."},
+    {Py_tp_init, Pipe_init},
+    {Py_tp_dealloc, Pipe_dealloc},
+    {Py_tp_traverse, Pipe_traverse},
+    {Py_tp_clear, Pipe_clear},
+    {Py_tp_methods, Pipe_methods},
+    {Py_tp_members, Pipe_members},
+    {0, NULL},
+};
+
+static PyType_Spec Pipe_spec = {
+    .name = "fleetgate.dataplane._relay.Pipe",
+    .basicsize = sizeof(Pipe),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .slots = Pipe_slots,
+};
+
+/* bind(ssl_read_ex, ssl_write_ex, ssl_get_error, ssl_get_rbio, ssl_get_wbio, bio_write,
+ *      bio_read, bio_ctrl_pending, err_clear_error): the entry points' addresses. */
+static PyObject *
+relay_bind(PyObject *module, PyObject *args)
+{
+    PyObject *a[9];
+    if (!PyArg_ParseTuple(args, "OOOOOOOOO:bind", &a[0], &a[1], &a[2], &a[3], &a[4], &a[5],
+                          &a[6], &a[7], &a[8])) {
+        return NULL;
+    }
+    void *p[9];
+    for (int i = 0; i < 9; i++) {
+        p[i] = PyLong_AsVoidPtr(a[i]);
+        if (p[i] == NULL) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetString(PyExc_ValueError, "a null entry point");
+            }
+            return NULL;
+        }
+    }
+    ossl.ssl_read_ex = (ssl_read_ex_f)p[0];
+    ossl.ssl_write_ex = (ssl_write_ex_f)p[1];
+    ossl.ssl_get_error = (ssl_get_error_f)p[2];
+    ossl.ssl_get_rbio = (ssl_get_bio_f)p[3];
+    ossl.ssl_get_wbio = (ssl_get_bio_f)p[4];
+    ossl.bio_write = (bio_write_f)p[5];
+    ossl.bio_read = (bio_read_f)p[6];
+    ossl.bio_ctrl_pending = (bio_ctrl_pending_f)p[7];
+    ossl.err_clear_error = (err_clear_error_f)p[8];
+    ossl.bound = 1;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef relay_functions[] = {
+    {"bind", relay_bind, METH_VARARGS, "Hand over the OpenSSL entry points (addresses)."},
+    {NULL},
+};
+
+static int
+relay_exec(PyObject *module)
+{
+#define INTERN(var, text)                                                                      \
+    if ((var = PyUnicode_InternFromString(text)) == NULL) {                                    \
+        return -1;                                                                             \
+    }
+    INTERN(str_received, "received");
+    INTERN(str_sent, "sent");
+    INTERN(str_relay_ready, "relay_ready");
+    INTERN(str_buffer_updated, "buffer_updated");
+    INTERN(str_data_received, "data_received");
+    INTERN(str_read_plaintext, "_read_plaintext");
+    INTERN(str_eof_received, "eof_received");
+    INTERN(str_connection_lost, "connection_lost");
+    INTERN(str_pause_writing, "pause_writing");
+    INTERN(str_resume_writing, "resume_writing");
+    INTERN(str_write, "write");
+    INTERN(str_is_closing, "is_closing");
+#undef INTERN
+    PyObject *type = PyType_FromModuleAndSpec(module, &Pipe_spec, NULL);
+    if (type == NULL) {
+        return -1;
+    }
+    int failed = PyModule_AddObjectRef(module, "Pipe", type);
+    Py_DECREF(type);
+    return failed;
+}
+
+static PyModuleDef_Slot relay_slots[] = {
+    {Py_mod_exec, relay_exec},
+    {0, NULL},
+};
+
+static struct PyModuleDef relay_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "fleetgate.dataplane._relay",
+    .m_doc = "The steady state of a splice, compiled (see fastpath.py).",
+    .m_size = 0,
+    .m_methods = relay_functions,
+    .m_slots = relay_slots,
+};
+
+PyMODINIT_FUNC
+PyInit__relay(void)
+{
+    return PyModuleDef_Init(&relay_module);
+}
