@@ -62,7 +62,7 @@ typedef struct Pipe {
     PyObject *clock;        /* a callable for the monotonic time, or NULL: CLOCK_MONOTONIC */
     struct Pipe *peer;      /* the other end's pipe; NULL once detached */
     void *ssl, *rbio, *wbio; /* a TLS side's OpenSSL objects; NULL for a plain side */
-    unsigned long long received, sent;     /* plaintext from / to this side, in total */
+    unsigned long long received;           /* plaintext read from this side, in total */
     unsigned long long unsynced_received, unsynced_sent; /* not yet added to the endpoint */
     double last;            /* when data last came from this side */
     int warm;               /* TLS: the endpoint's first-read work is done, reads are ours */
@@ -195,7 +195,6 @@ send_plain(Pipe *self, const char *data, size_t size)
             return -1;
         }
     }
-    self->sent += size;
     self->unsynced_sent += size;
     return 0;
 }
@@ -484,7 +483,6 @@ static PyMethodDef Pipe_methods[] = {
 static PyMemberDef Pipe_members[] = {
     {"received", T_ULONGLONG, offsetof(Pipe, received), READONLY,
      "plaintext bytes read from this side"},
-    {"sent", T_ULONGLONG, offsetof(Pipe, sent), READONLY, "plaintext bytes written to it"},
     {"last", T_DOUBLE, offsetof(Pipe, last), READONLY, "when this side last sent data"},
     {"endpoint", T_OBJECT, offsetof(Pipe, endpoint), READONLY, NULL},
     {NULL},

@@ -5,7 +5,6 @@ from fleetgate.dataplane.endpoint import Endpoint
 
 class Pipe:
     received: int
-    sent: int
     last: float
     endpoint: Endpoint
     def __init__(
