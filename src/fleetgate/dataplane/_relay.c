@@ -29,6 +29,7 @@ typedef void *(*ssl_get_bio_f)(const void *);
 typedef int (*bio_write_f)(void *, const void *, int);
 typedef int (*bio_read_f)(void *, void *, int);
 typedef size_t (*bio_ctrl_pending_f)(void *);
+typedef int (*ssl_pending_f)(const void *);
 typedef void (*err_clear_error_f)(void);
 
 static struct {
@@ -40,6 +41,7 @@ static struct {
     bio_write_f bio_write;
     bio_read_f bio_read;
     bio_ctrl_pending_f bio_ctrl_pending;
+    ssl_pending_f ssl_pending;
     err_clear_error_f err_clear_error;
     int bound;
 } ossl;
@@ -255,6 +257,9 @@ received_bytes(Pipe *self, const char *data, Py_ssize_t size, PyObject *as_pytho
                     return NULL;
                 }
                 filled = 0;
+            }
+            if (ossl.bio_ctrl_pending(self->rbio) == 0 && ossl.ssl_pending(self->ssl) == 0) {
+                break; /* all read: no failing read to find that out */
             }
             continue;
         }
@@ -507,17 +512,18 @@ static PyType_Spec Pipe_spec = {
 };
 
 /* bind(ssl_read_ex, ssl_write_ex, ssl_get_error, ssl_get_rbio, ssl_get_wbio, bio_write,
- *      bio_read, bio_ctrl_pending, err_clear_error): the entry points' addresses. */
+ *      bio_read, bio_ctrl_pending, ssl_pending, err_clear_error): the entry points' addresses. */
+#define ENTRY_POINTS 10
 static PyObject *
 relay_bind(PyObject *module, PyObject *args)
 {
-    PyObject *a[9];
-    if (!PyArg_ParseTuple(args, "OOOOOOOOO:bind", &a[0], &a[1], &a[2], &a[3], &a[4], &a[5],
-                          &a[6], &a[7], &a[8])) {
+    PyObject *a[ENTRY_POINTS];
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOO:bind", &a[0], &a[1], &a[2], &a[3], &a[4], &a[5],
+                          &a[6], &a[7], &a[8], &a[9])) {
         return NULL;
     }
-    void *p[9];
-    for (int i = 0; i < 9; i++) {
+    void *p[ENTRY_POINTS];
+    for (int i = 0; i < ENTRY_POINTS; i++) {
         p[i] = PyLong_AsVoidPtr(a[i]);
         if (p[i] == NULL) {
             if (!PyErr_Occurred()) {
@@ -534,7 +540,8 @@ relay_bind(PyObject *module, PyObject *args)
     ossl.bio_write = (bio_write_f)p[5];
     ossl.bio_read = (bio_read_f)p[6];
     ossl.bio_ctrl_pending = (bio_ctrl_pending_f)p[7];
-    ossl.err_clear_error = (err_clear_error_f)p[8];
+    ossl.ssl_pending = (ssl_pending_f)p[8];
+    ossl.err_clear_error = (err_clear_error_f)p[9];
     ossl.bound = 1;
     Py_RETURN_NONE;
 }

@@ -36,6 +36,7 @@ def bind(
     bio_write: int,
     bio_read: int,
     bio_ctrl_pending: int,
+    ssl_pending: int,
     err_clear_error: int,
     /,
 ) -> None: ...

@@ -128,6 +128,7 @@ _RELAY_ENTRY_POINTS = (
     "BIO_write",
     "BIO_read",
     "BIO_ctrl_pending",
+    "SSL_pending",
     "ERR_clear_error",
 )
 
@@ -468,6 +469,7 @@ def _bind(lib: ctypes.CDLL) -> None:
         "BIO_write": ((vp, vp, c_int), c_int),
         "BIO_read": ((vp, vp, c_int), c_int),
         "BIO_ctrl_pending": ((vp,), ctypes.c_size_t),
+        "SSL_pending": ((vp,), c_int),
     }
     for name, (args, result) in signatures.items():
         function = getattr(lib, name)
