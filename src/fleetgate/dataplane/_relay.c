@@ -50,6 +50,11 @@ static struct {
  * is one thread, and a chunk is written out before the next read). */
 static char scratch[SCRATCH_SIZE];
 
+/* The buffer reads are received into (the TLS endpoint's own, so a read handed back to it is
+ * where it expects): set once by use_buffer(), held for the process's life. */
+static PyObject *receive_object;
+static Py_buffer receive_view;
+
 static PyObject *str_received, *str_sent, *str_relay_ready, *str_buffer_updated,
     *str_data_received, *str_read_plaintext, *str_eof_received, *str_connection_lost,
     *str_pause_writing, *str_resume_writing, *str_write, *str_is_closing;
@@ -57,10 +62,7 @@ static PyObject *str_received, *str_sent, *str_relay_ready, *str_buffer_updated,
 typedef struct Pipe {
     PyObject_HEAD
     PyObject *endpoint;     /* the Endpoint this stands in for */
-    PyObject *write;        /* its transport's write */
-    PyObject *is_closing;   /* its transport's is_closing */
-    PyObject *buffer;       /* what get_buffer hands the loop */
-    Py_buffer view;         /* ... held for the pipe's life */
+    PyObject *transport;    /* its transport */
     PyObject *clock;        /* a callable for the monotonic time, or NULL: CLOCK_MONOTONIC */
     struct Pipe *peer;      /* the other end's pipe; NULL once detached */
     void *ssl, *rbio, *wbio; /* a TLS side's OpenSSL objects; NULL for a plain side */
@@ -146,7 +148,7 @@ flush(Pipe *self)
     if ((size_t)got < pending && _PyBytes_Resize(&records, got) < 0) {
         return -1;
     }
-    PyObject *result = PyObject_CallOneArg(self->write, records);
+    PyObject *result = PyObject_CallMethodOneArg(self->transport, str_write, records);
     Py_DECREF(records);
     if (result == NULL) {
         return -1;
@@ -160,7 +162,7 @@ flush(Pipe *self)
 static int
 send_plain(Pipe *self, const char *data, size_t size)
 {
-    PyObject *closing = PyObject_CallNoArgs(self->is_closing);
+    PyObject *closing = PyObject_CallMethodNoArgs(self->transport, str_is_closing);
     if (closing == NULL) {
         return -1;
     }
@@ -174,7 +176,7 @@ send_plain(Pipe *self, const char *data, size_t size)
         if (chunk == NULL) {
             return -1;
         }
-        PyObject *result = PyObject_CallOneArg(self->write, chunk);
+        PyObject *result = PyObject_CallMethodOneArg(self->transport, str_write, chunk);
         Py_DECREF(chunk);
         if (result == NULL) {
             return -1;
@@ -289,7 +291,7 @@ received_bytes(Pipe *self, const char *data, Py_ssize_t size, PyObject *as_pytho
 static PyObject *
 Pipe_get_buffer(Pipe *self, PyObject *sizehint)
 {
-    return Py_NewRef(self->buffer);
+    return Py_NewRef(receive_object);
 }
 
 static PyObject *
@@ -299,11 +301,11 @@ Pipe_buffer_updated(Pipe *self, PyObject *arg)
     if (size == -1 && PyErr_Occurred()) {
         return NULL;
     }
-    if (size < 0 || size > self->view.len) {
+    if (size < 0 || size > receive_view.len) {
         PyErr_SetString(PyExc_ValueError, "more bytes than the buffer holds");
         return NULL;
     }
-    return received_bytes(self, (const char *)self->view.buf, size, arg, str_buffer_updated);
+    return received_bytes(self, (const char *)receive_view.buf, size, arg, str_buffer_updated);
 }
 
 static PyObject *
@@ -376,9 +378,7 @@ Pipe_traverse(Pipe *self, visitproc visit, void *arg)
 {
     Py_VISIT(Py_TYPE(self));
     Py_VISIT(self->endpoint);
-    Py_VISIT(self->write);
-    Py_VISIT(self->is_closing);
-    Py_VISIT(self->buffer);
+    Py_VISIT(self->transport);
     Py_VISIT(self->clock);
     Py_VISIT((PyObject *)self->peer);
     return 0;
@@ -389,13 +389,8 @@ Pipe_clear(Pipe *self)
 {
     Py_CLEAR(self->peer);
     Py_CLEAR(self->endpoint);
-    Py_CLEAR(self->write);
-    Py_CLEAR(self->is_closing);
+    Py_CLEAR(self->transport);
     Py_CLEAR(self->clock);
-    if (self->buffer != NULL) {
-        PyBuffer_Release(&self->view);
-        Py_CLEAR(self->buffer);
-    }
     return 0;
 }
 
@@ -409,14 +404,13 @@ Pipe_dealloc(Pipe *self)
     Py_DECREF(type);
 }
 
-/* Pipe(endpoint, transport, buffer, ssl, clock): ``ssl`` is the address of a TLS side's SSL
+/* Pipe(endpoint, transport, ssl, clock): ``ssl`` is the address of a TLS side's SSL
  * object (0 for a plain side), ``clock`` a callable or None for the system's monotonic clock. */
 static int
 Pipe_init(Pipe *self, PyObject *args, PyObject *kwargs)
 {
-    PyObject *endpoint, *transport, *buffer, *ssl_address, *clock;
-    if (!PyArg_ParseTuple(args, "OOOOO:Pipe", &endpoint, &transport, &buffer, &ssl_address,
-                          &clock)) {
+    PyObject *endpoint, *transport, *ssl_address, *clock;
+    if (!PyArg_ParseTuple(args, "OOOO:Pipe", &endpoint, &transport, &ssl_address, &clock)) {
         return -1;
     }
     if (self->endpoint != NULL) {
@@ -431,15 +425,11 @@ Pipe_init(Pipe *self, PyObject *args, PyObject *kwargs)
         PyErr_SetString(PyExc_RuntimeError, "OpenSSL entry points not bound");
         return -1;
     }
-    if (PyObject_GetBuffer(buffer, &self->view, PyBUF_WRITABLE) < 0) {
+    if (receive_object == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "no receive buffer: use_buffer() first");
         return -1;
     }
-    self->buffer = Py_NewRef(buffer);
-    self->write = PyObject_GetAttr(transport, str_write);
-    self->is_closing = PyObject_GetAttr(transport, str_is_closing);
-    if (self->write == NULL || self->is_closing == NULL) {
-        return -1;
-    }
+    self->transport = Py_NewRef(transport);
     self->endpoint = Py_NewRef(endpoint);
     self->clock = clock == Py_None ? NULL : Py_NewRef(clock);
     if (ssl != NULL) {
@@ -546,7 +536,26 @@ relay_bind(PyObject *module, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *
+relay_use_buffer(PyObject *module, PyObject *buffer)
+{
+    if (receive_object != NULL) {
+        if (buffer == receive_object) {
+            Py_RETURN_NONE;
+        }
+        PyErr_SetString(PyExc_RuntimeError, "the receive buffer is set once");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(buffer, &receive_view, PyBUF_WRITABLE) < 0) {
+        return NULL;
+    }
+    receive_object = Py_NewRef(buffer);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef relay_functions[] = {
+    {"use_buffer", relay_use_buffer, METH_O,
+     "Receive every pipe's reads into this (writable) buffer; set once."},
     {"bind", relay_bind, METH_VARARGS, "Hand over the OpenSSL entry points (addresses)."},
     {NULL},
 };

@@ -11,7 +11,6 @@ class Pipe:
         self,
         endpoint: Endpoint,
         transport: asyncio.BaseTransport,
-        buffer: memoryview,
         ssl: int,
         clock: object,
         /,
@@ -27,6 +26,7 @@ class Pipe:
     def join(self, other: Pipe, /) -> None: ...
     def detach(self) -> None: ...
 
+def use_buffer(buffer: memoryview, /) -> None: ...
 def bind(
     ssl_read_ex: int,
     ssl_write_ex: int,

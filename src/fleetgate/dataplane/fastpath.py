@@ -43,6 +43,7 @@ def _load() -> tuple[ModuleType | None, str]:
     if not native.AVAILABLE:
         return None, f"OpenSSL is not reachable: {native.WHY_NOT}"
     _relay.bind(*native.relay_entry_points())
+    _relay.use_buffer(receive_buffer())
     return _relay, ""
 
 
@@ -91,7 +92,7 @@ def _pipe(endpoint: Endpoint, monotonic: Callable[[], float] | None) -> Pipe:
     assert _relay is not None
     assert endpoint.transport is not None
     address = native.ssl_address(endpoint.ssl_object) if isinstance(endpoint, TlsEndpoint) else 0
-    pipe: Pipe = _relay.Pipe(endpoint, endpoint.transport, receive_buffer(), address, monotonic)
+    pipe: Pipe = _relay.Pipe(endpoint, endpoint.transport, address, monotonic)
     return pipe
 
 
