@@ -3,6 +3,7 @@ fleetgate to a real mosquitto that requires a client certificate and takes its C
 
     .venv/bin/python bench/mqtt_fleet.py [--devices 10000] [--workers 2] [--rate 5000]
         [--duration-s 20] [--payload-bytes 100] [--repeat 3] [--clients 2] [--data DIR]
+        [--relay compiled|python]
 
 Once: a throwaway fleetgate registers N devices, each with its own loopback source address
 (127.1.1.1, 127.1.1.2, ...), and issues each a certificate whose key fleetgate keeps
@@ -1009,6 +1010,7 @@ class Settings:
     upstream: str  # tls (the device's certificate) | plain (unsafe_plaintext, for comparison)
     reconnects: int
     session_resumption: bool = True
+    relay: str = "compiled"  # compiled | python (FLEETGATE_RELAY=python), to compare
 
 
 def gateway_env(
@@ -1017,6 +1019,7 @@ def gateway_env(
     listener = f"FLEETGATE_LISTENERS__{LISTENER.upper()}__"
     env = {
         "FLEETGATE_NODE__WORKERS": str(settings.workers),
+        **({"FLEETGATE_RELAY": "python"} if settings.relay == "python" else {}),
         f"{listener}PROTOCOL": "mqtt",
         f"{listener}BIND": f"{HOST}:{port}",
         f"{listener}DESTINATION": "broker",
@@ -1305,6 +1308,7 @@ async def orchestrate(args: argparse.Namespace, work: Path, data_dir: Path) -> N
         upstream=args.upstream,
         reconnects=args.reconnects,
         session_resumption=not args.no_session_resumption,
+        relay=args.relay,
     )
     marker = await asyncio.to_thread(
         prepare_devices,
@@ -1367,6 +1371,12 @@ def main() -> None:
         "--no-session-resumption",
         action="store_true",
         help="destination session_resumption = false",
+    )
+    parser.add_argument(
+        "--relay",
+        choices=["compiled", "python"],
+        default="compiled",
+        help="python: FLEETGATE_RELAY=python (the splice relays in Python), to compare",
     )
     parser.add_argument("--data", type=Path, help="keep registered devices here across runs")
     parser.add_argument("--role", choices=["orchestrator", "client"], default="orchestrator")
