@@ -20,6 +20,7 @@ from fleetgate.clock import Clock, SystemClock
 from fleetgate.config import Config, load_config
 from fleetgate.config.schema import split_host_port
 from fleetgate.datadir import DataDir, prepare
+from fleetgate.dataplane import fastpath
 from fleetgate.dataplane.affinity import PortSharing
 from fleetgate.dataplane.listeners import ListenerSet
 from fleetgate.dataplane.sessions import SessionPlane
@@ -238,6 +239,7 @@ class Gateway:
             store=db.dialect,
             data_dir=str(self.data.path),
             pid=os.getpid(),
+            relay="compiled" if fastpath.AVAILABLE else f"python: {fastpath.WHY_NOT}",
         )
         try:
             async with asyncio.TaskGroup() as tg:

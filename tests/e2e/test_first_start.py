@@ -108,3 +108,8 @@ def test_sigterm_drains_and_exits_zero(gateway: Gateway) -> None:
     assert gateway.stop() == 0
     names = [e.get("event") for e in gateway.events]
     assert names.index("gateway.draining") < names.index("gateway.stopped")
+
+
+def test_the_start_says_which_relay_runs(gateway: Gateway) -> None:
+    # The installed package compiled the relay (scripts/test installs gcc for it).
+    assert gateway.wait_for("gateway.started")["relay"] == "compiled"

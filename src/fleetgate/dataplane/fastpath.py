@@ -42,7 +42,10 @@ def _load() -> tuple[ModuleType | None, str]:
         return None, f"the compiled relay is not built ({exc})"
     if not native.AVAILABLE:
         return None, f"OpenSSL is not reachable: {native.WHY_NOT}"
-    _relay.bind(*native.relay_entry_points())
+    try:
+        _relay.bind(*native.relay_entry_points())
+    except (RuntimeError, ValueError) as exc:
+        return None, f"OpenSSL's entry points: {exc}"
     _relay.use_buffer(receive_buffer())
     return _relay, ""
 
