@@ -21,6 +21,7 @@
 #define RECORD_MAX 16384
 #define SCRATCH_SIZE (256 * 1024)
 #define SSL_ERROR_WANT_READ 2 /* ssl.h */
+#define SSL_SENT_SHUTDOWN 1   /* ssl.h */
 
 typedef int (*ssl_read_ex_f)(void *, void *, size_t, size_t *);
 typedef int (*ssl_write_ex_f)(void *, const void *, size_t, size_t *);
@@ -30,6 +31,7 @@ typedef int (*bio_write_f)(void *, const void *, int);
 typedef int (*bio_read_f)(void *, void *, int);
 typedef size_t (*bio_ctrl_pending_f)(void *);
 typedef int (*ssl_pending_f)(const void *);
+typedef int (*ssl_get_shutdown_f)(const void *);
 typedef void (*err_clear_error_f)(void);
 
 static struct {
@@ -42,6 +44,7 @@ static struct {
     bio_read_f bio_read;
     bio_ctrl_pending_f bio_ctrl_pending;
     ssl_pending_f ssl_pending;
+    ssl_get_shutdown_f ssl_get_shutdown;
     err_clear_error_f err_clear_error;
     int bound;
 } ossl;
@@ -58,6 +61,13 @@ static Py_buffer receive_view;
 static PyObject *str_received, *str_sent, *str_relay_ready, *str_buffer_updated,
     *str_data_received, *str_read_plaintext, *str_eof_received, *str_connection_lost,
     *str_pause_writing, *str_resume_writing, *str_write, *str_is_closing;
+
+/* A pipe made with Pipe.__new__ but never initialised has no endpoint: refuse, do not crash. */
+#define REQUIRE_READY(self)                                                                    \
+    if ((self)->endpoint == NULL) {                                                            \
+        PyErr_SetString(PyExc_RuntimeError, "the Pipe was not initialised");                   \
+        return NULL;                                                                           \
+    }
 
 typedef struct Pipe {
     PyObject_HEAD
@@ -157,6 +167,34 @@ flush(Pipe *self)
     return 0;
 }
 
+/* OpenSSL would not take plaintext. After our close_notify (the splice passed on a half-close)
+ * nothing more is written, as the endpoint's own write does. Anything else is the endpoint's
+ * to meet: the rest goes through its write, which raises as the Python relay does, rather than
+ * a chunk going missing from the middle of the stream. */
+static int
+write_failed(Pipe *self, const char *rest, size_t size, size_t done)
+{
+    self->unsynced_sent += done;
+    if (flush(self) < 0) { /* the records written before the failure */
+        return -1;
+    }
+    if (ossl.ssl_get_shutdown(self->ssl) & SSL_SENT_SHUTDOWN) {
+        ossl.err_clear_error();
+        return 0;
+    }
+    PyObject *chunk = PyBytes_FromStringAndSize(rest, (Py_ssize_t)size);
+    if (chunk == NULL) {
+        return -1;
+    }
+    PyObject *result = PyObject_CallMethodOneArg(self->endpoint, str_write, chunk);
+    Py_DECREF(chunk);
+    if (result == NULL) {
+        return -1;
+    }
+    Py_DECREF(result);
+    return 0;
+}
+
 /* Write plaintext to this side (the other side read it). As the endpoint's write does: nothing
  * is written to a transport that is closing. */
 static int
@@ -185,13 +223,11 @@ send_plain(Pipe *self, const char *data, size_t size)
     }
     else {
         size_t done = 0;
+        ossl.err_clear_error(); /* nothing stale decides this write's fate */
         while (done < size) {
             size_t written = 0;
             if (ossl.ssl_write_ex(self->ssl, data + done, size - done, &written) != 1) {
-                /* Shut down for writing (close_notify sent) or failed: what the connection's
-                 * end will report; the chunk cannot go anywhere. */
-                ossl.err_clear_error();
-                return 0;
+                return write_failed(self, data + done, size - done, done);
             }
             done += written;
         }
@@ -203,27 +239,31 @@ send_plain(Pipe *self, const char *data, size_t size)
     return 0;
 }
 
-/* Plaintext that came from this side goes to the other. */
+/* Plaintext that came from this side goes to the other; the connection moved (idle clock). */
 static int
 deliver(Pipe *self, const char *data, size_t size)
 {
+    double moment = now(self);
+    if (moment < 0 && PyErr_Occurred()) {
+        return -1;
+    }
+    self->last = moment;
     self->received += size;
     self->unsynced_received += size;
-    if (self->peer == NULL) {
+    Pipe *peer = self->peer;
+    if (peer == NULL) {
         return 0;
     }
-    return send_plain(self->peer, data, size);
+    Py_INCREF(peer); /* Python code runs in there: whatever it does, the peer outlives the call */
+    int result = send_plain(peer, data, size);
+    Py_DECREF(peer);
+    return result;
 }
 
 /* Bytes the socket gave: relayed, or handed to the endpoint when it has more to do than relay. */
 static PyObject *
 received_bytes(Pipe *self, const char *data, Py_ssize_t size, PyObject *as_python, PyObject *method)
 {
-    double moment = now(self);
-    if (moment < 0 && PyErr_Occurred()) {
-        return NULL;
-    }
-    self->last = moment;
     if (self->ssl == NULL) {
         if (deliver(self, data, (size_t)size) < 0) {
             return NULL;
@@ -235,8 +275,12 @@ received_bytes(Pipe *self, const char *data, Py_ssize_t size, PyObject *as_pytho
         if (ready == NULL) {
             return NULL;
         }
-        self->warm = PyObject_IsTrue(ready) == 1;
+        int warm = PyObject_IsTrue(ready);
         Py_DECREF(ready);
+        if (warm < 0) {
+            return NULL;
+        }
+        self->warm = warm;
         if (!self->warm) {
             if (sync_counts(self) < 0) {
                 return NULL;
@@ -250,6 +294,7 @@ received_bytes(Pipe *self, const char *data, Py_ssize_t size, PyObject *as_pytho
     }
     size_t filled = 0;
     int more_for_endpoint = 0;
+    ossl.err_clear_error(); /* nothing stale decides these reads' fate */
     for (;;) {
         size_t got = 0;
         if (ossl.ssl_read_ex(self->ssl, scratch + filled, RECORD_MAX, &got) == 1) {
@@ -271,10 +316,10 @@ received_bytes(Pipe *self, const char *data, Py_ssize_t size, PyObject *as_pytho
         more_for_endpoint = ossl.ssl_get_error(self->ssl, 0) != SSL_ERROR_WANT_READ;
         break;
     }
-    if (flush(self) < 0) { /* what reading produced: a key update's answer, an alert */
-        return NULL;
-    }
-    if (filled && deliver(self, scratch, filled) < 0) {
+    if (flush(self) < 0 || (filled && deliver(self, scratch, filled) < 0)) {
+        if (more_for_endpoint) {
+            ossl.err_clear_error(); /* the read's error is not left for another connection */
+        }
         return NULL;
     }
     if (more_for_endpoint) {
@@ -291,12 +336,14 @@ received_bytes(Pipe *self, const char *data, Py_ssize_t size, PyObject *as_pytho
 static PyObject *
 Pipe_get_buffer(Pipe *self, PyObject *sizehint)
 {
+    REQUIRE_READY(self);
     return Py_NewRef(receive_object);
 }
 
 static PyObject *
 Pipe_buffer_updated(Pipe *self, PyObject *arg)
 {
+    REQUIRE_READY(self);
     Py_ssize_t size = PyLong_AsSsize_t(arg);
     if (size == -1 && PyErr_Occurred()) {
         return NULL;
@@ -311,6 +358,7 @@ Pipe_buffer_updated(Pipe *self, PyObject *arg)
 static PyObject *
 Pipe_data_received(Pipe *self, PyObject *data)
 {
+    REQUIRE_READY(self);
     Py_buffer view;
     if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) {
         return NULL;
@@ -324,6 +372,7 @@ Pipe_data_received(Pipe *self, PyObject *data)
 static PyObject *
 forward(Pipe *self, PyObject *name, PyObject *arg)
 {
+    REQUIRE_READY(self);
     if (sync_counts(self) < 0) {
         return NULL;
     }
@@ -366,6 +415,7 @@ Pipe_connection_made(Pipe *self, PyObject *transport)
 static PyObject *
 Pipe_detach(Pipe *self, PyObject *unused)
 {
+    REQUIRE_READY(self);
     Py_CLEAR(self->peer);
     if (sync_counts(self) < 0) {
         return NULL;
@@ -452,6 +502,7 @@ Pipe_init(Pipe *self, PyObject *args, PyObject *kwargs)
 static PyObject *
 Pipe_join(Pipe *self, PyObject *other)
 {
+    REQUIRE_READY(self);
     if (!PyObject_TypeCheck(other, Py_TYPE(self))) {
         PyErr_SetString(PyExc_TypeError, "a Pipe joins a Pipe");
         return NULL;
@@ -502,14 +553,15 @@ static PyType_Spec Pipe_spec = {
 };
 
 /* bind(ssl_read_ex, ssl_write_ex, ssl_get_error, ssl_get_rbio, ssl_get_wbio, bio_write,
- *      bio_read, bio_ctrl_pending, ssl_pending, err_clear_error): the entry points' addresses. */
-#define ENTRY_POINTS 10
+ *      bio_read, bio_ctrl_pending, ssl_pending, ssl_get_shutdown, err_clear_error): the entry
+ *      points' addresses. */
+#define ENTRY_POINTS 11
 static PyObject *
 relay_bind(PyObject *module, PyObject *args)
 {
     PyObject *a[ENTRY_POINTS];
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOO:bind", &a[0], &a[1], &a[2], &a[3], &a[4], &a[5],
-                          &a[6], &a[7], &a[8], &a[9])) {
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOO:bind", &a[0], &a[1], &a[2], &a[3], &a[4], &a[5],
+                          &a[6], &a[7], &a[8], &a[9], &a[10])) {
         return NULL;
     }
     void *p[ENTRY_POINTS];
@@ -531,7 +583,8 @@ relay_bind(PyObject *module, PyObject *args)
     ossl.bio_read = (bio_read_f)p[6];
     ossl.bio_ctrl_pending = (bio_ctrl_pending_f)p[7];
     ossl.ssl_pending = (ssl_pending_f)p[8];
-    ossl.err_clear_error = (err_clear_error_f)p[9];
+    ossl.ssl_get_shutdown = (ssl_get_shutdown_f)p[9];
+    ossl.err_clear_error = (err_clear_error_f)p[10];
     ossl.bound = 1;
     Py_RETURN_NONE;
 }
@@ -591,6 +644,8 @@ relay_exec(PyObject *module)
 
 static PyModuleDef_Slot relay_slots[] = {
     {Py_mod_exec, relay_exec},
+    /* The OpenSSL entry points and the receive buffer are the process's, not per interpreter. */
+    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED},
     {0, NULL},
 };
 

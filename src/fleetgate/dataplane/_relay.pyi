@@ -37,6 +37,7 @@ def bind(
     bio_read: int,
     bio_ctrl_pending: int,
     ssl_pending: int,
+    ssl_get_shutdown: int,
     err_clear_error: int,
     /,
 ) -> None: ...

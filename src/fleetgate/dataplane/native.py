@@ -129,6 +129,7 @@ _RELAY_ENTRY_POINTS = (
     "BIO_read",
     "BIO_ctrl_pending",
     "SSL_pending",
+    "SSL_get_shutdown",
     "ERR_clear_error",
 )
 

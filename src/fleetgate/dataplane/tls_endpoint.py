@@ -347,6 +347,8 @@ class TlsEndpoint(Endpoint, asyncio.BufferedProtocol):
             except ssl.SSLError as exc:
                 self._flush()
                 self.failure = classify(exc)
+                if filled:  # what authenticated before the bad record is the peer's data
+                    self._deliver(bytes(scratch[:filled]))
                 if self.transport is not None:
                     self.transport.close()
                 return
