@@ -135,6 +135,22 @@ sync_counts(Pipe *self)
     return add_to(self->endpoint, str_sent, &self->unsynced_sent);
 }
 
+/* obj.method(chunk), taking over the reference to ``chunk`` (NULL: making it failed). */
+static int
+call_with(PyObject *obj, PyObject *method, PyObject *chunk)
+{
+    if (chunk == NULL) {
+        return -1;
+    }
+    PyObject *result = PyObject_CallMethodOneArg(obj, method, chunk);
+    Py_DECREF(chunk);
+    if (result == NULL) {
+        return -1;
+    }
+    Py_DECREF(result);
+    return 0;
+}
+
 /* Send what OpenSSL wrote to a TLS side's outgoing BIO. */
 static int
 flush(Pipe *self)
@@ -158,13 +174,7 @@ flush(Pipe *self)
     if ((size_t)got < pending && _PyBytes_Resize(&records, got) < 0) {
         return -1;
     }
-    PyObject *result = PyObject_CallMethodOneArg(self->transport, str_write, records);
-    Py_DECREF(records);
-    if (result == NULL) {
-        return -1;
-    }
-    Py_DECREF(result);
-    return 0;
+    return call_with(self->transport, str_write, records);
 }
 
 /* OpenSSL would not take plaintext. After our close_notify (the splice passed on a half-close)
@@ -182,17 +192,7 @@ write_failed(Pipe *self, const char *rest, size_t size, size_t done)
         ossl.err_clear_error();
         return 0;
     }
-    PyObject *chunk = PyBytes_FromStringAndSize(rest, (Py_ssize_t)size);
-    if (chunk == NULL) {
-        return -1;
-    }
-    PyObject *result = PyObject_CallMethodOneArg(self->endpoint, str_write, chunk);
-    Py_DECREF(chunk);
-    if (result == NULL) {
-        return -1;
-    }
-    Py_DECREF(result);
-    return 0;
+    return call_with(self->endpoint, str_write, PyBytes_FromStringAndSize(rest, (Py_ssize_t)size));
 }
 
 /* Write plaintext to this side (the other side read it). As the endpoint's write does: nothing
@@ -211,15 +211,9 @@ send_plain(Pipe *self, const char *data, size_t size)
     }
     if (self->ssl == NULL) {
         PyObject *chunk = PyBytes_FromStringAndSize(data, (Py_ssize_t)size);
-        if (chunk == NULL) {
+        if (call_with(self->transport, str_write, chunk) < 0) {
             return -1;
         }
-        PyObject *result = PyObject_CallMethodOneArg(self->transport, str_write, chunk);
-        Py_DECREF(chunk);
-        if (result == NULL) {
-            return -1;
-        }
-        Py_DECREF(result);
     }
     else {
         size_t done = 0;
