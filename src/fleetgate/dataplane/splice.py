@@ -116,9 +116,9 @@ class _Splice:
         if self.pipes is not None:
             pipes, self.pipes = self.pipes, None
             fastpath.detach(pipes)
+            self._catch_up(pipes)
             self.up_bytes += pipes[0].received
             self.down_bytes += pipes[1].received
-            self.last = max(self.last, pipes[0].last, pipes[1].last)
         device, destination = self.device, self.destination
         device.on_data = device.on_eof = destination.on_data = destination.on_eof = None
         device.on_write_paused = destination.on_write_paused = None
@@ -181,12 +181,16 @@ class _Splice:
         if self.finished.done():
             return
         if self.pipes is not None:
-            self.last = max(self.last, self.pipes[0].last, self.pipes[1].last)
+            self._catch_up(self.pipes)
         deadline = self.last + self.idle_timeout_s
         if deadline <= now:
             self.finish("idle_timeout")
         else:
             self.idle_slot = self.idle_watch.watch(self, deadline)
+
+    def _catch_up(self, pipes: tuple[Pipe, Pipe]) -> None:
+        """Data the compiled relay moved counts as activity too."""
+        self.last = max(self.last, pipes[0].last, pipes[1].last)
 
     def _done(self, _: asyncio.Future[str]) -> None:
         self.stop()
