@@ -191,7 +191,11 @@ def test_reloads_under_load_drop_nobody_and_serve_the_newest_good_certificate(
         expected = {payload for p in publishers for payload in p.sent}
         received: set[bytes] = set()
         while not expected <= received:
-            received.add(bytes(observer.next_message().payload))
+            try:
+                received.add(bytes(observer.next_message().payload))
+            except AssertionError as missing:
+                dropped = site.broker.log_lines("messages are being dropped")
+                raise AssertionError(f"{len(expected - received)} lost; {dropped}") from missing
     finally:
         for publisher in publishers:
             publisher.stop.set()
