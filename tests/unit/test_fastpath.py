@@ -1,14 +1,16 @@
 """The compiled relay (``_relay`` through ``fastpath``) against the Python one: the same bytes,
 the same counts, the same half-closes, flow control and failure causes.
 
-Every test runs twice, with the compiled relay and with it switched off. The device is one
-end of a socket pair; the destination is a TLS server on 127.0.0.1 (the gateway's own server
+Every test runs twice, with the compiled relay and with it switched off; two also run on uvloop
+(the gateway's loop), whose sockets the compiled relay writes directly. The device is one end
+of a socket pair; the destination is a TLS server on 127.0.0.1 (the gateway's own server
 endpoint, which can also write a broken record); the gateway's side is the real upstream code.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import socket
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import uvloop
 
 from fleetgate.clock import FakeClock
 from fleetgate.config.schema import DestinationConfig
@@ -95,6 +98,12 @@ async def rig(
 ) -> AsyncIterator[Rig]:
     compiled = request.param == "compiled"
     monkeypatch.setattr(fastpath, "ENABLED", compiled)
+    async with _rig(tmp_path, compiled) as made:
+        yield made
+
+
+@contextlib.asynccontextmanager
+async def _rig(tmp_path: Path, compiled: bool) -> AsyncIterator[Rig]:
     ca = TestCA.create("fastpath root")
     cafile = ca.write_bundle(tmp_path / "ca.pem")
     context = server_context(ca.issue_server().write(tmp_path, "server"))
@@ -193,8 +202,8 @@ async def test_a_large_transfer_arrives_whole_through_flow_control(
     sending = asyncio.get_running_loop().create_task(rig.send(payload))
     digest, received = hashlib.sha256(), 0
     while received < len(payload):  # a slow reader: small reads, so the gateway must hold back
-        chunk = await asyncio.get_running_loop().sock_recv(rig.device, 4096)
-        assert chunk
+        chunk = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(rig.device, 4096), 10)
+        assert chunk, f"the device's connection ended after {received} bytes"
         digest.update(chunk)
         received += len(chunk)
     await sending
@@ -262,3 +271,22 @@ async def test_activity_in_c_keeps_an_idle_deadline_away(rig: Rig) -> None:
     watch.tick()
     result = await asyncio.wait_for(rig.done, 10)
     assert result.reason == "idle_timeout"
+
+
+@pytest.mark.parametrize("case", ["messages-and-half-closes", "large-transfer"])
+def test_on_uvloop_the_direct_writes_keep_every_byte_in_order(
+    case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway's own loop. The compiled relay writes a socket itself while its transport has
+    nothing queued, so the order of the bytes rests on uvloop's account of what it holds."""
+    monkeypatch.setattr(fastpath, "ENABLED", True)
+
+    async def run() -> None:
+        async with _rig(tmp_path, compiled=True) as rig:
+            assert type(rig.device_end.transport).__module__ == "uvloop.loop"
+            if case == "large-transfer":
+                await test_a_large_transfer_arrives_whole_through_flow_control(rig, monkeypatch)
+            else:
+                await test_messages_cross_both_ways_and_each_half_close_is_passed_on(rig)
+
+    uvloop.run(run())

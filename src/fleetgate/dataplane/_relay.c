@@ -4,7 +4,9 @@
  * A Pipe stands in for an endpoint as its transport's protocol while a splice relays (see
  * dataplane/fastpath.py). For each read the event loop hands it, it decrypts (a TLS side: the
  * endpoint's own OpenSSL objects, through its memory BIOs), encrypts for the other side when
- * that side is TLS, and writes to the other side's transport: no Python frame per chunk.
+ * that side is TLS, and writes to the other side: no Python frame per chunk. The write goes
+ * straight to the other side's socket while its transport has nothing queued, so that order
+ * and flow control stay the transport's (the rest of a short send goes through it).
  * Everything that is not a plain chunk of data is handed back to the endpoint, which handles it
  * as it always does: the end of input, a lost connection, write flow control, a TLS alert or
  * close_notify (left unread here, so the endpoint's own read meets it), and the first reads of
@@ -16,10 +18,13 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <errno.h>
+#include <sys/socket.h>
 #include <time.h>
 
 #define RECORD_MAX 16384
 #define SCRATCH_SIZE (256 * 1024)
+#define OUTGOING_SIZE (SCRATCH_SIZE + 32 * 1024) /* a full scratch of plaintext, as records */
 #define SSL_ERROR_WANT_READ 2 /* ssl.h */
 #define SSL_SENT_SHUTDOWN 1   /* ssl.h */
 
@@ -52,6 +57,7 @@ static struct {
 /* Plaintext read from a TLS side, before it is written to the other: one per process (the loop
  * is one thread, and a chunk is written out before the next read). */
 static char scratch[SCRATCH_SIZE];
+static char outgoing[OUTGOING_SIZE]; /* records on their way from a wbio to a socket */
 
 /* The buffer reads are received into (the TLS endpoint's own, so a read handed back to it is
  * where it expects): set once by use_buffer(), held for the process's life. */
@@ -60,7 +66,8 @@ static Py_buffer receive_view;
 
 static PyObject *str_received, *str_sent, *str_relay_ready, *str_buffer_updated,
     *str_data_received, *str_read_plaintext, *str_eof_received, *str_connection_lost,
-    *str_pause_writing, *str_resume_writing, *str_write, *str_is_closing;
+    *str_pause_writing, *str_resume_writing, *str_write, *str_is_closing,
+    *str_get_write_buffer_size;
 
 /* A pipe made with Pipe.__new__ but never initialised has no endpoint: refuse, do not crash. */
 #define REQUIRE_READY(self)                                                                    \
@@ -80,6 +87,8 @@ typedef struct Pipe {
     unsigned long long unsynced_received, unsynced_sent; /* not yet added to the endpoint */
     double last;            /* when data last came from this side */
     int warm;               /* TLS: the endpoint's first-read work is done, reads are ours */
+    int fd;                 /* the transport's socket, written directly when it has nothing
+                               queued; -1: always through the transport */
 } Pipe;
 
 static double
@@ -151,30 +160,69 @@ call_with(PyObject *obj, PyObject *method, PyObject *chunk)
     return 0;
 }
 
-/* Send what OpenSSL wrote to a TLS side's outgoing BIO. */
+/* Put bytes on this side's connection. When the transport has nothing queued (the usual case)
+ * they go straight to its socket; what the socket does not take at once, or everything while
+ * something is queued, goes through the transport, which keeps the order and applies its flow
+ * control. A send that fails outright (a reset) turns direct writes off for this side, and the
+ * transport meets the dead socket on the same bytes and reports the loss as it always does. */
 static int
-flush(Pipe *self)
+write_out(Pipe *self, const char *data, size_t size, int known_open)
 {
-    size_t pending = ossl.bio_ctrl_pending(self->wbio);
-    if (pending == 0) {
-        return 0;
+    if (self->fd >= 0 && !known_open) {
+        PyObject *closing = PyObject_CallMethodNoArgs(self->transport, str_is_closing);
+        if (closing == NULL) {
+            return -1;
+        }
+        int is_closing = PyObject_IsTrue(closing);
+        Py_DECREF(closing);
+        if (is_closing < 0) {
+            return -1;
+        }
+        known_open = !is_closing;
     }
-    if (pending > INT_MAX) {
-        pending = INT_MAX;
+    if (self->fd >= 0 && known_open) {
+        PyObject *queued = PyObject_CallMethodNoArgs(self->transport, str_get_write_buffer_size);
+        if (queued == NULL) {
+            return -1;
+        }
+        long queued_size = PyLong_AsLong(queued);
+        Py_DECREF(queued);
+        if (queued_size == -1 && PyErr_Occurred()) {
+            return -1;
+        }
+        if (queued_size == 0) {
+            ssize_t sent = send(self->fd, data, size, MSG_DONTWAIT | MSG_NOSIGNAL);
+            if (sent > 0) {
+                data += sent;
+                size -= (size_t)sent;
+            }
+            else if (sent < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+                self->fd = -1;
+            }
+            if (size == 0) {
+                return 0;
+            }
+        }
     }
-    PyObject *records = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)pending);
-    if (records == NULL) {
-        return -1;
+    return call_with(self->transport, str_write,
+                     PyBytes_FromStringAndSize(data, (Py_ssize_t)size));
+}
+
+/* Send what OpenSSL wrote to a TLS side's outgoing BIO (``known_open``: the caller saw the
+ * transport is not closing). */
+static int
+flush(Pipe *self, int known_open)
+{
+    while (ossl.bio_ctrl_pending(self->wbio) > 0) {
+        int got = ossl.bio_read(self->wbio, outgoing, OUTGOING_SIZE);
+        if (got <= 0) {
+            return 0;
+        }
+        if (write_out(self, outgoing, (size_t)got, known_open) < 0) {
+            return -1;
+        }
     }
-    int got = ossl.bio_read(self->wbio, PyBytes_AS_STRING(records), (int)pending);
-    if (got <= 0) {
-        Py_DECREF(records);
-        return 0;
-    }
-    if ((size_t)got < pending && _PyBytes_Resize(&records, got) < 0) {
-        return -1;
-    }
-    return call_with(self->transport, str_write, records);
+    return 0;
 }
 
 /* OpenSSL would not take plaintext. After our close_notify (the splice passed on a half-close)
@@ -185,7 +233,7 @@ static int
 write_failed(Pipe *self, const char *rest, size_t size, size_t done)
 {
     self->unsynced_sent += done;
-    if (flush(self) < 0) { /* the records written before the failure */
+    if (flush(self, 1) < 0) { /* the records written before the failure */
         return -1;
     }
     if (ossl.ssl_get_shutdown(self->ssl) & SSL_SENT_SHUTDOWN) {
@@ -210,8 +258,7 @@ send_plain(Pipe *self, const char *data, size_t size)
         return is_closing < 0 ? -1 : 0;
     }
     if (self->ssl == NULL) {
-        PyObject *chunk = PyBytes_FromStringAndSize(data, (Py_ssize_t)size);
-        if (call_with(self->transport, str_write, chunk) < 0) {
+        if (write_out(self, data, size, 1) < 0) {
             return -1;
         }
     }
@@ -225,7 +272,7 @@ send_plain(Pipe *self, const char *data, size_t size)
             }
             done += written;
         }
-        if (flush(self) < 0) {
+        if (flush(self, 1) < 0) {
             return -1;
         }
     }
@@ -310,7 +357,7 @@ received_bytes(Pipe *self, const char *data, Py_ssize_t size, PyObject *as_pytho
         more_for_endpoint = ossl.ssl_get_error(self->ssl, 0) != SSL_ERROR_WANT_READ;
         break;
     }
-    if (flush(self) < 0 || (filled && deliver(self, scratch, filled) < 0)) {
+    if (flush(self, 0) < 0 || (filled && deliver(self, scratch, filled) < 0)) {
         if (more_for_endpoint) {
             ossl.err_clear_error(); /* the read's error is not left for another connection */
         }
@@ -448,13 +495,16 @@ Pipe_dealloc(Pipe *self)
     Py_DECREF(type);
 }
 
-/* Pipe(endpoint, transport, ssl, clock): ``ssl`` is the address of a TLS side's SSL
- * object (0 for a plain side), ``clock`` a callable or None for the system's monotonic clock. */
+/* Pipe(endpoint, transport, ssl, clock[, fd]): ``ssl`` is the address of a TLS side's SSL
+ * object (0 for a plain side), ``clock`` a callable or None for the system's monotonic clock,
+ * ``fd`` the transport's socket when the transport writes it with nothing in between (-1:
+ * always write through the transport). */
 static int
 Pipe_init(Pipe *self, PyObject *args, PyObject *kwargs)
 {
     PyObject *endpoint, *transport, *ssl_address, *clock;
-    if (!PyArg_ParseTuple(args, "OOOO:Pipe", &endpoint, &transport, &ssl_address, &clock)) {
+    int fd = -1;
+    if (!PyArg_ParseTuple(args, "OOOO|i:Pipe", &endpoint, &transport, &ssl_address, &clock, &fd)) {
         return -1;
     }
     if (self->endpoint != NULL) {
@@ -476,6 +526,7 @@ Pipe_init(Pipe *self, PyObject *args, PyObject *kwargs)
     self->transport = Py_NewRef(transport);
     self->endpoint = Py_NewRef(endpoint);
     self->clock = clock == Py_None ? NULL : Py_NewRef(clock);
+    self->fd = fd;
     if (ssl != NULL) {
         self->ssl = ssl;
         self->rbio = ossl.ssl_get_rbio(ssl);
@@ -625,6 +676,7 @@ relay_exec(PyObject *module)
     INTERN(str_pause_writing, "pause_writing");
     INTERN(str_resume_writing, "resume_writing");
     INTERN(str_write, "write");
+    INTERN(str_get_write_buffer_size, "get_write_buffer_size");
     INTERN(str_is_closing, "is_closing");
 #undef INTERN
     PyObject *type = PyType_FromModuleAndSpec(module, &Pipe_spec, NULL);

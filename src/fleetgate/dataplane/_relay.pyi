@@ -13,6 +13,7 @@ class Pipe:
         transport: asyncio.BaseTransport,
         ssl: int,
         clock: object,
+        fd: int = -1,
         /,
     ) -> None: ...
     def get_buffer(self, sizehint: int, /) -> memoryview: ...

@@ -95,8 +95,35 @@ def _pipe(endpoint: Endpoint, monotonic: Callable[[], float] | None) -> Pipe:
     assert _relay is not None
     assert endpoint.transport is not None
     address = native.ssl_address(endpoint.ssl_object) if isinstance(endpoint, TlsEndpoint) else 0
-    pipe: Pipe = _relay.Pipe(endpoint, endpoint.transport, address, monotonic)
+    pipe: Pipe = _relay.Pipe(endpoint, endpoint.transport, address, monotonic, _fd(endpoint))
     return pipe
+
+
+def _socket_transports() -> tuple[type, ...]:
+    """The transport types that write a TCP socket themselves, with nothing in between: the
+    compiled relay may write such a socket directly while the transport has nothing queued."""
+    from asyncio import selector_events
+
+    kinds: list[type] = [selector_events._SelectorSocketTransport]  # type: ignore[attr-defined]
+    try:
+        import uvloop.loop
+    except ImportError:
+        pass
+    else:
+        kinds.append(uvloop.loop.TCPTransport)  # type: ignore[attr-defined]
+    return tuple(kinds)
+
+
+_SOCKET_TRANSPORTS = _socket_transports()
+
+
+def _fd(endpoint: Endpoint) -> int:
+    """The socket to write directly, or -1 (through the transport only)."""
+    transport = endpoint.transport
+    if type(transport) not in _SOCKET_TRANSPORTS:
+        return -1
+    sock = transport.get_extra_info("socket")  # type: ignore[union-attr]
+    return sock.fileno() if sock is not None else -1
 
 
 def detach(pipes: tuple[Pipe, Pipe]) -> None:
