@@ -4,6 +4,8 @@ gives away before it refuses:
 - a reload through the API with an invalid configuration file answers 409 and changes nothing;
 - a changed listener whose new TLS material does not load keeps running with the old;
 - a connection over the caps is reset before the TLS handshake (no certificate is sent);
+- a reload that changes a listener does not reset its caps: what the retired instance still
+  holds counts until it ends;
 - an mtls listener loads every CRL fleetgate refreshes (the one it holds would expire).
 """
 
@@ -119,6 +121,56 @@ def test_a_connection_over_the_caps_is_reset_before_any_handshake(
         assert answer == b"", answer[:8]  # no ServerHello, no certificate
         refused = gateway.wait_for("listener.refused", since=mark)
         assert (refused["listener"], refused["reason"]) == ("capped", "source_limit")
+
+
+def _plain_listener(name: str, port: int, echo: int, idle_timeout_s: float) -> str:
+    return (
+        f'\n[listeners.{name}]\nprotocol = "tcp"\nbind = "{HOST}:{port}"\n'
+        f'forward_to = "{HOST}:{echo}"\nmax_per_source = 1\nidle_timeout_s = {idle_timeout_s}\n'
+    )
+
+
+def test_a_reload_that_changes_a_listener_keeps_counting_what_the_old_one_holds(
+    gateway_factory: GatewayFactory, echo_server: int
+) -> None:
+    port = free_port()
+    gateway = gateway_factory(FLEETGATE_ADMIN_TOKEN=ADMIN).start()
+    with gateway.client(ADMIN) as api:
+        add_device(api, "reloaded-device", addresses=[HOST])
+    config = gateway.data_dir / "fleetgate.toml"
+    original = config.read_text()
+    mark = gateway.mark()
+    config.write_text(original + _plain_listener("reloaded", port, echo_server, 300.0))
+    gateway.signal(signal.SIGHUP)
+    gateway.wait_for("listener.bound", lambda e: e["listener"] == "reloaded", since=mark)
+
+    with socket.create_connection((HOST, port), timeout=TIMEOUT_S) as first:
+        first.sendall(b"ping")
+        assert first.recv(4) == b"ping"
+        # The listener changes: a new instance takes the port, the first connection stays on
+        # the retired one (still relaying) and still counts against max_per_source = 1.
+        mark = gateway.mark()
+        config.write_text(original + _plain_listener("reloaded", port, echo_server, 200.0))
+        gateway.signal(signal.SIGHUP)
+        gateway.wait_for("listener.bound", lambda e: e["listener"] == "reloaded", since=mark)
+        mark = gateway.mark()
+        with socket.create_connection((HOST, port), timeout=TIMEOUT_S) as second:
+            second.sendall(b"over")
+            try:
+                answer = second.recv(4)
+            except ConnectionResetError:
+                answer = b""
+        assert answer == b""
+        refused = gateway.wait_for("listener.refused", since=mark)
+        assert (refused["listener"], refused["reason"]) == ("reloaded", "source_limit")
+        first.sendall(b"pong")
+        assert first.recv(4) == b"pong"
+        mark = gateway.mark()
+    gateway.wait_for("listener.closed", lambda e: e["listener"] == "reloaded", since=mark)
+    # The first connection ended: its place is free under the new settings.
+    with socket.create_connection((HOST, port), timeout=TIMEOUT_S) as third:
+        third.sendall(b"ping")
+        assert third.recv(4) == b"ping"
 
 
 def test_an_mtls_listener_loads_each_crl_fleetgate_refreshes(

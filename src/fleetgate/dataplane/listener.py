@@ -117,6 +117,17 @@ class _AcceptedTls(TlsEndpoint):
         self._on_made(self)
 
 
+@dataclass
+class ListenerLoad:
+    """What a listener holds, counted against its caps. One per listener name, shared by the
+    instance serving now and those a reload retired while their connections finish, so that a
+    reload does not open room for a second ``max_connections`` (or per-source, per-device)."""
+
+    connections: int = 0
+    per_source: Counter[str] = field(default_factory=Counter)
+    per_device: Counter[str] = field(default_factory=Counter)
+
+
 class StreamListener:
     def __init__(
         self,
@@ -127,6 +138,7 @@ class StreamListener:
         *,
         sharing: PortSharing | None,
         tls: ServerTls | None = None,
+        load: ListenerLoad | None = None,
     ) -> None:
         self.name = name
         self.config = config
@@ -136,9 +148,9 @@ class StreamListener:
         self._sharing = sharing
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        # Connections by device: what a revocation cuts.
+        # This instance's connections by device: what a revocation cuts.
         self._by_device: dict[str, dict[asyncio.Task[None], Conn]] = {}
-        self._per_source: Counter[str] = Counter()
+        self.load = load if load is not None else ListenerLoad()
 
     @property
     def active(self) -> int:
@@ -257,7 +269,8 @@ class StreamListener:
             log.warning("listener.refused", listener=self.name, source=source, reason=refusal)
             endpoint.abort()
             return
-        self._per_source[source] += 1
+        self.load.connections += 1
+        self.load.per_source[source] += 1
         metrics.listener_active.labels(self.name).inc()
         task = asyncio.get_running_loop().create_task(self._serve(endpoint, source))
         self._tasks.add(task)
@@ -266,34 +279,37 @@ class StreamListener:
     def _ended(self, source: str, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._path.metrics.listener_active.labels(self.name).dec()
-        self._per_source[source] -= 1
-        if not self._per_source[source]:
-            del self._per_source[source]
+        self.load.connections -= 1
+        _take_one(self.load.per_source, source)
 
     def _register(self, conn: Conn, device_id: str) -> None:
-        held = self._by_device.get(device_id, {})
+        held = self.load.per_device[device_id]
         limit = self.config.max_per_device
-        if limit is not None and len(held) >= limit:
-            raise Refused("device_limit", f"{device_id} holds {len(held)} connections already")
+        if limit is not None and held >= limit:
+            raise Refused("device_limit", f"{device_id} holds {held} connections already")
         task = asyncio.current_task()
         if task is not None:
-            self._by_device.setdefault(device_id, {})[task] = conn
+            mine = self._by_device.setdefault(device_id, {})
+            if task not in mine:
+                self.load.per_device[device_id] += 1
+            mine[task] = conn
 
     def _unregister(self, conn: Conn) -> None:
         task = asyncio.current_task()
         if conn.device_id is None or task is None:
             return
         mine = self._by_device.get(conn.device_id, {})
-        mine.pop(task, None)
+        if mine.pop(task, None) is not None:
+            _take_one(self.load.per_device, conn.device_id)
         if not mine:
             self._by_device.pop(conn.device_id, None)
 
     def _over_limit(self, source: str) -> str | None:
         """Why a new connection from ``source`` is one too many, if it is."""
-        if self.active >= self.config.max_connections:
+        if self.load.connections >= self.config.max_connections:
             return "listener_full"
         limit = self.config.max_per_source
-        if limit is not None and self._per_source[source] >= limit:
+        if limit is not None and self.load.per_source[source] >= limit:
             return "source_limit"
         return None
 
@@ -362,3 +378,9 @@ class StreamListener:
             finally:
                 self._unregister(conn)
                 endpoint.close()
+
+
+def _take_one(counts: Counter[str], key: str) -> None:
+    counts[key] -= 1
+    if counts[key] <= 0:
+        del counts[key]

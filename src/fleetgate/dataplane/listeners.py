@@ -14,7 +14,7 @@ from fleetgate.config.schema import DestinationConfig, ListenerConfig
 from fleetgate.dataplane.affinity import PortSharing
 from fleetgate.dataplane.datapath import DataPath
 from fleetgate.dataplane.http_upstream import HttpUpstream
-from fleetgate.dataplane.listener import Handler, StreamListener
+from fleetgate.dataplane.listener import Handler, ListenerLoad, StreamListener
 from fleetgate.dataplane.proxy_http import make_http_handler
 from fleetgate.dataplane.proxy_mqtt import serve_mqtt
 from fleetgate.dataplane.proxy_tcp import serve_tcp
@@ -86,6 +86,9 @@ class ListenerSet:
         }
         self._listeners: dict[str, Listener] = {}
         self._retired: list[Listener] = []
+        # Per listener name, what its instances hold together (a reload's retired instance
+        # and its successor count against the same caps).
+        self._loads: dict[str, ListenerLoad] = {}
         self._watching: asyncio.Task[None] | None = None
 
     def get(self, name: str) -> Listener | None:
@@ -105,6 +108,7 @@ class ListenerSet:
                 if config.tls is not None
                 else None
             ),
+            load=self._loads.setdefault(name, ListenerLoad()),
         )
 
     async def _tls_usable(self, name: str, config: ListenerConfig) -> bool:
@@ -154,6 +158,8 @@ class ListenerSet:
             await self._psk_change()
         # Listeners retired by earlier reloads are forgotten once their last connection ended.
         self._retired = [old for old in self._retired if old.active]
+        named = {old.name for old in self._retired} | set(configs)
+        self._loads = {name: load for name, load in self._loads.items() if name in named}
         running_before = set(self._listeners)
         for name in list(self._listeners):
             fresh = configs.get(name)
