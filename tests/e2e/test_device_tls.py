@@ -445,6 +445,21 @@ def test_an_unknown_psk_identity_is_refused_by_name(site: Site, version: str) ->
     assert refused["reason"] == "unknown_psk_identity", refused
 
 
+def test_a_known_identity_offered_only_with_a_sha384_suite_is_refused_as_such(
+    site: Site,
+) -> None:
+    device = enroll_psk(site, "psk-sha384-only")
+    mark = site.gateway.mark()
+    shown = s_client(
+        site.ports["psk"], "-tls1_3", "-ciphersuites", "TLS_AES_256_GCM_SHA384",
+        "-psk", device.key_hex, "-psk_identity", device.identity,
+    )  # fmt: skip
+    assert "alert" in shown.lower(), shown
+    refused = refusal(site, "psk", mark)
+    assert refused["reason"] == "psk_suite_unsupported", refused
+    assert "TLS_AES_128_GCM_SHA256" in refused["detail"], refused
+
+
 @pytest.mark.parametrize("version", ["-tls1_3", "-tls1_2"])
 def test_a_wrong_psk_is_refused_by_name(site: Site, version: str) -> None:
     device = enroll_psk(site, f"psk-wrong-key{version}")

@@ -35,6 +35,10 @@ _PSK_CAUSES = {
     "no_suitable_signature": "unknown_psk_identity",  # TLS 1.3: no PSK of ours was offered
     "bad_record_mac": "wrong_psk",  # TLS 1.2: the Finished did not decrypt
 }
+_NO_SHA256_SUITE = (
+    "TLS 1.3 with a PSK needs TLS_AES_128_GCM_SHA256 or TLS_CHACHA20_POLY1305_SHA256; "
+    "the device offered neither"
+)
 
 
 @dataclass
@@ -324,10 +328,13 @@ class StreamListener:
         except TimeoutError:
             raise Refused("handshake_timeout", f"no TLS handshake within {timeout_s} s") from None
         except TlsFailure as exc:
-            cause = exc.cause
-            if self.tls.config.mode == "psk":
-                cause = _PSK_CAUSES.get(cause, cause)
-            raise Refused(cause, exc.detail) from None
+            if self.tls.config.mode != "psk":
+                raise Refused(exc.cause, exc.detail) from None
+            if exc.cause == "no_suitable_signature" and endpoint.psk_identity is not None:
+                # The key was found (the lookup saw the identity), yet OpenSSL could not use it:
+                # external PSKs go with a SHA-256 suite, and the device offered none.
+                raise Refused("psk_suite_unsupported", _NO_SHA256_SUITE) from None
+            raise Refused(_PSK_CAUSES.get(exc.cause, exc.cause), exc.detail) from None
         if self.tls.config.mode == "psk":
             conn.psk_identity = endpoint.psk_identity
         else:
