@@ -1,7 +1,7 @@
 """The compiled relay (``_relay`` through ``fastpath``) against the Python one: the same bytes,
 the same counts, the same half-closes, flow control and failure causes.
 
-Every test runs twice, with the compiled relay and with it switched off; two also run on uvloop
+Every test runs twice, with the compiled relay and with it switched off; three also run on uvloop
 (the gateway's loop), whose sockets the compiled relay writes directly. The device is one end
 of a socket pair; the destination is a TLS server on 127.0.0.1 (the gateway's own server
 endpoint, which can also write a broken record); the gateway's side is the real upstream code.
@@ -36,6 +36,7 @@ from support.tls_pair import server_context
 # More batches than a TLS endpoint reads itself at first (FREE_BUFFER_READS): the messages
 # after these go through the compiled relay.
 WARM_UP = 8
+TCP_CLOSE = 7  # linux/tcp.h: tcp_info.tcpi_state
 
 
 def test_the_compiled_relay_is_built_and_bound() -> None:
@@ -257,6 +258,33 @@ async def test_a_broken_destination_ends_the_splice_with_the_same_cause(
     assert (failure.cause if failure else None) == cause
 
 
+async def _reset_seen_by(sock: socket.socket) -> None:
+    """Until the peer's RST has closed ``sock`` (its TCP state, read without taking the error)."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != TCP_CLOSE:
+        assert asyncio.get_running_loop().time() < deadline, "the reset never arrived"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_reset_that_a_relayed_write_meets_keeps_its_cause(rig: Rig) -> None:
+    """A TLS 1.3 server that refuses our certificate closes with our bytes unread: a reset.
+    When a relayed write is the first to meet it (the kernel reports it once), the endpoint
+    must still learn it was a reset right after the handshake."""
+    rig.start(FakeClock())
+    transport = rig.destination.transport
+    assert transport is not None
+    transport.pause_reading()  # a write meets the reset, not a read
+    await _reset(rig)
+    await _reset_seen_by(transport.get_extra_info("socket"))
+    await rig.send(b"never delivered")
+    result = await asyncio.wait_for(rig.done, 10)
+    assert result.reason == "destination_lost"
+    assert isinstance(rig.destination, TlsEndpoint)
+    failure = rig.destination.failure
+    assert failure is not None
+    assert failure.cause == "reset_after_handshake", failure
+
+
 async def test_activity_in_c_keeps_an_idle_deadline_away(rig: Rig) -> None:
     clock = FakeClock()
     rig.start(clock)
@@ -273,7 +301,7 @@ async def test_activity_in_c_keeps_an_idle_deadline_away(rig: Rig) -> None:
     assert result.reason == "idle_timeout"
 
 
-@pytest.mark.parametrize("case", ["messages-and-half-closes", "large-transfer"])
+@pytest.mark.parametrize("case", ["messages-and-half-closes", "large-transfer", "reset"])
 def test_on_uvloop_the_direct_writes_keep_every_byte_in_order(
     case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -286,6 +314,8 @@ def test_on_uvloop_the_direct_writes_keep_every_byte_in_order(
             assert type(rig.device_end.transport).__module__ == "uvloop.loop"
             if case == "large-transfer":
                 await test_a_large_transfer_arrives_whole_through_flow_control(rig, monkeypatch)
+            elif case == "reset":
+                await test_a_reset_that_a_relayed_write_meets_keeps_its_cause(rig)
             else:
                 await test_messages_cross_both_ways_and_each_half_close_is_passed_on(rig)
 

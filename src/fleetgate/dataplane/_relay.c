@@ -19,6 +19,7 @@
 #include <Python.h>
 #include <structmember.h>
 #include <errno.h>
+#include <string.h>
 #include <sys/socket.h>
 #include <time.h>
 
@@ -67,7 +68,7 @@ static Py_buffer receive_view;
 static PyObject *str_received, *str_sent, *str_relay_ready, *str_buffer_updated,
     *str_data_received, *str_read_plaintext, *str_eof_received, *str_connection_lost,
     *str_pause_writing, *str_resume_writing, *str_write, *str_is_closing,
-    *str_get_write_buffer_size;
+    *str_get_write_buffer_size, *str_force_close;
 
 /* A pipe made with Pipe.__new__ but never initialised has no endpoint: refuse, do not crash. */
 #define REQUIRE_READY(self)                                                                    \
@@ -160,11 +161,32 @@ call_with(PyObject *obj, PyObject *method, PyObject *chunk)
     return 0;
 }
 
+/* The connection failed under our own send. The kernel reports such an error once, so the
+ * transport would never see it: it is closed with it, as when its own write meets one, and the
+ * endpoint learns the cause (a reset right after a TLS 1.3 handshake names a refused client
+ * certificate). The bytes go nowhere: the connection is gone. */
+static int
+lost_under_send(Pipe *self, int failure)
+{
+    PyObject *exc = PyObject_CallFunction(PyExc_OSError, "is", failure, strerror(failure));
+    if (exc == NULL) {
+        return -1;
+    }
+    PyObject *result = PyObject_CallMethodOneArg(self->transport, str_force_close, exc);
+    Py_DECREF(exc);
+    if (result == NULL) {
+        return -1;
+    }
+    Py_DECREF(result);
+    return 0;
+}
+
 /* Put bytes on this side's connection. When the transport has nothing queued (the usual case)
  * they go straight to its socket; what the socket does not take at once, or everything while
  * something is queued, goes through the transport, which keeps the order and applies its flow
- * control. A send that fails outright (a reset) turns direct writes off for this side, and the
- * transport meets the dead socket on the same bytes and reports the loss as it always does. */
+ * control. Any other failure of the send turns direct writes off for this side: a lost
+ * connection closes the transport with its cause (lost_under_send), anything else (EPIPE after
+ * our own shutdown, a shortage of buffers) is left for the transport's write to meet. */
 static int
 write_out(Pipe *self, const char *data, size_t size, int known_open)
 {
@@ -196,8 +218,13 @@ write_out(Pipe *self, const char *data, size_t size, int known_open)
                 data += sent;
                 size -= (size_t)sent;
             }
-            else if (sent < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+            else if (sent < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+                int failure = errno;
                 self->fd = -1;
+                if (failure == ECONNRESET || failure == ECONNABORTED || failure == ETIMEDOUT ||
+                    failure == EHOSTUNREACH || failure == ENETUNREACH) {
+                    return lost_under_send(self, failure);
+                }
             }
             if (size == 0) {
                 return 0;
@@ -209,7 +236,7 @@ write_out(Pipe *self, const char *data, size_t size, int known_open)
 }
 
 /* Send what OpenSSL wrote to a TLS side's outgoing BIO (``known_open``: the caller saw the
- * transport is not closing). */
+ * transport was not closing; write_out asks again otherwise). */
 static int
 flush(Pipe *self, int known_open)
 {
@@ -432,6 +459,7 @@ Pipe_eof_received(Pipe *self, PyObject *unused)
 static PyObject *
 Pipe_connection_lost(Pipe *self, PyObject *exc)
 {
+    self->fd = -1; /* the transport closes its socket: the number may be reused */
     return forward(self, str_connection_lost, exc);
 }
 
@@ -458,6 +486,7 @@ Pipe_detach(Pipe *self, PyObject *unused)
 {
     REQUIRE_READY(self);
     Py_CLEAR(self->peer);
+    self->fd = -1;
     if (sync_counts(self) < 0) {
         return NULL;
     }
@@ -677,6 +706,7 @@ relay_exec(PyObject *module)
     INTERN(str_resume_writing, "resume_writing");
     INTERN(str_write, "write");
     INTERN(str_get_write_buffer_size, "get_write_buffer_size");
+    INTERN(str_force_close, "_force_close");
     INTERN(str_is_closing, "is_closing");
 #undef INTERN
     PyObject *type = PyType_FromModuleAndSpec(module, &Pipe_spec, NULL);

@@ -101,7 +101,9 @@ def _pipe(endpoint: Endpoint, monotonic: Callable[[], float] | None) -> Pipe:
 
 def _socket_transports() -> tuple[type, ...]:
     """The transport types that write a TCP socket themselves, with nothing in between: the
-    compiled relay may write such a socket directly while the transport has nothing queued."""
+    compiled relay may write such a socket directly while the transport has nothing queued
+    (``get_write_buffer_size``), and close it with the failure its own send met
+    (``_force_close(exc)``, which both have)."""
     from asyncio import selector_events
 
     kinds: list[type] = [selector_events._SelectorSocketTransport]  # type: ignore[attr-defined]
