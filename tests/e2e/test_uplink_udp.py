@@ -330,3 +330,48 @@ def test_a_destination_that_cannot_be_reached_is_logged_with_its_cause(
     )
     assert refused["source"] == source
     assert refused["detail"]
+
+
+def _held_listener(port: int, silent: int, max_body_bytes: int) -> str:
+    """A udp listener whose destination accepts TCP and never answers: a request stays in
+    flight. ``max_body_bytes`` means nothing to udp: changing it changes the listener."""
+    return (
+        f'\n[destinations.held]\naddress = "127.0.0.1:{silent}"\nserver_name = "localhost"\n'
+        'credential = "device-#{device_id}"\nconnect_timeout_s = 120\n'
+        f'\n[listeners.udp-held]\nprotocol = "udp"\nbind = "127.0.0.1:{port}"\n'
+        f'destination = "held"\nmax_in_flight = 1\nmax_body_bytes = {max_body_bytes}\n'
+    )
+
+
+def test_a_reload_keeps_counting_the_requests_still_in_flight(uplink: UdpUplink) -> None:
+    """max_in_flight spans a reload that changes the listener: the request its old instance
+    still waits on counts for the new one."""
+    gateway = uplink.gateway
+    config = gateway.data_dir / "fleetgate.toml"
+    original = config.read_text()
+    source = uplink.device("udp-held-device")
+    port = free_port()
+    with socket.create_server(("127.0.0.1", 0)) as silent, device_socket(source) as device:
+        silent.settimeout(TIMEOUT_S)
+        silent_port = silent.getsockname()[1]
+        try:
+            mark = gateway.mark()
+            config.write_text(original + _held_listener(port, silent_port, 1000))
+            gateway.signal(signal.SIGHUP)
+            gateway.wait_for("listener.bound", _listener("udp-held"), since=mark)
+            device.sendto(b"first", ("127.0.0.1", port))
+            held, _ = silent.accept()  # the first request is in flight, and stays there
+            with held:
+                mark = gateway.mark()
+                config.write_text(original + _held_listener(port, silent_port, 1001))
+                gateway.signal(signal.SIGHUP)
+                gateway.wait_for("listener.bound", _listener("udp-held"), since=mark)
+                mark = gateway.mark()
+                device.sendto(b"second", ("127.0.0.1", port))
+                refused = gateway.wait_for("listener.refused", _listener("udp-held"), since=mark)
+                assert refused["reason"] == "overloaded", refused
+        finally:
+            mark = gateway.mark()
+            config.write_text(original)
+            gateway.signal(signal.SIGHUP)
+            gateway.wait_for("config.reloaded", since=mark, timeout_s=TIMEOUT_S)

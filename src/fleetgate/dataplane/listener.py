@@ -125,7 +125,8 @@ class _AcceptedTls(TlsEndpoint):
 class ListenerLoad:
     """What a listener holds, counted against its caps. One per listener name, shared by the
     instance serving now and those a reload retired while their connections finish, so that a
-    reload does not open room for a second ``max_connections`` (or per-source, per-device)."""
+    reload does not open room for a second ``max_connections`` (or per-source, per-device; a
+    udp listener counts its requests in flight, for ``max_in_flight``)."""
 
     connections: int = 0
     per_source: Counter[str] = field(default_factory=Counter)

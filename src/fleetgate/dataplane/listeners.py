@@ -95,8 +95,9 @@ class ListenerSet:
         return self._listeners.get(name)
 
     def _make(self, name: str, config: ListenerConfig) -> Listener:
+        load = self._loads.setdefault(name, ListenerLoad())
         if config.protocol == "udp":
-            return UdpListener(name, config, self.path, self.http, sharing=self._sharing)
+            return UdpListener(name, config, self.path, self.http, sharing=self._sharing, load=load)
         return StreamListener(
             name,
             config,
@@ -108,7 +109,7 @@ class ListenerSet:
                 if config.tls is not None
                 else None
             ),
-            load=self._loads.setdefault(name, ListenerLoad()),
+            load=load,
         )
 
     async def _tls_usable(self, name: str, config: ListenerConfig) -> bool:

@@ -19,6 +19,7 @@ from fleetgate.config.schema import ListenerConfig, split_host_port
 from fleetgate.dataplane.affinity import PortSharing
 from fleetgate.dataplane.datapath import DataPath, Refused
 from fleetgate.dataplane.http_upstream import HttpUpstream
+from fleetgate.dataplane.listener import ListenerLoad
 from fleetgate.dataplane.proxy_http import build_request
 from fleetgate.logs import bind, get_logger
 from fleetgate.records import Device
@@ -45,6 +46,7 @@ class UdpListener:
         http: HttpUpstream,
         *,
         sharing: PortSharing | None,
+        load: ListenerLoad | None = None,
     ) -> None:
         self.name = name
         self.config = config
@@ -53,6 +55,8 @@ class UdpListener:
         self._sharing = sharing
         self._transport: asyncio.DatagramTransport | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # Requests in flight (``connections``), with those of instances a reload retired.
+        self.load = load if load is not None else ListenerLoad()
 
     @property
     def active(self) -> int:
@@ -109,18 +113,20 @@ class UdpListener:
 
     def received(self, data: bytes, addr: tuple[str, int]) -> None:
         metrics = self._path.metrics
-        if len(self._tasks) >= self.config.max_in_flight:
+        if self.load.connections >= self.config.max_in_flight:
             metrics.listener_connections.labels(self.name, "overloaded").inc()
             log.warning("listener.refused", listener=self.name, source=addr[0], reason="overloaded")
             return
         task = asyncio.get_running_loop().create_task(self._forward(data, addr))
         self._tasks.add(task)
+        self.load.connections += 1
         task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         """Forget a datagram's task; an exception nobody expected is logged and counted, not
         left to asyncio's "exception was never retrieved"."""
         self._tasks.discard(task)
+        self.load.connections -= 1
         if task.cancelled() or task.exception() is None:
             return
         exc = task.exception()
