@@ -44,6 +44,15 @@ def test_the_compiled_relay_is_built_and_bound() -> None:
     assert fastpath.AVAILABLE, fastpath.WHY_NOT
 
 
+def test_the_gateways_transports_are_written_directly() -> None:
+    # Both loops' socket transports have what direct writes need; a version that lost it would
+    # quietly relay slower (through the transport), so it fails here instead.
+    assert {type_.__module__ for type_ in fastpath._SOCKET_TRANSPORTS} == {
+        "asyncio.selector_events",
+        "uvloop.loop",
+    }
+
+
 @dataclass
 class Rig:
     device: socket.socket  # the device's own end
