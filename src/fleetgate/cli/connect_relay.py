@@ -1,9 +1,11 @@
 """What ``fleetgate connect`` runs: local plain connections forwarded over verified TLS.
 
-The stunnel client role on an operator's PC (and the bare relay the benchmarks measure): the
-same upstream code and splice the gateway's listeners use, without a store. Kept apart from the
-command's options (``cmd_connect``) because it loads pydantic, cryptography and uvloop, which
-no other command needs.
+The stunnel client role on an operator's PC (and the bare relay the benchmarks measure). Where
+the tunnel core is built (:mod:`~fleetgate.dataplane.tunnel`), each connection is set up and
+relayed in C and Python only logs its end; otherwise the same upstream code and splice the
+gateway's listeners use, without a store. Kept apart from the command's options
+(``cmd_connect``) because it loads pydantic, cryptography and uvloop, which no other command
+needs.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from fleetgate import logs
 from fleetgate.cli.client import CliFailure
 from fleetgate.clock import SystemClock
 from fleetgate.config.schema import DestinationConfig, split_host_port
+from fleetgate.dataplane import tunnel
 from fleetgate.dataplane.endpoint import Endpoint, PlainEndpoint
 from fleetgate.dataplane.splice import SpliceResult, Splicing, start_splice
 from fleetgate.dataplane.upstream import (
@@ -98,6 +101,20 @@ def _source(local: Endpoint) -> str:
     return peer[0] if peer else "?"
 
 
+def _cannot_bind(listen: str, exc: OSError) -> CliFailure:
+    return CliFailure(
+        f"--listen: cannot bind {listen}: {exc.strerror or exc}", ConfigError.kind.exit_code
+    )
+
+
+async def _until_stopped() -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
 async def _run(listen: str, relay: _Relay) -> None:
     host, port = split_host_port(listen)
     loop = asyncio.get_running_loop()
@@ -106,19 +123,49 @@ async def _run(listen: str, relay: _Relay) -> None:
             lambda: _Local(relay), host or None, port, reuse_address=True, backlog=4096
         )
     except OSError as exc:
-        raise CliFailure(
-            f"--listen: cannot bind {listen}: {exc.strerror or exc}", ConfigError.kind.exit_code
-        ) from None
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    log.info("connect.listening", listen=listen, to=relay.destination.address)
-    await stop.wait()
+        raise _cannot_bind(listen, exc) from None
+    log.info("connect.listening", listen=listen, to=relay.destination.address, core="python")
+    await _until_stopped()
     server.close()
     for task in list(relay.tasks):
         task.cancel()
     for splicing in list(relay.live):
         splicing.finish("shutdown")
+
+
+def _log_end(ended: tunnel.Ended) -> None:
+    if ended.refused:
+        log.warning("connect.refused", source=ended.source, reason=ended.cause, detail=ended.detail)
+    else:
+        log.debug(
+            "connect.closed",
+            source=ended.source,
+            reason=ended.outcome,
+            cause=ended.cause or None,
+            up_bytes=ended.up_bytes,
+            down_bytes=ended.down_bytes,
+        )
+
+
+async def _run_tunnel(
+    listen: str, destination: DestinationConfig, client: ClientCertificate | None, idle_s: float
+) -> None:
+    try:
+        sockets = tunnel.listening_sockets(listen)
+    except OSError as exc:
+        raise _cannot_bind(listen, exc) from None
+    relay = tunnel.Tunnel(
+        destination, client, SystemClock(), idle_timeout_s=idle_s, on_end=_log_end
+    )
+    for sock in sockets:
+        relay.listen(sock)
+    try:
+        await relay.start()
+    except OSError as exc:
+        raise CliFailure(f"--to: {exc.strerror or exc}", ConfigError.kind.exit_code) from None
+    log.info("connect.listening", listen=listen, to=destination.address, core="c")
+    await _until_stopped()
+    relay.close()
 
 
 def run_connect(
@@ -165,4 +212,7 @@ def run_connect(
     tune_malloc()
     import uvloop
 
-    uvloop.run(_run(listen, _Relay(destination, client, idle_timeout)))
+    if tunnel.AVAILABLE:
+        uvloop.run(_run_tunnel(listen, destination, client, idle_timeout))
+    else:
+        uvloop.run(_run(listen, _Relay(destination, client, idle_timeout)))

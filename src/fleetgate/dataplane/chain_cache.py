@@ -11,7 +11,10 @@ leaf), so a copied chain without the key gets nowhere.
 
 Never remembered: a chain that failed verification, or failed the pins (the endpoint then refuses
 it with the precise cause, as without the cache), or a handshake OpenSSL runs outside a
-:class:`~fleetgate.dataplane.tls_endpoint.TlsEndpoint` (nothing to key the server name on).
+:class:`~fleetgate.dataplane.tls_endpoint.TlsEndpoint` (nothing to key the server name on)
+unless the context serves one server name only (``server_name``: the tunnel core's contexts).
+There, with no endpoint to check the pins after the handshake, a chain that fails them is
+refused here, named :data:`PIN_MISMATCH` in the connection's verify result.
 """
 
 from __future__ import annotations
@@ -20,47 +23,65 @@ from collections import OrderedDict
 
 from fleetgate.clock import Clock
 from fleetgate.dataplane import native
-from fleetgate.dataplane.tls_endpoint import matches_pins, stepping
+from fleetgate.dataplane.tls_endpoint import TlsEndpoint, matches_pins, stepping
 
 REMEMBER_S = 60.0
 MAX_CHAINS = 16  # per destination: a server behind a balancer may present a few
+# X509_V_ERR_APPLICATION_VERIFICATION (x509_vfy.h): what a chain refused for its pins reports.
+PIN_MISMATCH = 50
 
 
 class VerifiedChains:
     """One destination's recently verified server chains (a verification hook for its contexts)."""
 
-    __slots__ = ("_clock", "_known", "_pins", "hits", "misses")
+    __slots__ = ("_clock", "_known", "_pins", "_server_name", "hits", "misses")
 
-    def __init__(self, clock: Clock, pins: frozenset[str]) -> None:
+    def __init__(self, clock: Clock, pins: frozenset[str], server_name: str | None = None) -> None:
         self._clock = clock
         self._pins = pins
+        self._server_name = server_name
         self._known: OrderedDict[tuple[object, bytes], float] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
     def __call__(self, chain: native.PeerChain) -> bool:
         endpoint = stepping()
-        if endpoint is None or endpoint.ssl_object.server_side:
+        name = self._server_name_of(endpoint)
+        if name is None:
             return chain.verify()
-        key = (endpoint.ssl_object.server_hostname, chain.fingerprint())
+        key = (name, chain.fingerprint())
         now = self._clock.monotonic()
         until = self._known.get(key)
         if until is not None:
             if now < until:
                 self.hits += 1
-                endpoint.chain_checked = True
+                if endpoint is not None:
+                    endpoint.chain_checked = True
                 return True
             del self._known[key]
         self.misses += 1
         if not chain.verify():
             return False
         if self._pins and not matches_pins(chain.verified_ders(), self._pins):
+            if endpoint is None:  # nobody checks after the handshake: refused here
+                chain.refuse(PIN_MISMATCH)
+                return False
             return True  # verified, but the endpoint's pin check will refuse it: not remembered
-        endpoint.chain_checked = True
+        if endpoint is not None:
+            endpoint.chain_checked = True
         self._known[key] = now + min(REMEMBER_S, chain.seconds_valid())
         if len(self._known) > MAX_CHAINS:
             self._known.popitem(last=False)
         return True
+
+    def _server_name_of(self, endpoint: TlsEndpoint | None) -> object:
+        """Whose chain this is: the name the client side checks; None for a server side's
+        (a device's chain: not remembered here) or an unknown one."""
+        if endpoint is None:
+            return self._server_name
+        if endpoint.ssl_object.server_side:
+            return None
+        return endpoint.ssl_object.server_hostname
 
     def clear(self) -> None:
         self._known.clear()

@@ -139,13 +139,70 @@ _RELAY_ENTRY_POINTS = (
 def relay_entry_points() -> tuple[int, ...]:
     """The addresses of the OpenSSL functions the compiled relay calls, in its order: the
     libssl the ``ssl`` module uses, found and checked here."""
+    return _addresses(_RELAY_ENTRY_POINTS)
+
+
+# What the tunnel core (_tunnel.c) calls, in the order of its bind().
+_TUNNEL_ENTRY_POINTS = (
+    "SSL_new",
+    "SSL_free",
+    "SSL_set_bio",
+    "BIO_new",
+    "BIO_s_mem",
+    "SSL_set_connect_state",
+    "SSL_do_handshake",
+    "SSL_read_ex",
+    "SSL_write_ex",
+    "SSL_get_error",
+    "BIO_write",
+    "BIO_read",
+    "BIO_ctrl_pending",
+    "SSL_shutdown",
+    "SSL_ctrl",
+    "SSL_set1_host",
+    "SSL_get0_param",
+    "X509_VERIFY_PARAM_set1_ip_asc",
+    "SSL_set_session",
+    "SSL_get1_session",
+    "SSL_SESSION_is_resumable",
+    "SSL_SESSION_free",
+    "SSL_get_verify_result",
+    "SSL_use_cert_and_key",
+    "SSL_get_shutdown",
+    "SSL_set_shutdown",
+    "ERR_peek_last_error",
+    "ERR_clear_error",
+    "ERR_reason_error_string",
+    "SSL_session_reused",
+)
+
+
+def _addresses(names: tuple[str, ...]) -> tuple[int, ...]:
     assert _lib is not None
     addresses = tuple(
-        ctypes.cast(getattr(_lib, name), ctypes.c_void_p).value or 0 for name in _RELAY_ENTRY_POINTS
+        ctypes.cast(getattr(_lib, name), ctypes.c_void_p).value or 0 for name in names
     )
     if not all(addresses):
         raise RuntimeError("an OpenSSL entry point has no address")
     return addresses
+
+
+def tunnel_entry_points() -> tuple[int, ...]:
+    """The addresses of the OpenSSL functions the tunnel core calls, in its order."""
+    return _addresses(_TUNNEL_ENTRY_POINTS)
+
+
+def context_address(context: ssl.SSLContext) -> int:
+    """The address of the context's ``SSL_CTX`` (for the tunnel core; the context must be
+    kept alive as long as it is used)."""
+    return _ctx_pointer(context)
+
+
+def verify_message(code: int) -> str:
+    """OpenSSL's words for an ``X509_V_ERR_*`` code."""
+    assert _lib is not None
+    text: bytes | None = _lib.X509_verify_cert_error_string(code)
+    return text.decode(errors="replace") if text else ""
 
 
 def free_buffers(obj: ssl.SSLObject) -> bool:
@@ -259,6 +316,11 @@ class ClientIdentity:
         ):
             _lib.ERR_clear_error()
             raise ValueError("SSL_use_cert_and_key refused the certificate")
+
+    def pointers(self) -> tuple[int, int, int]:
+        """The certificate, key and chain (``X509``, ``EVP_PKEY``, ``STACK_OF(X509)``), for
+        the tunnel core, which presents them itself; valid while this object lives."""
+        return self._certificate, self._key, self._chain
 
     def __del__(self) -> None:
         if _lib is None:
@@ -404,6 +466,12 @@ class PeerChain:
         chain = _lib.X509_STORE_CTX_get0_chain(self._store)
         return [_lib.OPENSSL_sk_value(chain, i) for i in range(_lib.OPENSSL_sk_num(chain))]
 
+    def refuse(self, code: int) -> None:
+        """Name why the chain is refused (an ``X509_V_ERR_*`` code), for whoever reads the
+        connection's verify result afterwards."""
+        assert _lib is not None
+        _lib.X509_STORE_CTX_set_error(self._store, code)
+
     def verified_ders(self) -> list[bytes]:
         """The verified chain (leaf to trust anchor), DER; after a successful :meth:`verify`."""
         assert _lib is not None
@@ -494,6 +562,8 @@ def _bind(lib: ctypes.CDLL) -> None:
         "X509_verify_cert": ((vp,), c_int),
         "X509_STORE_CTX_get0_untrusted": ((vp,), vp),
         "X509_STORE_CTX_get0_chain": ((vp,), vp),
+        "X509_STORE_CTX_set_error": ((vp, c_int), None),
+        "X509_verify_cert_error_string": ((ctypes.c_long,), ctypes.c_char_p),
         "OPENSSL_sk_num": ((vp,), c_int),
         "OPENSSL_sk_value": ((vp, c_int), vp),
         "EVP_sha256": ((), vp),

@@ -114,15 +114,26 @@ class TlsFailure(ConnectionError):
         self.detail = detail
 
 
+def cause_of_failure(verify_code: int, reason: str) -> str:
+    """The cause of a failed TLS connection: from the chain's verify result when it failed
+    there (an ``X509_V_ERR_*`` code), else from OpenSSL's reason (``WRONG_VERSION_NUMBER``)."""
+    if verify_code:
+        return _VERIFY_CAUSES.get(verify_code, "certificate_invalid")
+    return _REASON_CAUSES.get(reason, "tls_error")
+
+
 def classify(exc: BaseException) -> TlsFailure:
     if isinstance(exc, TlsFailure):
         return exc
     if isinstance(exc, ssl.SSLCertVerificationError):
-        code = exc.verify_code
-        cause = _VERIFY_CAUSES.get(code, "certificate_invalid")
+        cause = (
+            cause_of_failure(exc.verify_code or 0, "")
+            if exc.verify_code
+            else ("certificate_invalid")
+        )
         return TlsFailure(cause, exc.verify_message or str(exc))
     if isinstance(exc, ssl.SSLError):
-        return TlsFailure(_REASON_CAUSES.get(exc.reason or "", "tls_error"), str(exc))
+        return TlsFailure(cause_of_failure(0, exc.reason or ""), str(exc))
     return TlsFailure("connection_lost", str(exc) or type(exc).__name__)
 
 

@@ -1,0 +1,1213 @@
+/*
+ * A relay's whole connections, compiled: accept a plain TCP connection, connect to the
+ * destination, run the TLS handshake, relay both ways, end. What `fleetgate connect` does for
+ * each connection, with no Python frame and no event-loop object per connection: Python is
+ * called once per connection, when it ends (to log and count it).
+ *
+ * A Core owns an epoll instance; the event loop watches its descriptor and calls run() when it
+ * has events, and expire() once a second (timeouts). The sockets are edge-triggered: each side
+ * remembers whether it may still be read or written, and a direction moves until its source
+ * has nothing more or its sink takes nothing more (back-pressure: what a sink did not take is
+ * kept, and its source is not read again until the sink took it).
+ *
+ * TLS goes through memory BIOs, as in _relay.c: the socket is read and written here (one read
+ * per chunk of records, one send per chunk written), OpenSSL only encrypts and decrypts. The
+ * SSL_CTX comes from the ssl module's context (its verification settings and hooks apply); the
+ * connection's SSL is made here: server name (SNI and the name checked), the client identity,
+ * the session to resume. OpenSSL is reached through the entry points native.py found (bind()),
+ * so this file needs neither OpenSSL's headers nor linking against it.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define CHUNK (256 * 1024)            /* one read from a socket */
+#define OUTGOING_SIZE (CHUNK + 32 * 1024) /* a chunk of plaintext, as records */
+#define BATCH 256                     /* events taken per run() */
+#define ACCEPTS_PER_EVENT 64          /* connections accepted per listener event */
+#define RECORD_MAX 16384
+
+#define SSL_ERROR_WANT_READ 2        /* ssl.h */
+#define SSL_ERROR_WANT_WRITE 3
+#define SSL_ERROR_ZERO_RETURN 6
+#define SSL_SENT_SHUTDOWN 1
+#define SSL_CTRL_MODE 33
+#define SSL_CTRL_SET_TLSEXT_HOSTNAME 55
+#define TLSEXT_NAMETYPE_host_name 0
+#define SSL_MODE_ENABLE_PARTIAL_WRITE 0x1
+#define SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER 0x2
+#define SSL_MODE_RELEASE_BUFFERS 0x10
+
+static struct {
+    void *(*ssl_new)(void *);
+    void (*ssl_free)(void *);
+    void (*ssl_set_bio)(void *, void *, void *);
+    void *(*bio_new)(const void *);
+    const void *(*bio_s_mem)(void);
+    void (*ssl_set_connect_state)(void *);
+    int (*ssl_do_handshake)(void *);
+    int (*ssl_read_ex)(void *, void *, size_t, size_t *);
+    int (*ssl_write_ex)(void *, const void *, size_t, size_t *);
+    int (*ssl_get_error)(const void *, int);
+    int (*bio_write)(void *, const void *, int);
+    int (*bio_read)(void *, void *, int);
+    size_t (*bio_ctrl_pending)(void *);
+    int (*ssl_shutdown)(void *);
+    long (*ssl_ctrl)(void *, int, long, void *);
+    int (*ssl_set1_host)(void *, const char *);
+    void *(*ssl_get0_param)(void *);
+    int (*param_set1_ip_asc)(void *, const char *);
+    int (*ssl_set_session)(void *, void *);
+    void *(*ssl_get1_session)(void *);
+    int (*session_is_resumable)(const void *);
+    void (*session_free)(void *);
+    long (*ssl_get_verify_result)(const void *);
+    int (*ssl_use_cert_and_key)(void *, void *, void *, void *, int);
+    int (*ssl_get_shutdown)(const void *);
+    void (*ssl_set_shutdown)(void *, int);
+    unsigned long (*err_peek_last_error)(void);
+    void (*err_clear_error)(void);
+    const char *(*err_reason_error_string)(unsigned long);
+    int (*ssl_session_reused)(const void *);
+    int bound;
+} ossl;
+
+/* One process's buffers (the loop is one thread, and a chunk is passed on before the next). */
+static char incoming[CHUNK];          /* read from a socket */
+static char plain[CHUNK];             /* decrypted, on its way to the device */
+static char outgoing[OUTGOING_SIZE];  /* records on their way to the destination */
+
+enum { CONNECTING, HANDSHAKE, RELAYING, ENDED };
+enum { SIDE_DEVICE = 0, SIDE_UPSTREAM = 1, SIDE_LISTENER = 2 };
+
+struct Conn;
+
+/* What an epoll event points at: a side of a connection, or a listener. */
+typedef struct Handle {
+    struct Conn *conn;
+    int side;
+    int fd;
+} Handle;
+
+/* Bytes a socket did not take yet: the source of that direction is not read until they went. */
+typedef struct Pending {
+    char *data;
+    size_t size, offset;
+} Pending;
+
+typedef struct Conn {
+    struct Conn *prev, *next; /* the core's live list (timeouts, shutdown) */
+    Handle device, upstream;
+    void *ssl, *rbio, *wbio;
+    int state;
+    unsigned device_readable : 1, device_writable : 1, upstream_readable : 1,
+        upstream_writable : 1, device_eof : 1, upstream_eof : 1, close_notify_sent : 1,
+        upstream_shut : 1, device_shut : 1, session_done : 1, resumed : 1;
+    Pending to_upstream, to_device;
+    unsigned long long up_bytes, down_bytes;
+    double started, last;
+    char source[INET6_ADDRSTRLEN];
+} Conn;
+
+typedef struct {
+    PyObject_HEAD
+    int epfd;
+    PyObject *context;   /* the ssl.SSLContext whose SSL_CTX is ctx (kept alive) */
+    void *ctx;
+    PyObject *identity;  /* what owns cert/key/chain (kept alive), or None */
+    void *cert, *key, *chain;
+    char *server_name;
+    int name_is_ip;
+    int resume;
+    void *session;
+    double session_at;
+    struct sockaddr_storage address;
+    socklen_t address_size;
+    double connect_timeout, idle_timeout;
+    PyObject *on_end;    /* called once per connection that ends */
+    PyObject *clock;     /* a callable for the monotonic time, or NULL: CLOCK_MONOTONIC */
+    Conn *live;          /* every connection not ended */
+    Conn *ended;         /* ended during this run(), freed at its end */
+    Handle *listeners[8];
+    int listener_count;
+    int listeners_paused; /* out of descriptors: accepting again at the next expire() */
+    Py_ssize_t count;
+    unsigned long long accepted;
+} Core;
+
+static double
+now(Core *core)
+{
+    if (core->clock == NULL) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+    }
+    PyObject *value = PyObject_CallNoArgs(core->clock);
+    double seconds = value ? PyFloat_AsDouble(value) : -1.0;
+    Py_XDECREF(value);
+    if (PyErr_Occurred()) {
+        PyErr_WriteUnraisable(core->clock);
+        return 0.0;
+    }
+    return seconds;
+}
+
+/* -- the end of a connection ------------------------------------------------------------------ */
+
+/* Tell Python how it ended: on_end(outcome, source, verify_code, reason, detail, up, down). */
+static void
+report(Core *core, Conn *c, const char *outcome, long verify_code, const char *reason,
+       const char *detail)
+{
+    PyObject *result = PyObject_CallFunction(core->on_end, "sslssKK", outcome, c->source,
+                                             verify_code, reason, detail, c->up_bytes,
+                                             c->down_bytes);
+    if (result == NULL) {
+        PyErr_WriteUnraisable(core->on_end);
+    }
+    Py_XDECREF(result);
+}
+
+static void
+send_records(Conn *c);
+
+/* End a connection: report it, close both sockets (after a close_notify if the handshake was
+ * done and none was sent), move it to the ended list (freed after this run(): later events of
+ * the same batch may still point at it). */
+static void
+end(Core *core, Conn *c, const char *outcome, long verify_code, const char *reason,
+    const char *detail)
+{
+    if (c->state == ENDED) {
+        return;
+    }
+    if (c->state == RELAYING && !c->close_notify_sent && !c->upstream_shut) {
+        c->close_notify_sent = 1;
+        ossl.ssl_shutdown(c->ssl);
+        send_records(c); /* best effort: what the socket takes at once */
+    }
+    if (c->ssl != NULL) {
+        /* A connection ended without the peer's close_notify must not make its session
+         * unresumable for the next ones (see native.keep_session_resumable). */
+        ossl.ssl_set_shutdown(c->ssl, ossl.ssl_get_shutdown(c->ssl) | SSL_SENT_SHUTDOWN);
+    }
+    c->state = ENDED;
+    if (c->device.fd >= 0) {
+        close(c->device.fd);
+        c->device.fd = -1;
+    }
+    if (c->upstream.fd >= 0) {
+        close(c->upstream.fd);
+        c->upstream.fd = -1;
+    }
+    /* off the live list, onto the ended one */
+    if (c->prev != NULL) {
+        c->prev->next = c->next;
+    }
+    else {
+        core->live = c->next;
+    }
+    if (c->next != NULL) {
+        c->next->prev = c->prev;
+    }
+    c->prev = NULL;
+    c->next = core->ended;
+    core->ended = c;
+    core->count--;
+    report(core, c, outcome, verify_code, reason, detail);
+}
+
+static void
+free_conn(Conn *c)
+{
+    if (c->ssl != NULL) {
+        ossl.ssl_free(c->ssl); /* frees both BIOs */
+    }
+    free(c->to_upstream.data);
+    free(c->to_device.data);
+    free(c);
+}
+
+static void
+free_ended(Core *core)
+{
+    while (core->ended != NULL) {
+        Conn *c = core->ended;
+        core->ended = c->next;
+        free_conn(c);
+    }
+}
+
+/* A socket error while relaying, named for the side it came from. */
+static void
+lost(Core *core, Conn *c, int side, int error)
+{
+    end(core, c, side == SIDE_DEVICE ? "device_lost" : "destination_lost", 0, "",
+        strerror(error));
+}
+
+/* -- sending ------------------------------------------------------------------------------------ */
+
+/* Keep what a socket did not take. */
+static int
+keep(Pending *pending, const char *data, size_t size)
+{
+    char *copy = malloc(size);
+    if (copy == NULL) {
+        return -1;
+    }
+    memcpy(copy, data, size);
+    pending->data = copy;
+    pending->size = size;
+    pending->offset = 0;
+    return 0;
+}
+
+/* send() what it takes; 0: all sent, 1: some left (kept; *writable cleared), -1: errno. */
+static int
+send_or_keep(int fd, const char *data, size_t size, Pending *pending, unsigned *writable)
+{
+    while (size > 0) {
+        ssize_t sent = send(fd, data, size, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (sent < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                return -1;
+            }
+            *writable = 0;
+            if (keep(pending, data, size) < 0) {
+                errno = ENOMEM;
+                return -1;
+            }
+            return 1;
+        }
+        data += sent;
+        size -= (size_t)sent;
+    }
+    return 0;
+}
+
+/* Send what was kept; 0: nothing left, 1: still some, -1: errno. */
+static int
+send_pending(int fd, Pending *pending, unsigned *writable)
+{
+    while (pending->data != NULL) {
+        ssize_t sent = send(fd, pending->data + pending->offset, pending->size - pending->offset,
+                            MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (sent < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                *writable = 0;
+                return 1;
+            }
+            return -1;
+        }
+        pending->offset += (size_t)sent;
+        if (pending->offset == pending->size) {
+            free(pending->data);
+            pending->data = NULL;
+            pending->size = pending->offset = 0;
+        }
+    }
+    return 0;
+}
+
+static int upstream_failed; /* errno of the last failed send_records, 0 if none */
+
+/* Move what OpenSSL wrote to the outgoing BIO onto the destination's socket (or keep it). */
+static void
+send_records(Conn *c)
+{
+    upstream_failed = 0;
+    while (c->to_upstream.data == NULL && ossl.bio_ctrl_pending(c->wbio) > 0) {
+        int got = ossl.bio_read(c->wbio, outgoing, OUTGOING_SIZE);
+        if (got <= 0) {
+            return;
+        }
+        unsigned writable = c->upstream_writable;
+        int sent = send_or_keep(c->upstream.fd, outgoing, (size_t)got, &c->to_upstream, &writable);
+        c->upstream_writable = writable;
+        if (sent < 0) {
+            upstream_failed = errno ? errno : EIO;
+            return;
+        }
+    }
+}
+
+/* -- the handshake ------------------------------------------------------------------------------ */
+
+static void
+name_the_failure(Conn *c, char *reason, size_t size, long *verify_code)
+{
+    *verify_code = ossl.ssl_get_verify_result(c->ssl);
+    unsigned long error = ossl.err_peek_last_error();
+    const char *text = error ? ossl.err_reason_error_string(error) : NULL;
+    size_t i = 0;
+    /* OpenSSL's reason text, as the ssl module names it: "wrong version number" is
+     * WRONG_VERSION_NUMBER */
+    for (; text != NULL && text[i] != '\0' && i + 1 < size; i++) {
+        char ch = text[i];
+        reason[i] = ch == ' ' ? '_' : (ch >= 'a' && ch <= 'z') ? (char)(ch - 'a' + 'A') : ch;
+    }
+    reason[i] = '\0';
+    ossl.err_clear_error();
+}
+
+static void relay(Core *core, Conn *c);
+
+static void
+step_handshake(Core *core, Conn *c)
+{
+    if (c->to_upstream.data != NULL) { /* the last flight did not all go at once */
+        if (!c->upstream_writable) {
+            return;
+        }
+        unsigned writable = c->upstream_writable;
+        int left = send_pending(c->upstream.fd, &c->to_upstream, &writable);
+        c->upstream_writable = writable;
+        if (left < 0) {
+            end(core, c, "handshake_failed", 0, "", strerror(errno));
+            return;
+        }
+        if (left > 0) {
+            return;
+        }
+    }
+    for (;;) {
+        ossl.err_clear_error();
+        int done = ossl.ssl_do_handshake(c->ssl);
+        int error = done == 1 ? 0 : ossl.ssl_get_error(c->ssl, done);
+        if (done != 1 && error != SSL_ERROR_WANT_READ && error != SSL_ERROR_WANT_WRITE) {
+            char reason[96];
+            long verify_code;
+            name_the_failure(c, reason, sizeof reason, &verify_code);
+            send_records(c); /* the alert, so the server knows why */
+            end(core, c, "handshake_failed", verify_code, reason,
+                reason[0] ? reason : "the handshake failed");
+            return;
+        }
+        send_records(c);
+        if (upstream_failed) {
+            end(core, c, "handshake_failed", 0, "", strerror(upstream_failed));
+            return;
+        }
+        if (done == 1) {
+            c->state = RELAYING;
+            c->resumed = ossl.ssl_session_reused(c->ssl) == 1;
+            c->last = now(core);
+            if (!core->resume || c->last - core->session_at < 1.0) {
+                c->session_done = 1; /* refreshed at most once a second */
+            }
+            relay(core, c);
+            return;
+        }
+        if (!c->upstream_readable) {
+            return; /* the server's next flight wakes us */
+        }
+        ssize_t got = recv(c->upstream.fd, incoming, CHUNK, 0);
+        if (got > 0) {
+            if ((size_t)got < CHUNK) {
+                c->upstream_readable = 0;
+            }
+            ossl.bio_write(c->rbio, incoming, (int)got);
+            continue;
+        }
+        if (got == 0) {
+            end(core, c, "handshake_failed", 0, "", "the destination closed during the handshake");
+            return;
+        }
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            c->upstream_readable = 0;
+            return;
+        }
+        if (errno != EINTR) {
+            end(core, c, "handshake_failed", 0, "", strerror(errno));
+            return;
+        }
+    }
+}
+
+static void
+start_tls(Core *core, Conn *c)
+{
+    c->ssl = ossl.ssl_new(core->ctx);
+    c->rbio = c->ssl ? ossl.bio_new(ossl.bio_s_mem()) : NULL;
+    c->wbio = c->rbio ? ossl.bio_new(ossl.bio_s_mem()) : NULL;
+    if (c->wbio == NULL) {
+        end(core, c, "tls_setup", 0, "", "out of memory for a TLS connection");
+        return;
+    }
+    ossl.ssl_set_bio(c->ssl, c->rbio, c->wbio);
+    ossl.ssl_set_connect_state(c->ssl);
+    ossl.ssl_ctrl(c->ssl, SSL_CTRL_MODE,
+                  SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
+                      SSL_MODE_RELEASE_BUFFERS,
+                  NULL);
+    int configured = 1;
+    if (core->server_name != NULL) {
+        if (core->name_is_ip) {
+            configured = ossl.param_set1_ip_asc(ossl.ssl_get0_param(c->ssl), core->server_name);
+        }
+        else {
+            configured =
+                ossl.ssl_ctrl(c->ssl, SSL_CTRL_SET_TLSEXT_HOSTNAME, TLSEXT_NAMETYPE_host_name,
+                              core->server_name) == 1 &&
+                ossl.ssl_set1_host(c->ssl, core->server_name) == 1;
+        }
+    }
+    if (configured && core->cert != NULL) {
+        configured = ossl.ssl_use_cert_and_key(c->ssl, core->cert, core->key, core->chain, 1);
+    }
+    if (configured && core->resume && core->session != NULL) {
+        configured = ossl.ssl_set_session(c->ssl, core->session);
+    }
+    if (configured != 1) {
+        ossl.err_clear_error();
+        end(core, c, "tls_setup", 0, "", "OpenSSL refused the connection's settings");
+        return;
+    }
+    c->state = HANDSHAKE;
+    step_handshake(core, c);
+}
+
+/* The destination's socket became writable while connecting: connected, or failed. */
+static void
+connected(Core *core, Conn *c)
+{
+    int error = 0;
+    socklen_t size = sizeof error;
+    if (getsockopt(c->upstream.fd, SOL_SOCKET, SO_ERROR, &error, &size) < 0) {
+        error = errno;
+    }
+    if (error == EINPROGRESS || error == EALREADY) {
+        return;
+    }
+    if (error != 0) {
+        end(core, c, "connect_failed", 0, "", strerror(error));
+        return;
+    }
+    start_tls(core, c);
+}
+
+/* -- relaying ----------------------------------------------------------------------------------- */
+
+/* Keep the destination's session for the next connections once it can be resumed (TLS 1.3:
+ * its ticket comes after the handshake, with the first records read). */
+static void
+take_session(Core *core, Conn *c)
+{
+    void *session = ossl.ssl_get1_session(c->ssl);
+    if (session == NULL) {
+        return;
+    }
+    if (!ossl.session_is_resumable(session)) {
+        ossl.session_free(session);
+        return;
+    }
+    if (core->session != NULL) {
+        ossl.session_free(core->session);
+    }
+    core->session = session;
+    core->session_at = c->last;
+    c->session_done = 1;
+}
+
+/* Device -> destination: read plaintext, encrypt, send. 0: go on, -1: the connection ended. */
+static int
+move_up(Core *core, Conn *c)
+{
+    if (c->to_upstream.data != NULL) {
+        if (!c->upstream_writable) {
+            return 0;
+        }
+        unsigned writable = c->upstream_writable;
+        int left = send_pending(c->upstream.fd, &c->to_upstream, &writable);
+        c->upstream_writable = writable;
+        if (left < 0) {
+            lost(core, c, SIDE_UPSTREAM, errno);
+            return -1;
+        }
+        send_records(c); /* records OpenSSL wrote meanwhile (close_notify, key updates) */
+        if (upstream_failed) {
+            lost(core, c, SIDE_UPSTREAM, upstream_failed);
+            return -1;
+        }
+        if (c->to_upstream.data != NULL) {
+            return 0;
+        }
+    }
+    while (!c->device_eof && c->device_readable && c->to_upstream.data == NULL) {
+        ssize_t got = recv(c->device.fd, incoming, CHUNK, 0);
+        if (got < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                c->device_readable = 0;
+                break;
+            }
+            lost(core, c, SIDE_DEVICE, errno);
+            return -1;
+        }
+        if (got == 0) {
+            c->device_eof = 1; /* a half-close: passed on as close_notify */
+            c->close_notify_sent = 1;
+            ossl.ssl_shutdown(c->ssl);
+            ossl.err_clear_error();
+            send_records(c);
+            if (upstream_failed) {
+                lost(core, c, SIDE_UPSTREAM, upstream_failed);
+                return -1;
+            }
+            break;
+        }
+        if ((size_t)got < CHUNK) {
+            c->device_readable = 0; /* drained: edge-triggered, new data is a new event */
+        }
+        c->up_bytes += (unsigned long long)got;
+        c->last = now(core);
+        size_t done = 0;
+        while (done < (size_t)got) {
+            size_t written = 0;
+            if (ossl.ssl_write_ex(c->ssl, incoming + done, (size_t)got - done, &written) != 1) {
+                ossl.err_clear_error();
+                end(core, c, "destination_lost", 0, "", "OpenSSL would not encrypt");
+                return -1;
+            }
+            done += written;
+        }
+        send_records(c);
+        if (upstream_failed) {
+            lost(core, c, SIDE_UPSTREAM, upstream_failed);
+            return -1;
+        }
+    }
+    if (c->device_eof && !c->upstream_shut && c->to_upstream.data == NULL) {
+        c->upstream_shut = 1;
+        shutdown(c->upstream.fd, SHUT_WR);
+    }
+    return 0;
+}
+
+/* Destination -> device: decrypt what was read, send it; read more when all of it went. */
+static int
+move_down(Core *core, Conn *c)
+{
+    if (c->to_device.data != NULL) {
+        if (!c->device_writable) {
+            return 0;
+        }
+        unsigned writable = c->device_writable;
+        int left = send_pending(c->device.fd, &c->to_device, &writable);
+        c->device_writable = writable;
+        if (left < 0) {
+            lost(core, c, SIDE_DEVICE, errno);
+            return -1;
+        }
+        if (left > 0) {
+            return 0;
+        }
+    }
+    while (!c->upstream_eof && c->to_device.data == NULL) {
+        /* Decrypt what is already in OpenSSL's hands, as much as fits. */
+        size_t filled = 0;
+        int error = 0;
+        while (filled + RECORD_MAX <= CHUNK) {
+            size_t got = 0;
+            ossl.err_clear_error();
+            int ok = ossl.ssl_read_ex(c->ssl, plain + filled, CHUNK - filled, &got);
+            if (ok == 1) {
+                filled += got;
+                continue;
+            }
+            error = ossl.ssl_get_error(c->ssl, 0);
+            break;
+        }
+        if (!c->session_done) {
+            take_session(core, c);
+        }
+        send_records(c); /* what reading made OpenSSL write (a key update's answer) */
+        if (upstream_failed) {
+            lost(core, c, SIDE_UPSTREAM, upstream_failed);
+            return -1;
+        }
+        if (filled > 0) {
+            c->down_bytes += filled;
+            c->last = now(core);
+            c->session_done = 1; /* data flowed: a ticket that did not come with it never will */
+            unsigned writable = c->device_writable;
+            int sent = send_or_keep(c->device.fd, plain, filled, &c->to_device, &writable);
+            c->device_writable = writable;
+            if (sent < 0) {
+                lost(core, c, SIDE_DEVICE, errno);
+                return -1;
+            }
+            if (sent > 0) {
+                return 0;
+            }
+            if (error == 0) {
+                continue; /* the scratch filled up: more may be decrypted */
+            }
+        }
+        if (error == SSL_ERROR_ZERO_RETURN) {
+            c->upstream_eof = 1; /* close_notify: passed on as a half-close */
+            break;
+        }
+        if (error != SSL_ERROR_WANT_READ && error != 0) {
+            char reason[96];
+            long verify_code;
+            name_the_failure(c, reason, sizeof reason, &verify_code);
+            end(core, c, "destination_lost", 0, reason, reason[0] ? reason : "TLS error");
+            return -1;
+        }
+        if (!c->upstream_readable) {
+            break;
+        }
+        ssize_t got = recv(c->upstream.fd, incoming, CHUNK, 0);
+        if (got < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                c->upstream_readable = 0;
+                break;
+            }
+            lost(core, c, SIDE_UPSTREAM, errno);
+            return -1;
+        }
+        if (got == 0) {
+            c->upstream_eof = 1; /* closed without close_notify: the end of this direction */
+            break;
+        }
+        if ((size_t)got < CHUNK) {
+            c->upstream_readable = 0;
+        }
+        ossl.bio_write(c->rbio, incoming, (int)got);
+    }
+    if (c->upstream_eof && !c->device_shut && c->to_device.data == NULL) {
+        c->device_shut = 1;
+        shutdown(c->device.fd, SHUT_WR);
+    }
+    return 0;
+}
+
+static void
+relay(Core *core, Conn *c)
+{
+    if (move_up(core, c) < 0 || move_down(core, c) < 0) {
+        return;
+    }
+    if (c->upstream_shut && c->device_shut) {
+        end(core, c, "closed", 0, "", "");
+    }
+}
+
+/* -- accepting ---------------------------------------------------------------------------------- */
+
+static int
+watch(Core *core, Handle *handle, uint32_t events)
+{
+    struct epoll_event event = {.events = events, .data.ptr = handle};
+    return epoll_ctl(core->epfd, EPOLL_CTL_ADD, handle->fd, &event);
+}
+
+static void
+source_of(const struct sockaddr_storage *peer, char *out)
+{
+    out[0] = '?';
+    out[1] = '\0';
+    if (peer->ss_family == AF_INET) {
+        inet_ntop(AF_INET, &((const struct sockaddr_in *)peer)->sin_addr, out, INET6_ADDRSTRLEN);
+    }
+    else if (peer->ss_family == AF_INET6) {
+        inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)peer)->sin6_addr, out,
+                  INET6_ADDRSTRLEN);
+    }
+}
+
+static void
+accept_one(Core *core, int fd, const struct sockaddr_storage *peer)
+{
+    Conn *c = calloc(1, sizeof *c);
+    if (c == NULL) {
+        close(fd);
+        return;
+    }
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    c->device = (Handle){c, SIDE_DEVICE, fd};
+    c->upstream = (Handle){c, SIDE_UPSTREAM, -1};
+    c->state = CONNECTING;
+    c->started = c->last = now(core);
+    source_of(peer, c->source);
+    c->next = core->live;
+    if (core->live != NULL) {
+        core->live->prev = c;
+    }
+    core->live = c;
+    core->count++;
+    core->accepted++;
+
+    const uint32_t edge = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
+    if (watch(core, &c->device, edge) < 0) {
+        end(core, c, "connect_failed", 0, "", strerror(errno));
+        return;
+    }
+    int up = socket(core->address.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (up < 0) {
+        end(core, c, "connect_failed", 0, "", strerror(errno));
+        return;
+    }
+    c->upstream.fd = up;
+    setsockopt(up, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (watch(core, &c->upstream, edge) < 0) {
+        end(core, c, "connect_failed", 0, "", strerror(errno));
+        return;
+    }
+    if (connect(up, (struct sockaddr *)&core->address, core->address_size) < 0 &&
+        errno != EINPROGRESS) {
+        end(core, c, "connect_failed", 0, "", strerror(errno));
+    }
+    /* EPOLLOUT on the destination's socket says when it is connected (or failed) */
+}
+
+static void
+accept_all(Core *core, Handle *listener)
+{
+    for (int i = 0; i < ACCEPTS_PER_EVENT; i++) {
+        struct sockaddr_storage peer;
+        socklen_t size = sizeof peer;
+        int fd = accept4(listener->fd, (struct sockaddr *)&peer, &size,
+                         SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd >= 0) {
+            accept_one(core, fd, &peer);
+            continue;
+        }
+        if (errno == EINTR || errno == ECONNABORTED) {
+            continue;
+        }
+        if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+            /* Out of descriptors: stop accepting until the next expire(), rather than spin. */
+            for (int j = 0; j < core->listener_count; j++) {
+                epoll_ctl(core->epfd, EPOLL_CTL_DEL, core->listeners[j]->fd, NULL);
+            }
+            core->listeners_paused = 1;
+            PyObject *result = PyObject_CallFunction(core->on_end, "sslssKK", "accept_failed", "",
+                                                     0L, "", strerror(errno), 0ULL, 0ULL);
+            if (result == NULL) {
+                PyErr_WriteUnraisable(core->on_end);
+            }
+            Py_XDECREF(result);
+        }
+        return; /* EAGAIN: all taken */
+    }
+}
+
+/* -- events ------------------------------------------------------------------------------------- */
+
+static void
+handle_event(Core *core, Handle *handle, uint32_t events)
+{
+    if (handle->side == SIDE_LISTENER) {
+        accept_all(core, handle);
+        return;
+    }
+    Conn *c = handle->conn;
+    if (c->state == ENDED) {
+        return;
+    }
+    int hangup = (events & (EPOLLERR | EPOLLHUP)) != 0;
+    if (handle->side == SIDE_DEVICE) {
+        if (events & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP)) {
+            c->device_readable = 1;
+        }
+        if (events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) {
+            c->device_writable = 1;
+        }
+    }
+    else {
+        if (events & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP)) {
+            c->upstream_readable = 1;
+        }
+        if (events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) {
+            c->upstream_writable = 1;
+        }
+    }
+    switch (c->state) {
+    case CONNECTING:
+        if (handle->side == SIDE_UPSTREAM) {
+            connected(core, c);
+        }
+        break;
+    case HANDSHAKE:
+        if (handle->side == SIDE_UPSTREAM) {
+            step_handshake(core, c);
+        }
+        else if (hangup) {
+            end(core, c, "device_lost", 0, "", "the device left during the handshake");
+        }
+        break;
+    case RELAYING:
+        relay(core, c);
+        break;
+    }
+}
+
+/* -- the Python type ---------------------------------------------------------------------------- */
+
+static int
+core_init(Core *self, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"context", "ctx", "server_name", "name_is_ip", "identity",
+                               "resume", "connect_timeout", "idle_timeout", "on_end", "clock",
+                               NULL};
+    PyObject *context, *identity, *on_end, *clock = Py_None;
+    unsigned long long ctx;
+    const char *server_name;
+    int name_is_ip, resume;
+    double connect_timeout, idle_timeout;
+    if (self->epfd > 0 || self->on_end != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "a Core is initialised once");
+        return -1;
+    }
+    if (!ossl.bound) {
+        PyErr_SetString(PyExc_RuntimeError, "bind() OpenSSL's entry points first");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OKzpOpddO|O", keywords, &context, &ctx,
+                                     &server_name, &name_is_ip, &identity, &resume,
+                                     &connect_timeout, &idle_timeout, &on_end, &clock)) {
+        return -1;
+    }
+    if (ctx == 0 || !PyCallable_Check(on_end)) {
+        PyErr_SetString(PyExc_ValueError, "an SSL_CTX and a callable on_end are needed");
+        return -1;
+    }
+    if (identity != Py_None) {
+        unsigned long long cert, key, chain;
+        PyObject *pointers = PyObject_CallMethod(identity, "pointers", NULL);
+        if (pointers == NULL) {
+            return -1;
+        }
+        int ok = PyArg_ParseTuple(pointers, "KKK", &cert, &key, &chain);
+        Py_DECREF(pointers);
+        if (!ok) {
+            return -1;
+        }
+        self->cert = (void *)(uintptr_t)cert;
+        self->key = (void *)(uintptr_t)key;
+        self->chain = (void *)(uintptr_t)chain;
+    }
+    if (server_name != NULL) {
+        self->server_name = strdup(server_name);
+        if (self->server_name == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    self->epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (self->epfd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    self->context = Py_NewRef(context);
+    self->ctx = (void *)(uintptr_t)ctx;
+    self->identity = Py_NewRef(identity);
+    self->name_is_ip = name_is_ip;
+    self->resume = resume;
+    self->session_at = -1e18;
+    self->connect_timeout = connect_timeout;
+    self->idle_timeout = idle_timeout;
+    self->on_end = Py_NewRef(on_end);
+    self->clock = clock == Py_None ? NULL : Py_NewRef(clock);
+    return 0;
+}
+
+static PyObject *
+core_set_destination(Core *self, PyObject *args)
+{
+    const char *host;
+    int port;
+    if (!PyArg_ParseTuple(args, "si", &host, &port)) {
+        return NULL;
+    }
+    struct sockaddr_storage address;
+    memset(&address, 0, sizeof address);
+    struct sockaddr_in *v4 = (struct sockaddr_in *)&address;
+    struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)&address;
+    if (port <= 0 || port > 65535) {
+        PyErr_SetString(PyExc_ValueError, "port out of range");
+        return NULL;
+    }
+    if (inet_pton(AF_INET, host, &v4->sin_addr) == 1) {
+        v4->sin_family = AF_INET;
+        v4->sin_port = htons((uint16_t)port);
+        self->address_size = sizeof *v4;
+    }
+    else if (inet_pton(AF_INET6, host, &v6->sin6_addr) == 1) {
+        v6->sin6_family = AF_INET6;
+        v6->sin6_port = htons((uint16_t)port);
+        self->address_size = sizeof *v6;
+    }
+    else {
+        PyErr_Format(PyExc_ValueError, "not an IP address: %s", host);
+        return NULL;
+    }
+    self->address = address;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+core_listen(Core *self, PyObject *arg)
+{
+    int fd = PyObject_AsFileDescriptor(arg);
+    if (fd < 0) {
+        return NULL;
+    }
+    if (self->listener_count == (int)(sizeof self->listeners / sizeof self->listeners[0])) {
+        PyErr_SetString(PyExc_ValueError, "too many listeners for one core");
+        return NULL;
+    }
+    Handle *handle = malloc(sizeof *handle);
+    if (handle == NULL) {
+        return PyErr_NoMemory();
+    }
+    *handle = (Handle){NULL, SIDE_LISTENER, fd};
+    if (watch(self, handle, EPOLLIN) < 0) {
+        free(handle);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    self->listeners[self->listener_count++] = handle;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+core_fileno(Core *self, PyObject *unused)
+{
+    return PyLong_FromLong(self->epfd);
+}
+
+/* What the loop calls when the epoll descriptor is readable. */
+static PyObject *
+core_run(Core *self, PyObject *unused)
+{
+    if (self->on_end == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the Core was not initialised");
+        return NULL;
+    }
+    struct epoll_event events[BATCH];
+    int ready = epoll_wait(self->epfd, events, BATCH, 0);
+    for (int i = 0; i < ready; i++) {
+        handle_event(self, events[i].data.ptr, events[i].events);
+    }
+    free_ended(self);
+    return PyLong_FromLong(ready < 0 ? 0 : ready);
+}
+
+/* Once a second: connections that took too long to set up, or moved nothing for too long. */
+static PyObject *
+core_expire(Core *self, PyObject *unused)
+{
+    if (self->on_end == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the Core was not initialised");
+        return NULL;
+    }
+    double moment = now(self);
+    Conn *c = self->live;
+    while (c != NULL) {
+        Conn *next = c->next;
+        if (c->state != RELAYING && moment - c->started >= self->connect_timeout) {
+            end(self, c, "connect_timeout", 0, "", "");
+        }
+        else if (c->state == RELAYING && moment - c->last >= self->idle_timeout) {
+            end(self, c, "idle_timeout", 0, "", "");
+        }
+        c = next;
+    }
+    free_ended(self);
+    if (self->listeners_paused) {
+        self->listeners_paused = 0;
+        for (int j = 0; j < self->listener_count; j++) {
+            watch(self, self->listeners[j], EPOLLIN);
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+/* End every connection (the relay stops). */
+static PyObject *
+core_close_all(Core *self, PyObject *arg)
+{
+    const char *outcome = PyUnicode_AsUTF8(arg);
+    if (outcome == NULL || self->on_end == NULL) {
+        return NULL;
+    }
+    while (self->live != NULL) {
+        end(self, self->live, outcome, 0, "", "");
+    }
+    free_ended(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+core_get_count(Core *self, void *closure)
+{
+    return PyLong_FromSsize_t(self->count);
+}
+
+static PyObject *
+core_get_accepted(Core *self, void *closure)
+{
+    return PyLong_FromUnsignedLongLong(self->accepted);
+}
+
+static void
+core_dealloc(Core *self)
+{
+    while (self->live != NULL) {
+        Conn *c = self->live;
+        self->live = c->next;
+        if (c->device.fd >= 0) {
+            close(c->device.fd);
+        }
+        if (c->upstream.fd >= 0) {
+            close(c->upstream.fd);
+        }
+        free_conn(c);
+    }
+    free_ended(self);
+    for (int j = 0; j < self->listener_count; j++) {
+        free(self->listeners[j]);
+    }
+    if (self->session != NULL) {
+        ossl.session_free(self->session);
+    }
+    if (self->epfd > 0) {
+        close(self->epfd);
+    }
+    free(self->server_name);
+    Py_XDECREF(self->context);
+    Py_XDECREF(self->identity);
+    Py_XDECREF(self->on_end);
+    Py_XDECREF(self->clock);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef core_methods[] = {
+    {"set_destination", (PyCFunction)core_set_destination, METH_VARARGS,
+     "set_destination(ip, port): where the next connections go"},
+    {"listen", (PyCFunction)core_listen, METH_O,
+     "listen(sock): accept connections from a listening socket (kept open by the caller)"},
+    {"fileno", (PyCFunction)core_fileno, METH_NOARGS, "the epoll descriptor to watch"},
+    {"run", (PyCFunction)core_run, METH_NOARGS, "handle the events that are ready"},
+    {"expire", (PyCFunction)core_expire, METH_NOARGS, "end connections past their timeouts"},
+    {"close_all", (PyCFunction)core_close_all, METH_O, "close_all(outcome): end every connection"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef core_getset[] = {
+    {"count", (getter)core_get_count, NULL, "connections not ended", NULL},
+    {"accepted", (getter)core_get_accepted, NULL, "connections accepted in all", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject CoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "fleetgate.dataplane._tunnel.Core",
+    .tp_basicsize = sizeof(Core),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Accepted connections relayed to one TLS destination, set up and relayed in C",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)core_init,
+    .tp_dealloc = (destructor)core_dealloc,
+    .tp_methods = core_methods,
+    .tp_getset = core_getset,
+};
+
+/* bind(*addresses): OpenSSL's entry points, in the order of native.TUNNEL_ENTRY_POINTS. */
+static PyObject *
+tunnel_bind(PyObject *module, PyObject *args)
+{
+    void **slots[] = {
+        (void **)&ossl.ssl_new, (void **)&ossl.ssl_free, (void **)&ossl.ssl_set_bio,
+        (void **)&ossl.bio_new, (void **)&ossl.bio_s_mem, (void **)&ossl.ssl_set_connect_state,
+        (void **)&ossl.ssl_do_handshake, (void **)&ossl.ssl_read_ex, (void **)&ossl.ssl_write_ex,
+        (void **)&ossl.ssl_get_error, (void **)&ossl.bio_write, (void **)&ossl.bio_read,
+        (void **)&ossl.bio_ctrl_pending, (void **)&ossl.ssl_shutdown, (void **)&ossl.ssl_ctrl,
+        (void **)&ossl.ssl_set1_host, (void **)&ossl.ssl_get0_param,
+        (void **)&ossl.param_set1_ip_asc, (void **)&ossl.ssl_set_session,
+        (void **)&ossl.ssl_get1_session, (void **)&ossl.session_is_resumable,
+        (void **)&ossl.session_free, (void **)&ossl.ssl_get_verify_result,
+        (void **)&ossl.ssl_use_cert_and_key, (void **)&ossl.ssl_get_shutdown,
+        (void **)&ossl.ssl_set_shutdown, (void **)&ossl.err_peek_last_error,
+        (void **)&ossl.err_clear_error, (void **)&ossl.err_reason_error_string,
+        (void **)&ossl.ssl_session_reused,
+    };
+    Py_ssize_t wanted = (Py_ssize_t)(sizeof slots / sizeof slots[0]);
+    if (PyTuple_GET_SIZE(args) != wanted) {
+        PyErr_Format(PyExc_TypeError, "bind() takes %zd addresses", wanted);
+        return NULL;
+    }
+    void *found[sizeof slots / sizeof slots[0]];
+    for (Py_ssize_t i = 0; i < wanted; i++) {
+        found[i] = PyLong_AsVoidPtr(PyTuple_GET_ITEM(args, i));
+        if (found[i] == NULL) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetString(PyExc_ValueError, "an entry point is NULL");
+            }
+            return NULL;
+        }
+    }
+    for (Py_ssize_t i = 0; i < wanted; i++) {
+        *slots[i] = found[i];
+    }
+    ossl.bound = 1;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef tunnel_functions[] = {
+    {"bind", tunnel_bind, METH_VARARGS, "bind(*addresses): OpenSSL's entry points"},
+    {NULL, NULL, 0, NULL},
+};
+
+static int
+tunnel_exec(PyObject *module)
+{
+    if (PyType_Ready(&CoreType) < 0) {
+        return -1;
+    }
+    return PyModule_AddObjectRef(module, "Core", (PyObject *)&CoreType);
+}
+
+static PyModuleDef_Slot tunnel_slots[] = {
+    {Py_mod_exec, tunnel_exec},
+    {0, NULL},
+};
+
+static struct PyModuleDef tunnel_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "fleetgate.dataplane._tunnel",
+    .m_doc = "fleetgate connect's connections, set up and relayed in C",
+    .m_size = 0,
+    .m_methods = tunnel_functions,
+    .m_slots = tunnel_slots,
+};
+
+PyMODINIT_FUNC
+PyInit__tunnel(void)
+{
+    return PyModuleDef_Init(&tunnel_module);
+}

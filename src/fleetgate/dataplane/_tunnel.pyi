@@ -1,0 +1,29 @@
+# The tunnel core (_tunnel.c): its interface, for the type checker.
+import socket
+import ssl
+from collections.abc import Callable
+
+class Core:
+    count: int
+    accepted: int
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        ctx: int,
+        server_name: str | None,
+        name_is_ip: bool,
+        identity: object,
+        resume: bool,
+        connect_timeout: float,
+        idle_timeout: float,
+        on_end: Callable[[str, str, int, str, str, int, int], None],
+        clock: Callable[[], float] | None = None,
+    ) -> None: ...
+    def set_destination(self, ip: str, port: int, /) -> None: ...
+    def listen(self, sock: socket.socket, /) -> None: ...
+    def fileno(self) -> int: ...
+    def run(self) -> int: ...
+    def expire(self) -> None: ...
+    def close_all(self, outcome: str, /) -> None: ...
+
+def bind(*addresses: int) -> None: ...
