@@ -35,6 +35,7 @@
 #define BATCH 256                     /* events taken per run() */
 #define ACCEPTS_PER_EVENT 64          /* connections accepted per listener event */
 #define RECORD_MAX 16384
+#define REST_AFTER_S 1.0              /* quiet this long: the record buffers are given back */
 
 #define SSL_ERROR_WANT_READ 2        /* ssl.h */
 #define SSL_ERROR_WANT_WRITE 3
@@ -45,7 +46,6 @@
 #define TLSEXT_NAMETYPE_host_name 0
 #define SSL_MODE_ENABLE_PARTIAL_WRITE 0x1
 #define SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER 0x2
-#define SSL_MODE_RELEASE_BUFFERS 0x10
 
 static struct {
     void *(*ssl_new)(void *);
@@ -78,6 +78,7 @@ static struct {
     void (*err_clear_error)(void);
     const char *(*err_reason_error_string)(unsigned long);
     int (*ssl_session_reused)(const void *);
+    int (*ssl_free_buffers)(void *);
     int bound;
 } ossl;
 
@@ -111,7 +112,9 @@ typedef struct Conn {
     int state;
     unsigned device_readable : 1, device_writable : 1, upstream_readable : 1,
         upstream_writable : 1, device_eof : 1, upstream_eof : 1, close_notify_sent : 1,
-        upstream_shut : 1, device_shut : 1, session_done : 1, resumed : 1;
+        upstream_shut : 1, device_shut : 1, session_done : 1, resumed : 1, resting : 1,
+        device_hup : 1, upstream_hup : 1; /* the peer's FIN (or an error) is queued: a short read
+                                             does not mean there is nothing left to read */
     Pending to_upstream, to_device;
     unsigned long long up_bytes, down_bytes;
     double started, last;
@@ -420,7 +423,7 @@ step_handshake(Core *core, Conn *c)
         }
         ssize_t got = recv(c->upstream.fd, incoming, CHUNK, 0);
         if (got > 0) {
-            if ((size_t)got < CHUNK) {
+            if ((size_t)got < CHUNK && !c->upstream_hup) {
                 c->upstream_readable = 0;
             }
             ossl.bio_write(c->rbio, incoming, (int)got);
@@ -454,9 +457,7 @@ start_tls(Core *core, Conn *c)
     ossl.ssl_set_bio(c->ssl, c->rbio, c->wbio);
     ossl.ssl_set_connect_state(c->ssl);
     ossl.ssl_ctrl(c->ssl, SSL_CTRL_MODE,
-                  SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
-                      SSL_MODE_RELEASE_BUFFERS,
-                  NULL);
+                  SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER, NULL);
     int configured = 1;
     if (core->server_name != NULL) {
         if (core->name_is_ip) {
@@ -575,11 +576,12 @@ move_up(Core *core, Conn *c)
             }
             break;
         }
-        if ((size_t)got < CHUNK) {
+        if ((size_t)got < CHUNK && !c->device_hup) {
             c->device_readable = 0; /* drained: edge-triggered, new data is a new event */
         }
         c->up_bytes += (unsigned long long)got;
         c->last = now(core);
+        c->resting = 0;
         size_t done = 0;
         while (done < (size_t)got) {
             size_t written = 0;
@@ -648,6 +650,7 @@ move_down(Core *core, Conn *c)
         if (filled > 0) {
             c->down_bytes += filled;
             c->last = now(core);
+            c->resting = 0;
             c->session_done = 1; /* data flowed: a ticket that did not come with it never will */
             unsigned writable = c->device_writable;
             int sent = send_or_keep(c->device.fd, plain, filled, &c->to_device, &writable);
@@ -693,7 +696,7 @@ move_down(Core *core, Conn *c)
             c->upstream_eof = 1; /* closed without close_notify: the end of this direction */
             break;
         }
-        if ((size_t)got < CHUNK) {
+        if ((size_t)got < CHUNK && !c->upstream_hup) {
             c->upstream_readable = 0;
         }
         ossl.bio_write(c->rbio, incoming, (int)got);
@@ -831,9 +834,13 @@ handle_event(Core *core, Handle *handle, uint32_t events)
         return;
     }
     int hangup = (events & (EPOLLERR | EPOLLHUP)) != 0;
+    int ending = (events & (EPOLLRDHUP | EPOLLERR | EPOLLHUP)) != 0;
     if (handle->side == SIDE_DEVICE) {
         if (events & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP)) {
             c->device_readable = 1;
+        }
+        if (ending) {
+            c->device_hup = 1;
         }
         if (events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) {
             c->device_writable = 1;
@@ -842,6 +849,9 @@ handle_event(Core *core, Handle *handle, uint32_t events)
     else {
         if (events & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP)) {
             c->upstream_readable = 1;
+        }
+        if (ending) {
+            c->upstream_hup = 1;
         }
         if (events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) {
             c->upstream_writable = 1;
@@ -1036,6 +1046,11 @@ core_expire(Core *self, PyObject *unused)
         else if (c->state == RELAYING && moment - c->last >= self->idle_timeout) {
             end(self, c, "idle_timeout", 0, "", "");
         }
+        else if (c->state == RELAYING && !c->resting && moment - c->last >= REST_AFTER_S) {
+            /* Quiet for a while: OpenSSL's record buffers (about 34 KiB) go back until the
+             * next record (kept while busy: freeing them after every record costs CPU). */
+            c->resting = ossl.ssl_free_buffers(c->ssl) == 1;
+        }
         c = next;
     }
     free_ended(self);
@@ -1154,7 +1169,7 @@ tunnel_bind(PyObject *module, PyObject *args)
         (void **)&ossl.ssl_use_cert_and_key, (void **)&ossl.ssl_get_shutdown,
         (void **)&ossl.ssl_set_shutdown, (void **)&ossl.err_peek_last_error,
         (void **)&ossl.err_clear_error, (void **)&ossl.err_reason_error_string,
-        (void **)&ossl.ssl_session_reused,
+        (void **)&ossl.ssl_session_reused, (void **)&ossl.ssl_free_buffers,
     };
     Py_ssize_t wanted = (Py_ssize_t)(sizeof slots / sizeof slots[0]);
     if (PyTuple_GET_SIZE(args) != wanted) {

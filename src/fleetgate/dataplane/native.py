@@ -174,6 +174,7 @@ _TUNNEL_ENTRY_POINTS = (
     "ERR_clear_error",
     "ERR_reason_error_string",
     "SSL_session_reused",
+    "SSL_free_buffers",
 )
 
 

@@ -125,7 +125,7 @@ class Tunnel:
         # The core's connections have no Python object for the ssl module's callbacks to find.
         if context.keylog_filename is not None:
             raise ValueError("the tunnel core cannot log TLS keys")
-        self.chains = VerifiedChains(clock, frozenset(destination.pin_sha256), server_name)
+        self.chains: VerifiedChains = VerifiedChains(clock, frozenset(destination.pin_sha256), server_name)
         native.hook_verification(context, self.chains)
         identity = native.ClientIdentity(client.chain_pem, client.key.reveal()) if client else None
         monotonic = None if type(clock) is SystemClock else clock.monotonic
@@ -174,8 +174,12 @@ class Tunnel:
         address = str(found[0][4][0])
         self._core.set_destination(address, self._port)
 
-    def _expire(self) -> None:
+    def check_timeouts(self) -> None:
+        """End the connections past their connect or idle timeout (by the tunnel's clock)."""
         self._core.expire()
+
+    def _expire(self) -> None:
+        self.check_timeouts()
         now = self._clock.monotonic()
         if now >= self._next_resolve and (self._resolving is None or self._resolving.done()):
             self._next_resolve = now + RESOLVE_EVERY_S
