@@ -189,12 +189,14 @@ async def _read_to_end(reader: asyncio.StreamReader) -> bytes:
     return await asyncio.wait_for(reader.read(), TIMEOUT_S)
 
 
-async def _refused(reader: asyncio.StreamReader) -> bool:
-    """Closed (a FIN, or a reset: what the device sent was never read) without a byte."""
+async def _reset(reader: asyncio.StreamReader) -> bool:
+    """Reset without a byte: how the tunnel refuses a device (never a clean end it could take
+    for an empty answer)."""
     try:
-        return await _read_to_end(reader) == b""
+        await _read_to_end(reader)
     except ConnectionResetError:
         return True
+    return False
 
 
 async def test_bytes_go_both_ways_and_each_half_close_is_passed_on(rig: Rig) -> None:
@@ -323,7 +325,7 @@ async def test_a_destination_that_fails_verification_is_refused_with_its_cause(
     async with rig.open_tunnel(server.port, **settings) as (made, port):
         reader, writer = await _device(port)
         writer.write(b"secret")
-        assert await _refused(reader)
+        assert await _reset(reader)
         writer.close()
         ended = await rig.next_end()
         assert made.connections == 0
@@ -357,7 +359,7 @@ async def test_a_refused_client_certificate_is_a_refusal_not_a_relayed_connectio
     server = rig.destination(client_cafile=rig.cafile)
     async with rig.open_tunnel(server.port) as (_, port):
         reader, writer = await _device(port)
-        assert await _read_to_end(reader) == b""
+        assert await _reset(reader)
         writer.close()
         ended = await rig.next_end()
     assert (ended.outcome, ended.cause) == ("handshake_failed", "client_certificate_refused")
@@ -369,7 +371,29 @@ async def test_a_closed_port_is_refused_as_connect_failed(rig: Rig) -> None:
         closed_port = unused.getsockname()[1]
     async with rig.open_tunnel(closed_port) as (_, port):
         reader, writer = await _device(port)
+        assert await _reset(reader)
+        writer.close()
+        ended = await rig.next_end()
+    assert (ended.outcome, ended.cause) == ("connect_failed", "connect_failed")
+    assert "refused" in ended.detail.lower()
+
+
+async def test_each_address_of_the_destination_is_tried_in_turn(rig: Rig) -> None:
+    server = rig.destination()
+    async with rig.open_tunnel(server.port) as (made, port):
+        # As a name with several addresses resolves: the first refuses (nothing listens on
+        # 127.0.0.2 at that port), the second is the server.
+        made._core.set_destination(["127.0.0.2", "127.0.0.1"], server.port)
+        reader, writer = await _device(port)
+        writer.write(b"second address")
+        assert await asyncio.wait_for(reader.readexactly(14), TIMEOUT_S) == b"second address"
+        writer.write_eof()
         assert await _read_to_end(reader) == b""
+        writer.close()
+        assert (await rig.next_end()).outcome == "closed"
+        made._core.set_destination(["127.0.0.2"], server.port)  # no address that answers
+        reader, writer = await _device(port)
+        assert await _reset(reader)
         writer.close()
         ended = await rig.next_end()
     assert (ended.outcome, ended.cause) == ("connect_failed", "connect_failed")
@@ -386,7 +410,7 @@ async def test_a_destination_that_never_answers_times_out_on_the_clock(rig: Rig)
             assert made.connections == 1  # not yet: the clock has not moved
             rig.clock.advance(5.0)
             made.check_timeouts()
-            assert await _read_to_end(reader) == b""
+            assert await _reset(reader)
             writer.close()
             ended = await rig.next_end()
             held.close()

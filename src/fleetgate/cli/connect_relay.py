@@ -147,7 +147,7 @@ def _log_end(ended: tunnel.Ended) -> None:
         )
 
 
-async def _run_tunnel(
+def _serve_tunnel(
     listen: str, destination: DestinationConfig, client: ClientCertificate | None, idle_s: float
 ) -> None:
     try:
@@ -160,11 +160,14 @@ async def _run_tunnel(
     for sock in sockets:
         relay.listen(sock)
     try:
-        await relay.start()
+        relay.resolve()
     except OSError as exc:
         raise CliFailure(f"--to: {exc.strerror or exc}", ConfigError.kind.exit_code) from None
+    stop: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda number, _frame: stop.append(number))
     log.info("connect.listening", listen=listen, to=destination.address, core="c")
-    await _until_stopped()
+    relay.serve_until(lambda: bool(stop))
     relay.close()
 
 
@@ -210,9 +213,9 @@ def run_connect(
     # No connection limit here, so nothing to compare against: take what the system allows.
     raise_nofile_limit()
     tune_malloc()
+    if tunnel.AVAILABLE:
+        _serve_tunnel(listen, destination, client, idle_timeout)
+        return
     import uvloop
 
-    if tunnel.AVAILABLE:
-        uvloop.run(_run_tunnel(listen, destination, client, idle_timeout))
-    else:
-        uvloop.run(_run(listen, _Relay(destination, client, idle_timeout)))
+    uvloop.run(_run(listen, _Relay(destination, client, idle_timeout)))

@@ -35,6 +35,7 @@
 #define BATCH 256                     /* events taken per run() */
 #define ACCEPTS_PER_EVENT 64          /* connections accepted per listener event */
 #define RECORD_MAX 16384
+#define MAX_ADDRESSES 8               /* of the destination's name, tried in order */
 #define REST_AFTER_S 1.0              /* quiet this long: the record buffers are given back */
 
 #define SSL_ERROR_WANT_READ 2        /* ssl.h */
@@ -51,6 +52,7 @@ static struct {
     void *(*ssl_new)(void *);
     void (*ssl_free)(void *);
     void (*ssl_set_bio)(void *, void *, void *);
+    int (*bio_free)(void *);
     void *(*bio_new)(const void *);
     const void *(*bio_s_mem)(void);
     void (*ssl_set_connect_state)(void *);
@@ -112,10 +114,11 @@ typedef struct Conn {
     int state;
     unsigned device_readable : 1, device_writable : 1, upstream_readable : 1,
         upstream_writable : 1, device_eof : 1, upstream_eof : 1, close_notify_sent : 1,
-        upstream_shut : 1, device_shut : 1, session_done : 1, resumed : 1, resting : 1,
+        upstream_shut : 1, device_shut : 1, session_done : 1, resumed : 1, resting : 1, read_since_handshake : 1,
         device_hup : 1, upstream_hup : 1; /* the peer's FIN (or an error) is queued: a short read
                                              does not mean there is nothing left to read */
     Pending to_upstream, to_device;
+    int attempt;             /* which of the destination's addresses is being tried */
     unsigned long long up_bytes, down_bytes;
     double started, last;
     char source[INET6_ADDRSTRLEN];
@@ -133,8 +136,10 @@ typedef struct {
     int resume;
     void *session;
     double session_at;
-    struct sockaddr_storage address;
-    socklen_t address_size;
+    struct sockaddr_storage addresses[MAX_ADDRESSES]; /* the destination's, tried in order */
+    socklen_t address_sizes[MAX_ADDRESSES];
+    int address_count;
+    int calling;         /* inside a callback into Python: no re-entry, nothing freed */
     double connect_timeout, idle_timeout;
     PyObject *on_end;    /* called once per connection that ends */
     PyObject *clock;     /* a callable for the monotonic time, or NULL: CLOCK_MONOTONIC */
@@ -172,9 +177,14 @@ static void
 report(Core *core, Conn *c, const char *outcome, long verify_code, const char *reason,
        const char *detail)
 {
+    if (core->on_end == NULL) {
+        return; /* the Core is being torn down */
+    }
+    core->calling++;
     PyObject *result = PyObject_CallFunction(core->on_end, "sslssKK", outcome, c->source,
                                              verify_code, reason, detail, c->up_bytes,
                                              c->down_bytes);
+    core->calling--;
     if (result == NULL) {
         PyErr_WriteUnraisable(core->on_end);
     }
@@ -194,10 +204,19 @@ end(Core *core, Conn *c, const char *outcome, long verify_code, const char *reas
     if (c->state == ENDED) {
         return;
     }
+    int clean = strcmp(outcome, "closed") == 0 || strcmp(outcome, "idle_timeout") == 0 ||
+                strcmp(outcome, "shutdown") == 0;
     if (c->state == RELAYING && !c->close_notify_sent && !c->upstream_shut) {
         c->close_notify_sent = 1;
         ossl.ssl_shutdown(c->ssl);
+        ossl.err_clear_error();
         send_records(c); /* best effort: what the socket takes at once */
+    }
+    if (!clean && c->device.fd >= 0) {
+        /* Refused, or cut: the device gets a reset, never an end it could take for a
+         * complete answer (what it was still owed is lost with the connection). */
+        struct linger abort_now = {1, 0};
+        setsockopt(c->device.fd, SOL_SOCKET, SO_LINGER, &abort_now, sizeof abort_now);
     }
     if (c->ssl != NULL) {
         /* A connection ended without the peer's close_notify must not make its session
@@ -244,6 +263,9 @@ free_conn(Conn *c)
 static void
 free_ended(Core *core)
 {
+    if (core->calling) {
+        return; /* the outermost call frees them */
+    }
     while (core->ended != NULL) {
         Conn *c = core->ended;
         core->ended = c->next;
@@ -371,6 +393,7 @@ name_the_failure(Conn *c, char *reason, size_t size, long *verify_code)
 }
 
 static void relay(Core *core, Conn *c);
+static void dial(Core *core, Conn *c);
 
 static void
 step_handshake(Core *core, Conn *c)
@@ -426,7 +449,11 @@ step_handshake(Core *core, Conn *c)
             if ((size_t)got < CHUNK && !c->upstream_hup) {
                 c->upstream_readable = 0;
             }
-            ossl.bio_write(c->rbio, incoming, (int)got);
+            if (ossl.bio_write(c->rbio, incoming, (int)got) != (int)got) {
+                ossl.err_clear_error();
+                end(core, c, "handshake_failed", 0, "", "out of memory for records");
+                return;
+            }
             continue;
         }
         if (got == 0) {
@@ -448,9 +475,22 @@ static void
 start_tls(Core *core, Conn *c)
 {
     c->ssl = ossl.ssl_new(core->ctx);
-    c->rbio = c->ssl ? ossl.bio_new(ossl.bio_s_mem()) : NULL;
-    c->wbio = c->rbio ? ossl.bio_new(ossl.bio_s_mem()) : NULL;
-    if (c->wbio == NULL) {
+    if (c->ssl == NULL) {
+        ossl.err_clear_error();
+        end(core, c, "tls_setup", 0, "", "out of memory for a TLS connection");
+        return;
+    }
+    c->rbio = ossl.bio_new(ossl.bio_s_mem());
+    c->wbio = ossl.bio_new(ossl.bio_s_mem());
+    if (c->rbio == NULL || c->wbio == NULL) {
+        if (c->rbio != NULL) {
+            ossl.bio_free(c->rbio);
+        }
+        if (c->wbio != NULL) {
+            ossl.bio_free(c->wbio);
+        }
+        c->rbio = c->wbio = NULL;
+        ossl.err_clear_error();
         end(core, c, "tls_setup", 0, "", "out of memory for a TLS connection");
         return;
     }
@@ -497,7 +537,19 @@ connected(Core *core, Conn *c)
     if (error == EINPROGRESS || error == EALREADY) {
         return;
     }
+    struct sockaddr_storage peer;
+    socklen_t peer_size = sizeof peer;
+    if (error == 0 && getpeername(c->upstream.fd, (struct sockaddr *)&peer, &peer_size) < 0) {
+        return; /* not connected yet (an event of an earlier attempt's socket) */
+    }
     if (error != 0) {
+        if (c->attempt + 1 < core->address_count) {
+            close(c->upstream.fd); /* (leaves the epoll set with it) */
+            c->upstream.fd = -1;
+            c->attempt++;
+            dial(core, c);
+            return;
+        }
         end(core, c, "connect_failed", 0, "", strerror(error));
         return;
     }
@@ -511,6 +563,9 @@ connected(Core *core, Conn *c)
 static void
 take_session(Core *core, Conn *c)
 {
+    if (c->resumed && !c->read_since_handshake) {
+        return; /* the session resumed is the one kept: wait for the new ticket */
+    }
     void *session = ossl.ssl_get1_session(c->ssl);
     if (session == NULL) {
         return;
@@ -699,7 +754,12 @@ move_down(Core *core, Conn *c)
         if ((size_t)got < CHUNK && !c->upstream_hup) {
             c->upstream_readable = 0;
         }
-        ossl.bio_write(c->rbio, incoming, (int)got);
+        if (ossl.bio_write(c->rbio, incoming, (int)got) != (int)got) {
+            ossl.err_clear_error();
+            end(core, c, "destination_lost", 0, "", "out of memory for records");
+            return -1;
+        }
+        c->read_since_handshake = 1;
     }
     if (c->upstream_eof && !c->device_shut && c->to_device.data == NULL) {
         c->device_shut = 1;
@@ -742,6 +802,46 @@ source_of(const struct sockaddr_storage *peer, char *out)
     }
 }
 
+#define EDGE (EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET)
+
+/* Connect to the destination's address number c->attempt, or the next ones if that fails at
+ * once; EPOLLOUT on the socket says when it is connected (or failed: connected() moves on). */
+static void
+dial(Core *core, Conn *c)
+{
+    int one = 1;
+    for (; c->attempt < core->address_count; c->attempt++) {
+        const struct sockaddr_storage *address = &core->addresses[c->attempt];
+        int up = socket(address->ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (up < 0) {
+            if (c->attempt + 1 == core->address_count) {
+                end(core, c, "connect_failed", 0, "", strerror(errno));
+                return;
+            }
+            continue; /* (no IPv6 here, say): the next address */
+        }
+        c->upstream.fd = up;
+        c->upstream_readable = c->upstream_writable = c->upstream_hup = 0;
+        setsockopt(up, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        if (watch(core, &c->upstream, EDGE) < 0) {
+            end(core, c, "connect_failed", 0, "", strerror(errno));
+            return;
+        }
+        if (connect(up, (const struct sockaddr *)address, core->address_sizes[c->attempt]) == 0 ||
+            errno == EINPROGRESS) {
+            return;
+        }
+        int failure = errno;
+        close(up);
+        c->upstream.fd = -1;
+        if (c->attempt + 1 == core->address_count) {
+            end(core, c, "connect_failed", 0, "", strerror(failure));
+            return;
+        }
+    }
+    end(core, c, "connect_failed", 0, "", "the destination's name has no address (yet)");
+}
+
 static void
 accept_one(Core *core, int fd, const struct sockaddr_storage *peer)
 {
@@ -765,27 +865,11 @@ accept_one(Core *core, int fd, const struct sockaddr_storage *peer)
     core->count++;
     core->accepted++;
 
-    const uint32_t edge = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
-    if (watch(core, &c->device, edge) < 0) {
+    if (watch(core, &c->device, EDGE) < 0) {
         end(core, c, "connect_failed", 0, "", strerror(errno));
         return;
     }
-    int up = socket(core->address.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (up < 0) {
-        end(core, c, "connect_failed", 0, "", strerror(errno));
-        return;
-    }
-    c->upstream.fd = up;
-    setsockopt(up, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    if (watch(core, &c->upstream, edge) < 0) {
-        end(core, c, "connect_failed", 0, "", strerror(errno));
-        return;
-    }
-    if (connect(up, (struct sockaddr *)&core->address, core->address_size) < 0 &&
-        errno != EINPROGRESS) {
-        end(core, c, "connect_failed", 0, "", strerror(errno));
-    }
-    /* EPOLLOUT on the destination's socket says when it is connected (or failed) */
+    dial(core, c);
 }
 
 static void
@@ -803,14 +887,17 @@ accept_all(Core *core, Handle *listener)
         if (errno == EINTR || errno == ECONNABORTED) {
             continue;
         }
-        if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+        int failure = errno;
+        if (failure == EMFILE || failure == ENFILE || failure == ENOBUFS || failure == ENOMEM) {
             /* Out of descriptors: stop accepting until the next expire(), rather than spin. */
             for (int j = 0; j < core->listener_count; j++) {
                 epoll_ctl(core->epfd, EPOLL_CTL_DEL, core->listeners[j]->fd, NULL);
             }
             core->listeners_paused = 1;
+            core->calling++;
             PyObject *result = PyObject_CallFunction(core->on_end, "sslssKK", "accept_failed", "",
-                                                     0L, "", strerror(errno), 0ULL, 0ULL);
+                                                     0L, "", strerror(failure), 0ULL, 0ULL);
+            core->calling--;
             if (result == NULL) {
                 PyErr_WriteUnraisable(core->on_end);
             }
@@ -879,6 +966,21 @@ handle_event(Core *core, Handle *handle, uint32_t events)
 
 /* -- the Python type ---------------------------------------------------------------------------- */
 
+/* A Core is used only once initialised, and not from inside its own callback. */
+static int
+usable(Core *self)
+{
+    if (self->on_end == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the Core was not initialised");
+        return 0;
+    }
+    if (self->calling) {
+        PyErr_SetString(PyExc_RuntimeError, "the Core was called from its own callback");
+        return 0;
+    }
+    return 1;
+}
+
 static int
 core_init(Core *self, PyObject *args, PyObject *kwargs)
 {
@@ -890,7 +992,7 @@ core_init(Core *self, PyObject *args, PyObject *kwargs)
     const char *server_name;
     int name_is_ip, resume;
     double connect_timeout, idle_timeout;
-    if (self->epfd > 0 || self->on_end != NULL) {
+    if (self->on_end != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "a Core is initialised once");
         return -1;
     }
@@ -907,8 +1009,8 @@ core_init(Core *self, PyObject *args, PyObject *kwargs)
         PyErr_SetString(PyExc_ValueError, "an SSL_CTX and a callable on_end are needed");
         return -1;
     }
+    unsigned long long cert = 0, key = 0, chain = 0;
     if (identity != Py_None) {
-        unsigned long long cert, key, chain;
         PyObject *pointers = PyObject_CallMethod(identity, "pointers", NULL);
         if (pointers == NULL) {
             return -1;
@@ -918,22 +1020,23 @@ core_init(Core *self, PyObject *args, PyObject *kwargs)
         if (!ok) {
             return -1;
         }
-        self->cert = (void *)(uintptr_t)cert;
-        self->key = (void *)(uintptr_t)key;
-        self->chain = (void *)(uintptr_t)chain;
     }
-    if (server_name != NULL) {
-        self->server_name = strdup(server_name);
-        if (self->server_name == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
+    char *name = NULL;
+    if (server_name != NULL && (name = strdup(server_name)) == NULL) {
+        PyErr_NoMemory();
+        return -1;
     }
-    self->epfd = epoll_create1(EPOLL_CLOEXEC);
-    if (self->epfd < 0) {
+    int epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (epfd < 0) {
+        free(name);
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
+    self->epfd = epfd;
+    self->server_name = name;
+    self->cert = (void *)(uintptr_t)cert;
+    self->key = (void *)(uintptr_t)key;
+    self->chain = (void *)(uintptr_t)chain;
     self->context = Py_NewRef(context);
     self->ctx = (void *)(uintptr_t)ctx;
     self->identity = Py_NewRef(identity);
@@ -947,43 +1050,77 @@ core_init(Core *self, PyObject *args, PyObject *kwargs)
     return 0;
 }
 
+/* set_destination(ips, port): where the next connections go, tried in that order. */
+static PyObject *
+core_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    Core *self = (Core *)type->tp_alloc(type, 0);
+    if (self != NULL) {
+        self->epfd = -1;
+    }
+    return (PyObject *)self;
+}
+
 static PyObject *
 core_set_destination(Core *self, PyObject *args)
 {
-    const char *host;
+    PyObject *ips;
     int port;
-    if (!PyArg_ParseTuple(args, "si", &host, &port)) {
+    if (!PyArg_ParseTuple(args, "Oi", &ips, &port) || !usable(self)) {
         return NULL;
     }
-    struct sockaddr_storage address;
-    memset(&address, 0, sizeof address);
-    struct sockaddr_in *v4 = (struct sockaddr_in *)&address;
-    struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)&address;
     if (port <= 0 || port > 65535) {
         PyErr_SetString(PyExc_ValueError, "port out of range");
         return NULL;
     }
-    if (inet_pton(AF_INET, host, &v4->sin_addr) == 1) {
-        v4->sin_family = AF_INET;
-        v4->sin_port = htons((uint16_t)port);
-        self->address_size = sizeof *v4;
-    }
-    else if (inet_pton(AF_INET6, host, &v6->sin6_addr) == 1) {
-        v6->sin6_family = AF_INET6;
-        v6->sin6_port = htons((uint16_t)port);
-        self->address_size = sizeof *v6;
-    }
-    else {
-        PyErr_Format(PyExc_ValueError, "not an IP address: %s", host);
+    PyObject *items = PySequence_Fast(ips, "ips must be a sequence of IP addresses");
+    if (items == NULL) {
         return NULL;
     }
-    self->address = address;
+    Py_ssize_t size = PySequence_Fast_GET_SIZE(items);
+    if (size > MAX_ADDRESSES) {
+        size = MAX_ADDRESSES;
+    }
+    struct sockaddr_storage addresses[MAX_ADDRESSES];
+    socklen_t sizes[MAX_ADDRESSES];
+    memset(addresses, 0, sizeof addresses);
+    for (Py_ssize_t i = 0; i < size; i++) {
+        const char *host = PyUnicode_AsUTF8(PySequence_Fast_GET_ITEM(items, i));
+        if (host == NULL) {
+            Py_DECREF(items);
+            return NULL;
+        }
+        struct sockaddr_in *v4 = (struct sockaddr_in *)&addresses[i];
+        struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)&addresses[i];
+        if (inet_pton(AF_INET, host, &v4->sin_addr) == 1) {
+            v4->sin_family = AF_INET;
+            v4->sin_port = htons((uint16_t)port);
+            sizes[i] = sizeof *v4;
+        }
+        else if (inet_pton(AF_INET6, host, &v6->sin6_addr) == 1) {
+            v6->sin6_family = AF_INET6;
+            v6->sin6_port = htons((uint16_t)port);
+            sizes[i] = sizeof *v6;
+        }
+        else {
+            Py_DECREF(items);
+            PyErr_Format(PyExc_ValueError, "not an IP address: %s", host);
+            return NULL;
+        }
+    }
+    Py_DECREF(items);
+    memcpy(self->addresses, addresses, sizeof addresses);
+    memcpy(self->address_sizes, sizes, sizeof sizes);
+    self->address_count = (int)size;
     Py_RETURN_NONE;
 }
 
 static PyObject *
 core_listen(Core *self, PyObject *arg)
 {
+    if (!usable(self)) {
+        return NULL;
+    }
     int fd = PyObject_AsFileDescriptor(arg);
     if (fd < 0) {
         return NULL;
@@ -1008,6 +1145,10 @@ core_listen(Core *self, PyObject *arg)
 static PyObject *
 core_fileno(Core *self, PyObject *unused)
 {
+    if (self->on_end == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the Core was not initialised");
+        return NULL;
+    }
     return PyLong_FromLong(self->epfd);
 }
 
@@ -1015,8 +1156,7 @@ core_fileno(Core *self, PyObject *unused)
 static PyObject *
 core_run(Core *self, PyObject *unused)
 {
-    if (self->on_end == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "the Core was not initialised");
+    if (!usable(self)) {
         return NULL;
     }
     struct epoll_event events[BATCH];
@@ -1028,12 +1168,54 @@ core_run(Core *self, PyObject *unused)
     return PyLong_FromLong(ready < 0 ? 0 : ready);
 }
 
+/* The core as the thread's only loop: wait for events (the GIL released while waiting) and
+ * handle them, for up to ``seconds``. Back early when a signal interrupted the wait, once its
+ * Python handler ran (an exception it raised propagates). One system call per wake-up where an
+ * event loop watching the epoll descriptor costs two, and no loop machinery in between. */
+static PyObject *
+core_serve(Core *self, PyObject *arg)
+{
+    double seconds = PyFloat_AsDouble(arg);
+    if ((seconds == -1.0 && PyErr_Occurred()) || !usable(self)) {
+        return NULL;
+    }
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    double deadline = (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9 + seconds;
+    struct epoll_event events[BATCH];
+    for (;;) {
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        double left = deadline - ((double)ts.tv_sec + (double)ts.tv_nsec * 1e-9);
+        if (left <= 0) {
+            break;
+        }
+        int ready;
+        int wait_ms = (int)(left * 1000.0) + 1;
+        Py_BEGIN_ALLOW_THREADS
+        ready = epoll_wait(self->epfd, events, BATCH, wait_ms);
+        Py_END_ALLOW_THREADS
+        if (ready < 0) {
+            if (errno != EINTR) {
+                return PyErr_SetFromErrno(PyExc_OSError);
+            }
+            if (PyErr_CheckSignals() < 0) {
+                return NULL;
+            }
+            break;
+        }
+        for (int i = 0; i < ready; i++) {
+            handle_event(self, events[i].data.ptr, events[i].events);
+        }
+        free_ended(self);
+    }
+    Py_RETURN_NONE;
+}
+
 /* Once a second: connections that took too long to set up, or moved nothing for too long. */
 static PyObject *
 core_expire(Core *self, PyObject *unused)
 {
-    if (self->on_end == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "the Core was not initialised");
+    if (!usable(self)) {
         return NULL;
     }
     double moment = now(self);
@@ -1067,8 +1249,11 @@ core_expire(Core *self, PyObject *unused)
 static PyObject *
 core_close_all(Core *self, PyObject *arg)
 {
+    if (!usable(self)) {
+        return NULL;
+    }
     const char *outcome = PyUnicode_AsUTF8(arg);
-    if (outcome == NULL || self->on_end == NULL) {
+    if (outcome == NULL) {
         return NULL;
     }
     while (self->live != NULL) {
@@ -1090,9 +1275,30 @@ core_get_accepted(Core *self, void *closure)
     return PyLong_FromUnsignedLongLong(self->accepted);
 }
 
+static int
+core_traverse(Core *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->context);
+    Py_VISIT(self->identity);
+    Py_VISIT(self->on_end);
+    Py_VISIT(self->clock);
+    return 0;
+}
+
+/* Breaking a cycle (the Tunnel holds the Core, the Core its bound method): the connections
+ * stay until dealloc, but no callback is made any more (usable() refuses). */
+static int
+core_clear(Core *self)
+{
+    Py_CLEAR(self->on_end);
+    Py_CLEAR(self->clock);
+    return 0;
+}
+
 static void
 core_dealloc(Core *self)
 {
+    PyObject_GC_UnTrack(self);
     while (self->live != NULL) {
         Conn *c = self->live;
         self->live = c->next;
@@ -1111,24 +1317,25 @@ core_dealloc(Core *self)
     if (self->session != NULL) {
         ossl.session_free(self->session);
     }
-    if (self->epfd > 0) {
+    if (self->epfd >= 0) {
         close(self->epfd);
     }
     free(self->server_name);
     Py_XDECREF(self->context);
     Py_XDECREF(self->identity);
-    Py_XDECREF(self->on_end);
-    Py_XDECREF(self->clock);
+    core_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 static PyMethodDef core_methods[] = {
     {"set_destination", (PyCFunction)core_set_destination, METH_VARARGS,
-     "set_destination(ip, port): where the next connections go"},
+     "set_destination(ips, port): where the next connections go (tried in that order)"},
     {"listen", (PyCFunction)core_listen, METH_O,
      "listen(sock): accept connections from a listening socket (kept open by the caller)"},
     {"fileno", (PyCFunction)core_fileno, METH_NOARGS, "the epoll descriptor to watch"},
     {"run", (PyCFunction)core_run, METH_NOARGS, "handle the events that are ready"},
+    {"serve", (PyCFunction)core_serve, METH_O,
+     "serve(seconds): wait for events and handle them, for up to that long (or a signal)"},
     {"expire", (PyCFunction)core_expire, METH_NOARGS, "end connections past their timeouts"},
     {"close_all", (PyCFunction)core_close_all, METH_O, "close_all(outcome): end every connection"},
     {NULL, NULL, 0, NULL},
@@ -1143,9 +1350,11 @@ static PyGetSetDef core_getset[] = {
 static PyTypeObject CoreType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "fleetgate.dataplane._tunnel.Core",
     .tp_basicsize = sizeof(Core),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)core_traverse,
+    .tp_clear = (inquiry)core_clear,
     .tp_doc = "Accepted connections relayed to one TLS destination, set up and relayed in C",
-    .tp_new = PyType_GenericNew,
+    .tp_new = core_new,
     .tp_init = (initproc)core_init,
     .tp_dealloc = (destructor)core_dealloc,
     .tp_methods = core_methods,
@@ -1170,6 +1379,7 @@ tunnel_bind(PyObject *module, PyObject *args)
         (void **)&ossl.ssl_set_shutdown, (void **)&ossl.err_peek_last_error,
         (void **)&ossl.err_clear_error, (void **)&ossl.err_reason_error_string,
         (void **)&ossl.ssl_session_reused, (void **)&ossl.ssl_free_buffers,
+        (void **)&ossl.bio_free,
     };
     Py_ssize_t wanted = (Py_ssize_t)(sizeof slots / sizeof slots[0]);
     if (PyTuple_GET_SIZE(args) != wanted) {

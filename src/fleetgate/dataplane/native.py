@@ -175,6 +175,7 @@ _TUNNEL_ENTRY_POINTS = (
     "ERR_reason_error_string",
     "SSL_session_reused",
     "SSL_free_buffers",
+    "BIO_free",
 )
 
 

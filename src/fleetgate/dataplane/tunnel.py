@@ -11,9 +11,12 @@ it. Where it is not built (no C compiler), or ``FLEETGATE_RELAY=python`` is set,
 not reachable (:mod:`~fleetgate.dataplane.native`), the same relay runs on asyncio endpoints
 and the splice.
 
-The core watches its own epoll descriptor; the event loop watches that one descriptor and
-calls the core when it has events, and once a second for timeouts. The destination's name is
-looked up when the tunnel starts and again every :data:`RESOLVE_EVERY_S`.
+The core watches its own epoll descriptor. ``fleetgate connect`` lets it wait on that
+descriptor itself (:meth:`Tunnel.serve_until`: the thread's only loop, one system call per
+wake-up); embedded in an asyncio program (the tests), the event loop watches the descriptor
+and calls the core when it has events (:meth:`Tunnel.start`). Either way it is called once a
+second for timeouts (:meth:`Tunnel.tick`). The destination's name is looked up at start and
+again every :data:`RESOLVE_EVERY_S`, in a thread, so a slow resolver never stalls the relay.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import asyncio
 import ipaddress
 import os
 import socket
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -41,6 +45,7 @@ if TYPE_CHECKING:
 log = get_logger("fleetgate.tunnel")
 
 RESOLVE_EVERY_S = 30.0
+RESOLVE_RETRY_S = 5.0  # after a look-up failed
 TICK_S = 1.0
 
 # How a connection ended, as the core names it: relayed (then ended), or refused while being set
@@ -86,14 +91,31 @@ class Ended:
         return self.outcome in REFUSED
 
 
-def _cause(outcome: str, verify_code: int, reason: str, down_bytes: int) -> str:
+# OpenSSL 3.2 and later word an alert's reason "ssl/tls alert bad certificate" where 3.0 said
+# "sslv3 alert bad certificate" or "tlsv1 alert unknown ca": the names the causes are keyed on.
+_ALERT_PREFIXES = ("SSLV3_ALERT_", "TLSV1_ALERT_", "TLSV13_ALERT_")
+
+
+def _reason_cause(reason: str) -> str:
+    cause = cause_of_failure(0, reason)
+    if cause == "tls_error" and reason.startswith("SSL/TLS_ALERT_"):
+        rest = reason.removeprefix("SSL/TLS_ALERT_")
+        for prefix in _ALERT_PREFIXES:
+            if (named := cause_of_failure(0, prefix + rest)) != "tls_error":
+                return named
+    return cause
+
+
+def _cause(outcome: str, verify_code: int, reason: str) -> str:
     if outcome == "handshake_failed":
         if verify_code == PIN_MISMATCH:
             return "pin_mismatch"
-        return cause_of_failure(verify_code, reason)
+        if not verify_code and not reason:  # closed or reset under the handshake
+            return "connection_lost"
+        return cause_of_failure(verify_code, "") if verify_code else _reason_cause(reason)
     if outcome in ("connect_failed", "connect_timeout", "tls_setup"):
         return outcome
-    return cause_of_failure(0, reason) if reason else ""
+    return _reason_cause(reason) if reason else ""
 
 
 def _is_ip(name: str) -> bool:
@@ -125,7 +147,9 @@ class Tunnel:
         # The core's connections have no Python object for the ssl module's callbacks to find.
         if context.keylog_filename is not None:
             raise ValueError("the tunnel core cannot log TLS keys")
-        self.chains: VerifiedChains = VerifiedChains(clock, frozenset(destination.pin_sha256), server_name)
+        self.chains: VerifiedChains = VerifiedChains(
+            clock, frozenset(destination.pin_sha256), server_name
+        )
         native.hook_verification(context, self.chains)
         identity = native.ClientIdentity(client.chain_pem, client.key.reveal()) if client else None
         monotonic = None if type(clock) is SystemClock else clock.monotonic
@@ -142,10 +166,12 @@ class Tunnel:
             monotonic,
         )
         self._sockets: list[socket.socket] = []
-        self._tick: asyncio.TimerHandle | None = None
-        self._resolving: asyncio.Task[None] | None = None
-        self._next_resolve: float = 0.0
         self._clock: Clock = clock
+        self._tick: asyncio.TimerHandle | None = None  # on an event loop: the next tick
+        self._watched: bool = False  # on an event loop: its reader is the core's descriptor
+        self._next_resolve: float = 0.0
+        self._resolver: threading.Thread | None = None
+        self._found: list[str] | None = None  # what the resolver thread found, not yet used
 
     @property
     def connections(self) -> int:
@@ -158,39 +184,75 @@ class Tunnel:
         self._core.listen(sock)
         self._sockets.append(sock)
 
+    def resolve(self) -> None:
+        """Look the destination's name up now (blocking). If that fails, connections are
+        refused (``connect_failed``) until a later look-up, every tick, succeeds."""
+        self._next_resolve = self._clock.monotonic() + RESOLVE_EVERY_S
+        try:
+            self._core.set_destination(self._lookup(), self._port)
+        except OSError as exc:
+            self._next_resolve = self._clock.monotonic() + RESOLVE_RETRY_S
+            log.warning("tunnel.resolve_failed", host=self._host, detail=str(exc))
+
+    def _lookup(self) -> list[str]:
+        """The destination's addresses, in the resolver's order (each is tried in turn); an
+        IPv6 address with a zone (``fe80::1%eth0``) is left out."""
+        found = socket.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM)
+        addresses = list(dict.fromkeys(str(entry[4][0]) for entry in found))
+        usable = [address for address in addresses if "%" not in address]
+        if not usable:
+            raise OSError(f"{self._host}: no usable address")
+        return usable
+
+    def _lookup_in_background(self) -> None:
+        try:
+            self._found = self._lookup()
+        except OSError as exc:  # keep the addresses it had
+            self._next_resolve = self._clock.monotonic() + RESOLVE_RETRY_S
+            log.warning("tunnel.resolve_failed", host=self._host, detail=str(exc))
+
+    # -- two ways to run: the thread's only loop, or on an asyncio event loop ------------------
+
+    def serve_until(self, stopped: Callable[[], bool]) -> None:
+        """Serve in this thread, with no event loop: the core waits on its own descriptor.
+        ``stopped`` is asked after each signal and at least once a second. :meth:`resolve`
+        first."""
+        try:
+            while not stopped():
+                self._core.serve(TICK_S)
+                self.tick()
+        finally:
+            self.close()
+
     async def start(self) -> None:
-        """Look the destination up, then serve (on the running loop) until :meth:`close`."""
-        await self._resolve()
+        """Look the destination up, then serve on the running loop until :meth:`close`."""
+        await asyncio.to_thread(self.resolve)
         loop = asyncio.get_running_loop()
         loop.add_reader(self._core.fileno(), self._core.run)
-        self._next_resolve = self._clock.monotonic() + RESOLVE_EVERY_S
-        self._tick = loop.call_later(TICK_S, self._expire)
+        self._watched = True
+        self._tick = loop.call_later(TICK_S, self._tick_on_loop)
 
-    async def _resolve(self) -> None:
-        loop = asyncio.get_running_loop()
-        found = await loop.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM)
-        if not found:
-            raise OSError(f"{self._host}: no address")
-        address = str(found[0][4][0])
-        self._core.set_destination(address, self._port)
+    def _tick_on_loop(self) -> None:
+        self.tick()
+        self._tick = asyncio.get_running_loop().call_later(TICK_S, self._tick_on_loop)
+
+    def tick(self) -> None:
+        """Once a second: timeouts, and the destination's name looked up again when due."""
+        self.check_timeouts()
+        found, self._found = self._found, None
+        if found is not None:
+            self._core.set_destination(found, self._port)
+        now = self._clock.monotonic()
+        if now >= self._next_resolve and not (self._resolver and self._resolver.is_alive()):
+            self._next_resolve = now + RESOLVE_EVERY_S
+            self._resolver = threading.Thread(
+                target=self._lookup_in_background, name="tunnel-resolver", daemon=True
+            )
+            self._resolver.start()
 
     def check_timeouts(self) -> None:
         """End the connections past their connect or idle timeout (by the tunnel's clock)."""
         self._core.expire()
-
-    def _expire(self) -> None:
-        self.check_timeouts()
-        now = self._clock.monotonic()
-        if now >= self._next_resolve and (self._resolving is None or self._resolving.done()):
-            self._next_resolve = now + RESOLVE_EVERY_S
-            self._resolving = asyncio.get_running_loop().create_task(self._re_resolve())
-        self._tick = asyncio.get_running_loop().call_later(TICK_S, self._expire)
-
-    async def _re_resolve(self) -> None:
-        try:
-            await self._resolve()
-        except OSError as exc:  # keep the address it had
-            log.warning("tunnel.resolve_failed", host=self._host, detail=str(exc))
 
     def _ended(
         self,
@@ -209,7 +271,7 @@ class Tunnel:
             detail = native.verify_message(verify_code) or detail
         elif outcome == "handshake_failed" and verify_code == PIN_MISMATCH:
             detail = "no certificate of the verified chain has a pinned key"
-        cause = _cause(outcome, verify_code, reason, down_bytes)
+        cause = _cause(outcome, verify_code, reason)
         if outcome == "destination_lost" and down_bytes == 0 and cause not in ("", "tls_error"):
             # A TLS 1.3 server refuses our certificate after our side of the handshake ended:
             # its alert comes with the first read. Nothing was relayed down: a refusal.
@@ -218,12 +280,12 @@ class Tunnel:
 
     def close(self, outcome: str = "shutdown") -> None:
         """Stop accepting, end every connection (close_notify to the destination)."""
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(self._core.fileno())
+        if self._watched:
+            asyncio.get_running_loop().remove_reader(self._core.fileno())
+            self._watched = False
         if self._tick is not None:
             self._tick.cancel()
-        if self._resolving is not None:
-            self._resolving.cancel()
+            self._tick = None
         for sock in self._sockets:
             sock.close()
         self._sockets.clear()
