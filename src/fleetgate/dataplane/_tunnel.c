@@ -36,7 +36,7 @@
 #define ACCEPTS_PER_EVENT 64          /* connections accepted per listener event */
 #define RECORD_MAX 16384
 #define MAX_ADDRESSES 8               /* of the destination's name, tried in order */
-#define REST_AFTER_S 1.0              /* quiet this long: the record buffers are given back */
+#define REST_AFTER_S 0.5              /* quiet this long: the record buffers are given back */
 
 #define SSL_ERROR_WANT_READ 2        /* ssl.h */
 #define SSL_ERROR_WANT_WRITE 3

@@ -46,7 +46,7 @@ log = get_logger("fleetgate.tunnel")
 
 RESOLVE_EVERY_S = 30.0
 RESOLVE_RETRY_S = 5.0  # after a look-up failed
-TICK_S = 1.0
+TICK_S = 0.5  # timeouts, idle buffers given back, the name looked up again
 
 # How a connection ended, as the core names it: relayed (then ended), or refused while being set
 # up (the device never got a byte from the destination).
