@@ -370,10 +370,14 @@ async def test_a_closed_port_is_refused_as_connect_failed(rig: Rig) -> None:
         unused.bind(("127.0.0.1", 0))
         closed_port = unused.getsockname()[1]
     async with rig.open_tunnel(closed_port) as (_, port):
-        reader, writer = await _device(port)
-        assert await _reset(reader)
-        writer.close()
-        ended = await rig.next_end()
+        await _refused_as_connect_failed(rig, port)
+
+
+async def _refused_as_connect_failed(rig: Rig, port: int) -> None:
+    reader, writer = await _device(port)
+    assert await _reset(reader)
+    writer.close()
+    ended = await rig.next_end()
     assert (ended.outcome, ended.cause) == ("connect_failed", "connect_failed")
     assert "refused" in ended.detail.lower()
 
@@ -392,12 +396,7 @@ async def test_each_address_of_the_destination_is_tried_in_turn(rig: Rig) -> Non
         writer.close()
         assert (await rig.next_end()).outcome == "closed"
         made._core.set_destination(["127.0.0.2"], server.port)  # no address that answers
-        reader, writer = await _device(port)
-        assert await _reset(reader)
-        writer.close()
-        ended = await rig.next_end()
-    assert (ended.outcome, ended.cause) == ("connect_failed", "connect_failed")
-    assert "refused" in ended.detail.lower()
+        await _refused_as_connect_failed(rig, port)
 
 
 async def test_a_destination_that_never_answers_times_out_on_the_clock(rig: Rig) -> None:

@@ -11,6 +11,7 @@ needs.
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import ssl
 from pathlib import Path
@@ -167,6 +168,9 @@ def _serve_tunnel(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda number, _frame: stop.append(number))
     log.info("connect.listening", listen=listen, to=destination.address, core="c")
+    # Everything loaded so far lives as long as the process: the collector need not walk it
+    # again each time the objects of ended connections set it off.
+    gc.freeze()
     relay.serve_until(lambda: bool(stop))
     relay.close()
 

@@ -112,8 +112,8 @@ typedef struct Conn {
     Handle device, upstream;
     void *ssl, *rbio, *wbio;
     int state;
-    unsigned device_readable : 1, device_writable : 1, upstream_readable : 1,
-        upstream_writable : 1, device_eof : 1, upstream_eof : 1, close_notify_sent : 1,
+    unsigned device_writable, upstream_writable; /* (not bit-fields: passed by address) */
+    unsigned device_readable : 1, upstream_readable : 1, device_eof : 1, upstream_eof : 1, close_notify_sent : 1,
         upstream_shut : 1, device_shut : 1, session_done : 1, resumed : 1, resting : 1, read_since_handshake : 1,
         device_hup : 1, upstream_hup : 1; /* the peer's FIN (or an error) is queued: a short read
                                              does not mean there is nothing left to read */
@@ -351,6 +351,20 @@ send_pending(int fd, Pending *pending, unsigned *writable)
     return 0;
 }
 
+/* Send what a direction kept, if its socket may take it; 0: nothing kept any more, 1: some still
+ * kept, -1: errno. */
+static int
+resend(int fd, Pending *pending, unsigned *writable)
+{
+    if (pending->data == NULL) {
+        return 0;
+    }
+    if (!*writable) {
+        return 1;
+    }
+    return send_pending(fd, pending, writable);
+}
+
 static int upstream_failed; /* errno of the last failed send_records, 0 if none */
 
 /* Move what OpenSSL wrote to the outgoing BIO onto the destination's socket (or keep it). */
@@ -363,9 +377,8 @@ send_records(Conn *c)
         if (got <= 0) {
             return;
         }
-        unsigned writable = c->upstream_writable;
-        int sent = send_or_keep(c->upstream.fd, outgoing, (size_t)got, &c->to_upstream, &writable);
-        c->upstream_writable = writable;
+        int sent = send_or_keep(c->upstream.fd, outgoing, (size_t)got, &c->to_upstream,
+                                &c->upstream_writable);
         if (sent < 0) {
             upstream_failed = errno ? errno : EIO;
             return;
@@ -398,20 +411,13 @@ static void dial(Core *core, Conn *c);
 static void
 step_handshake(Core *core, Conn *c)
 {
-    if (c->to_upstream.data != NULL) { /* the last flight did not all go at once */
-        if (!c->upstream_writable) {
-            return;
-        }
-        unsigned writable = c->upstream_writable;
-        int left = send_pending(c->upstream.fd, &c->to_upstream, &writable);
-        c->upstream_writable = writable;
-        if (left < 0) {
-            end(core, c, "handshake_failed", 0, "", strerror(errno));
-            return;
-        }
-        if (left > 0) {
-            return;
-        }
+    int left = resend(c->upstream.fd, &c->to_upstream, &c->upstream_writable);
+    if (left < 0) {
+        end(core, c, "handshake_failed", 0, "", strerror(errno));
+        return;
+    }
+    if (left > 0) {
+        return; /* the last flight did not all go at once */
     }
     for (;;) {
         ossl.err_clear_error();
@@ -587,13 +593,7 @@ static int
 move_up(Core *core, Conn *c)
 {
     if (c->to_upstream.data != NULL) {
-        if (!c->upstream_writable) {
-            return 0;
-        }
-        unsigned writable = c->upstream_writable;
-        int left = send_pending(c->upstream.fd, &c->to_upstream, &writable);
-        c->upstream_writable = writable;
-        if (left < 0) {
+        if (resend(c->upstream.fd, &c->to_upstream, &c->upstream_writable) < 0) {
             lost(core, c, SIDE_UPSTREAM, errno);
             return -1;
         }
@@ -664,20 +664,13 @@ move_up(Core *core, Conn *c)
 static int
 move_down(Core *core, Conn *c)
 {
-    if (c->to_device.data != NULL) {
-        if (!c->device_writable) {
-            return 0;
-        }
-        unsigned writable = c->device_writable;
-        int left = send_pending(c->device.fd, &c->to_device, &writable);
-        c->device_writable = writable;
-        if (left < 0) {
-            lost(core, c, SIDE_DEVICE, errno);
-            return -1;
-        }
-        if (left > 0) {
-            return 0;
-        }
+    int left = resend(c->device.fd, &c->to_device, &c->device_writable);
+    if (left < 0) {
+        lost(core, c, SIDE_DEVICE, errno);
+        return -1;
+    }
+    if (left > 0) {
+        return 0;
     }
     while (!c->upstream_eof && c->to_device.data == NULL) {
         /* Decrypt what is already in OpenSSL's hands, as much as fits. */
@@ -707,9 +700,8 @@ move_down(Core *core, Conn *c)
             c->last = now(core);
             c->resting = 0;
             c->session_done = 1; /* data flowed: a ticket that did not come with it never will */
-            unsigned writable = c->device_writable;
-            int sent = send_or_keep(c->device.fd, plain, filled, &c->to_device, &writable);
-            c->device_writable = writable;
+            int sent =
+                send_or_keep(c->device.fd, plain, filled, &c->to_device, &c->device_writable);
             if (sent < 0) {
                 lost(core, c, SIDE_DEVICE, errno);
                 return -1;
