@@ -145,6 +145,7 @@ class Rig:
         *,
         client: ClientCertificate | None = None,
         idle_timeout_s: float = 60.0,
+        turn_chunks: int = 16,
         **settings: Any,
     ) -> AsyncIterator[tuple[tunnel.Tunnel, int]]:
         config = {"server_name": "localhost", "ca_file": str(self.cafile), **settings}
@@ -155,6 +156,7 @@ class Rig:
             self.clock,
             idle_timeout_s=idle_timeout_s,
             on_end=self.ends.put_nowait,
+            turn_chunks=turn_chunks,
         )
         [listening] = tunnel.listening_sockets("127.0.0.1:0")
         local_port = listening.getsockname()[1]
@@ -218,10 +220,15 @@ async def test_bytes_go_both_ways_and_each_half_close_is_passed_on(rig: Rig) -> 
     assert (ended.up_bytes, ended.down_bytes) == (24, 24 + len(b"the destination's last word"))
 
 
-async def test_sixteen_mebibytes_each_way_arrive_whole_through_back_pressure(rig: Rig) -> None:
+@pytest.mark.parametrize("turn_chunks", [16, 1])
+async def test_sixteen_mebibytes_each_way_arrive_whole_through_back_pressure(
+    rig: Rig, turn_chunks: int
+) -> None:
+    """With one chunk per turn, a direction that has more to read lets the others go first
+    and comes back to it: nothing lost, nothing stalled."""
     server = rig.destination()
     payload = os.urandom(16 << 20)
-    async with rig.open_tunnel(server.port) as (_, port):
+    async with rig.open_tunnel(server.port, turn_chunks=turn_chunks) as (made, port):
         reader, writer = await _device(port)
 
         async def send() -> None:
@@ -234,8 +241,27 @@ async def test_sixteen_mebibytes_each_way_arrive_whole_through_back_pressure(rig
         await sending
         writer.close()
         ended = await rig.next_end()
+        if turn_chunks == 1:
+            assert made.turns_posted > 0  # the turns were used up, and given again
     assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
     assert (ended.outcome, ended.up_bytes, ended.down_bytes) == ("closed", 16 << 20, 16 << 20)
+
+
+async def test_a_direction_that_used_up_its_turn_gets_the_next_one(rig: Rig) -> None:
+    """One chunk per turn, and nothing else happening on the connection (the destination
+    sends nothing back): what the device sent is read turn after turn until its end."""
+    server = rig.destination(echo=False)
+    payload = os.urandom(8 << 20)
+    async with rig.open_tunnel(server.port, turn_chunks=1) as (made, port):
+        reader, writer = await _device(port)
+        writer.write(payload)
+        writer.write_eof()
+        await asyncio.wait_for(writer.drain(), TIMEOUT_S)
+        assert await _read_to_end(reader) == b""
+        writer.close()
+        served = await server.next_served()
+        assert made.turns_posted > 0
+    assert hashlib.sha256(served.received).digest() == hashlib.sha256(payload).digest()
 
 
 async def test_a_destination_that_does_not_read_holds_back_the_device(rig: Rig) -> None:

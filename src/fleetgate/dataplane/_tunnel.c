@@ -36,6 +36,7 @@
 #define ACCEPTS_PER_EVENT 64          /* connections accepted per listener event */
 #define RECORD_MAX 16384
 #define MAX_ADDRESSES 8               /* of the destination's name, tried in order */
+#define TURN_CHUNKS 16 /* chunks (up to 4 MiB) a direction moves before the other connections */
 #define REST_AFTER_S 0.5              /* quiet this long: the record buffers are given back */
 
 #define SSL_ERROR_WANT_READ 2        /* ssl.h */
@@ -119,6 +120,8 @@ typedef struct Conn {
                                              does not mean there is nothing left to read */
     Pending to_upstream, to_device;
     int attempt;             /* which of the destination's addresses is being tried */
+    struct Conn *posted_next; /* on the core's posted list (posted set) */
+    int posted;
     unsigned long long up_bytes, down_bytes;
     double started, last;
     char source[INET6_ADDRSTRLEN];
@@ -145,11 +148,14 @@ typedef struct {
     PyObject *clock;     /* a callable for the monotonic time, or NULL: CLOCK_MONOTONIC */
     Conn *live;          /* every connection not ended */
     Conn *ended;         /* ended during this run(), freed at its end */
+    Conn *posted;        /* connections that used up their turn with more to read */
+    int turn_chunks;     /* chunks a direction moves per turn before the others' events */
     Handle *listeners[8];
     int listener_count;
     int listeners_paused; /* out of descriptors: accepting again at the next expire() */
     Py_ssize_t count;
     unsigned long long accepted;
+    unsigned long long turns_posted; /* times a direction used up its turn */
 } Core;
 
 static double
@@ -266,10 +272,33 @@ free_ended(Core *core)
     if (core->calling) {
         return; /* the outermost call frees them */
     }
+    for (Conn **link = &core->posted; *link != NULL;) { /* the ended leave the posted list */
+        Conn *c = *link;
+        if (c->state == ENDED) {
+            *link = c->posted_next;
+            c->posted = 0;
+        }
+        else {
+            link = &c->posted_next;
+        }
+    }
     while (core->ended != NULL) {
         Conn *c = core->ended;
         core->ended = c->next;
         free_conn(c);
+    }
+}
+
+/* A direction used up its turn with more to read: come back to it after the events waiting
+ * now (edge-triggered, no new event would come for what is already there). */
+static void
+post(Core *core, Conn *c)
+{
+    core->turns_posted++;
+    if (!c->posted) {
+        c->posted = 1;
+        c->posted_next = core->posted;
+        core->posted = c;
     }
 }
 
@@ -606,7 +635,12 @@ move_up(Core *core, Conn *c)
             return 0;
         }
     }
-    while (!c->device_eof && c->device_readable && c->to_upstream.data == NULL) {
+    for (int chunks = 0; !c->device_eof && c->device_readable && c->to_upstream.data == NULL;
+         chunks++) {
+        if (chunks == core->turn_chunks) {
+            post(core, c);
+            break;
+        }
         ssize_t got = recv(c->device.fd, incoming, CHUNK, 0);
         if (got < 0) {
             if (errno == EINTR) {
@@ -672,6 +706,7 @@ move_down(Core *core, Conn *c)
     if (left > 0) {
         return 0;
     }
+    int chunks = 0;
     while (!c->upstream_eof && c->to_device.data == NULL) {
         /* Decrypt what is already in OpenSSL's hands, as much as fits. */
         size_t filled = 0;
@@ -727,6 +762,10 @@ move_down(Core *core, Conn *c)
         if (!c->upstream_readable) {
             break;
         }
+        if (chunks++ == core->turn_chunks) {
+            post(core, c);
+            break;
+        }
         ssize_t got = recv(c->upstream.fd, incoming, CHUNK, 0);
         if (got < 0) {
             if (errno == EINTR) {
@@ -768,6 +807,23 @@ relay(Core *core, Conn *c)
     }
     if (c->upstream_shut && c->device_shut) {
         end(core, c, "closed", 0, "", "");
+    }
+}
+
+/* Give each posted connection its next turn (it may post itself again). */
+static void
+run_posted(Core *core)
+{
+    Conn *list = core->posted;
+    core->posted = NULL;
+    while (list != NULL) {
+        Conn *c = list;
+        list = c->posted_next;
+        c->posted = 0;
+        c->posted_next = NULL;
+        if (c->state == RELAYING) {
+            relay(core, c);
+        }
     }
 }
 
@@ -978,8 +1034,9 @@ core_init(Core *self, PyObject *args, PyObject *kwargs)
 {
     static char *keywords[] = {"context", "ctx", "server_name", "name_is_ip", "identity",
                                "resume", "connect_timeout", "idle_timeout", "on_end", "clock",
-                               NULL};
+                               "turn_chunks", NULL};
     PyObject *context, *identity, *on_end, *clock = Py_None;
+    int turn_chunks = TURN_CHUNKS;
     unsigned long long ctx;
     const char *server_name;
     int name_is_ip, resume;
@@ -992,9 +1049,14 @@ core_init(Core *self, PyObject *args, PyObject *kwargs)
         PyErr_SetString(PyExc_RuntimeError, "bind() OpenSSL's entry points first");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OKzpOpddO|O", keywords, &context, &ctx,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OKzpOpddO|Oi", keywords, &context, &ctx,
                                      &server_name, &name_is_ip, &identity, &resume,
-                                     &connect_timeout, &idle_timeout, &on_end, &clock)) {
+                                     &connect_timeout, &idle_timeout, &on_end, &clock,
+                                     &turn_chunks)) {
+        return -1;
+    }
+    if (turn_chunks < 1) {
+        PyErr_SetString(PyExc_ValueError, "turn_chunks must be at least 1");
         return -1;
     }
     if (ctx == 0 || !PyCallable_Check(on_end)) {
@@ -1036,6 +1098,7 @@ core_init(Core *self, PyObject *args, PyObject *kwargs)
     self->resume = resume;
     self->session_at = -1e18;
     self->connect_timeout = connect_timeout;
+    self->turn_chunks = turn_chunks;
     self->idle_timeout = idle_timeout;
     self->on_end = Py_NewRef(on_end);
     self->clock = clock == Py_None ? NULL : Py_NewRef(clock);
@@ -1156,8 +1219,9 @@ core_run(Core *self, PyObject *unused)
     for (int i = 0; i < ready; i++) {
         handle_event(self, events[i].data.ptr, events[i].events);
     }
+    run_posted(self);
     free_ended(self);
-    return PyLong_FromLong(ready < 0 ? 0 : ready);
+    return PyBool_FromLong(self->posted != NULL);
 }
 
 /* The core as the thread's only loop: wait for events (the GIL released while waiting) and
@@ -1182,7 +1246,7 @@ core_serve(Core *self, PyObject *arg)
             break;
         }
         int ready;
-        int wait_ms = (int)(left * 1000.0) + 1;
+        int wait_ms = self->posted != NULL ? 0 : (int)(left * 1000.0) + 1;
         Py_BEGIN_ALLOW_THREADS
         ready = epoll_wait(self->epfd, events, BATCH, wait_ms);
         Py_END_ALLOW_THREADS
@@ -1198,6 +1262,7 @@ core_serve(Core *self, PyObject *arg)
         for (int i = 0; i < ready; i++) {
             handle_event(self, events[i].data.ptr, events[i].events);
         }
+        run_posted(self);
         free_ended(self);
     }
     Py_RETURN_NONE;
@@ -1265,6 +1330,12 @@ static PyObject *
 core_get_accepted(Core *self, void *closure)
 {
     return PyLong_FromUnsignedLongLong(self->accepted);
+}
+
+static PyObject *
+core_get_turns_posted(Core *self, void *closure)
+{
+    return PyLong_FromUnsignedLongLong(self->turns_posted);
 }
 
 static int
@@ -1336,6 +1407,8 @@ static PyMethodDef core_methods[] = {
 static PyGetSetDef core_getset[] = {
     {"count", (getter)core_get_count, NULL, "connections not ended", NULL},
     {"accepted", (getter)core_get_accepted, NULL, "connections accepted in all", NULL},
+    {"turns_posted", (getter)core_get_turns_posted, NULL,
+     "times a direction used up its turn with more to read", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

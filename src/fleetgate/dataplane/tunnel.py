@@ -137,6 +137,7 @@ class Tunnel:
         *,
         idle_timeout_s: float,
         on_end: Callable[[Ended], None],
+        turn_chunks: int = 16,
     ) -> None:
         assert _tunnel is not None, WHY_NOT
         self._destination = destination
@@ -164,6 +165,7 @@ class Tunnel:
             idle_timeout_s,
             self._ended,
             monotonic,
+            turn_chunks,
         )
         self._sockets: list[socket.socket] = []
         self._clock: Clock = clock
@@ -177,6 +179,12 @@ class Tunnel:
     def connections(self) -> int:
         """Connections being set up or relayed."""
         return int(self._core.count)
+
+    @property
+    def turns_posted(self) -> int:
+        """How often a direction used up its turn (``turn_chunks`` chunks of up to 256 KiB)
+        with more to read, and let the other connections go first."""
+        return int(self._core.turns_posted)
 
     def listen(self, sock: socket.socket) -> None:
         """Accept from ``sock`` (bound, listening); the tunnel closes it at :meth:`close`."""
@@ -228,9 +236,13 @@ class Tunnel:
         """Look the destination up, then serve on the running loop until :meth:`close`."""
         await asyncio.to_thread(self.resolve)
         loop = asyncio.get_running_loop()
-        loop.add_reader(self._core.fileno(), self._core.run)
+        loop.add_reader(self._core.fileno(), self._run_on_loop)
         self._watched = True
         self._tick = loop.call_later(TICK_S, self._tick_on_loop)
+
+    def _run_on_loop(self) -> None:
+        if self._core.run():  # a connection used up its turn: its next one after the others
+            asyncio.get_running_loop().call_soon(self._run_on_loop)
 
     def _tick_on_loop(self) -> None:
         self.tick()
