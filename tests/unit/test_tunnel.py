@@ -425,6 +425,26 @@ async def test_each_address_of_the_destination_is_tried_in_turn(rig: Rig) -> Non
         await _refused_as_connect_failed(rig, port)
 
 
+async def test_an_address_is_not_looked_up_again_but_a_name_is(rig: Rig) -> None:
+    server = rig.destination()
+    async with rig.open_tunnel(server.port) as (by_address, _):
+        rig.clock.advance(tunnel.RESOLVE_EVERY_S)
+        by_address.tick()
+        assert by_address._resolver is None  # no thread for 127.0.0.1
+    destination = DestinationConfig(
+        address=f"localhost:{server.port}", server_name="localhost", ca_file=str(rig.cafile)
+    )
+    by_name = tunnel.Tunnel(destination, None, rig.clock, idle_timeout_s=60.0, on_end=print)
+    by_name.resolve()
+    rig.clock.advance(tunnel.RESOLVE_EVERY_S)
+    by_name.tick()
+    resolver = by_name._resolver
+    assert resolver is not None
+    await asyncio.to_thread(resolver.join, TIMEOUT_S)
+    assert by_name._found == ["127.0.0.1"]
+    by_name.close()
+
+
 async def test_a_destination_that_never_answers_times_out_on_the_clock(rig: Rig) -> None:
     silent = socket.create_server(("127.0.0.1", 0))  # accepts TCP, never speaks TLS
     with silent:

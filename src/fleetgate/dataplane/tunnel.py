@@ -142,6 +142,7 @@ class Tunnel:
         assert _tunnel is not None, WHY_NOT
         self._destination = destination
         self._host, self._port = split_host_port(destination.address)
+        self._host_is_ip = _is_ip(self._host)
         self._on_end = on_end
         server_name = destination.server_name or self._host
         context = build_context(destination, None)
@@ -255,6 +256,8 @@ class Tunnel:
         if found is not None:
             self._core.set_destination(found, self._port)
         now = self._clock.monotonic()
+        if self._host_is_ip:
+            return  # an address: nothing to look up again, and no thread
         if now >= self._next_resolve and not (self._resolver and self._resolver.is_alive()):
             self._next_resolve = now + RESOLVE_EVERY_S
             self._resolver = threading.Thread(
