@@ -113,8 +113,9 @@ typedef struct Conn {
     Handle device, upstream;
     void *ssl, *rbio, *wbio;
     int state;
-    unsigned device_writable, upstream_writable; /* (not bit-fields: passed by address) */
-    unsigned device_readable : 1, upstream_readable : 1, device_eof : 1, upstream_eof : 1, close_notify_sent : 1,
+    /* (not bit-fields: passed by address) */
+    unsigned device_readable, device_writable, upstream_readable, upstream_writable;
+    unsigned device_eof : 1, upstream_eof : 1, close_notify_sent : 1,
         upstream_shut : 1, device_shut : 1, session_done : 1, resumed : 1, resting : 1, read_since_handshake : 1,
         device_hup : 1, upstream_hup : 1; /* the peer's FIN (or an error) is queued: a short read
                                              does not mean there is nothing left to read */
@@ -437,6 +438,33 @@ name_the_failure(Conn *c, char *reason, size_t size, long *verify_code)
 static void relay(Core *core, Conn *c);
 static void dial(Core *core, Conn *c);
 
+/* One read from a socket into `incoming`: > 0 its size, 0 the peer's end, -1 nothing more for
+ * now (*readable cleared), -2 a failure (errno). A short read means drained, unless the peer's
+ * FIN or an error is queued behind it (hup): edge-triggered, new data is a new event. */
+static ssize_t
+receive(int fd, unsigned *readable, int hup)
+{
+    for (;;) {
+        ssize_t got = recv(fd, incoming, CHUNK, 0);
+        if (got > 0) {
+            if ((size_t)got < CHUNK && !hup) {
+                *readable = 0;
+            }
+            return got;
+        }
+        if (got == 0) {
+            return 0;
+        }
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            *readable = 0;
+            return -1;
+        }
+        if (errno != EINTR) {
+            return -2;
+        }
+    }
+}
+
 static void
 step_handshake(Core *core, Conn *c)
 {
@@ -479,28 +507,18 @@ step_handshake(Core *core, Conn *c)
         if (!c->upstream_readable) {
             return; /* the server's next flight wakes us */
         }
-        ssize_t got = recv(c->upstream.fd, incoming, CHUNK, 0);
-        if (got > 0) {
-            if ((size_t)got < CHUNK && !c->upstream_hup) {
-                c->upstream_readable = 0;
-            }
-            if (ossl.bio_write(c->rbio, incoming, (int)got) != (int)got) {
-                ossl.err_clear_error();
-                end(core, c, "handshake_failed", 0, "", "out of memory for records");
-                return;
-            }
-            continue;
-        }
-        if (got == 0) {
-            end(core, c, "handshake_failed", 0, "", "the destination closed during the handshake");
+        ssize_t got = receive(c->upstream.fd, &c->upstream_readable, c->upstream_hup);
+        if (got == -1) {
             return;
         }
-        if (errno == EAGAIN || errno == EWOULDBLOCK) {
-            c->upstream_readable = 0;
+        if (got <= 0) {
+            end(core, c, "handshake_failed", 0, "",
+                got == 0 ? "the destination closed during the handshake" : strerror(errno));
             return;
         }
-        if (errno != EINTR) {
-            end(core, c, "handshake_failed", 0, "", strerror(errno));
+        if (ossl.bio_write(c->rbio, incoming, (int)got) != (int)got) {
+            ossl.err_clear_error();
+            end(core, c, "handshake_failed", 0, "", "out of memory for records");
             return;
         }
     }
@@ -641,15 +659,11 @@ move_up(Core *core, Conn *c)
             post(core, c);
             break;
         }
-        ssize_t got = recv(c->device.fd, incoming, CHUNK, 0);
-        if (got < 0) {
-            if (errno == EINTR) {
-                continue;
-            }
-            if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                c->device_readable = 0;
-                break;
-            }
+        ssize_t got = receive(c->device.fd, &c->device_readable, c->device_hup);
+        if (got == -1) {
+            break;
+        }
+        if (got == -2) {
             lost(core, c, SIDE_DEVICE, errno);
             return -1;
         }
@@ -664,9 +678,6 @@ move_up(Core *core, Conn *c)
                 return -1;
             }
             break;
-        }
-        if ((size_t)got < CHUNK && !c->device_hup) {
-            c->device_readable = 0; /* drained: edge-triggered, new data is a new event */
         }
         c->up_bytes += (unsigned long long)got;
         c->last = now(core);
@@ -766,24 +777,17 @@ move_down(Core *core, Conn *c)
             post(core, c);
             break;
         }
-        ssize_t got = recv(c->upstream.fd, incoming, CHUNK, 0);
-        if (got < 0) {
-            if (errno == EINTR) {
-                continue;
-            }
-            if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                c->upstream_readable = 0;
-                break;
-            }
+        ssize_t got = receive(c->upstream.fd, &c->upstream_readable, c->upstream_hup);
+        if (got == -1) {
+            break;
+        }
+        if (got == -2) {
             lost(core, c, SIDE_UPSTREAM, errno);
             return -1;
         }
         if (got == 0) {
             c->upstream_eof = 1; /* closed without close_notify: the end of this direction */
             break;
-        }
-        if ((size_t)got < CHUNK && !c->upstream_hup) {
-            c->upstream_readable = 0;
         }
         if (ossl.bio_write(c->rbio, incoming, (int)got) != (int)got) {
             ossl.err_clear_error();
