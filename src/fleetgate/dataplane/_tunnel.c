@@ -82,6 +82,8 @@ static struct {
     const char *(*err_reason_error_string)(unsigned long);
     int (*ssl_session_reused)(const void *);
     int (*ssl_free_buffers)(void *);
+    void *(*ssl_get_rbio)(const void *);
+    void *(*ssl_get_wbio)(const void *);
     int bound;
 } ossl;
 
@@ -125,6 +127,14 @@ typedef struct Conn {
     int posted;
     unsigned long long up_bytes, down_bytes;
     double started, last;
+    double idle_timeout;
+    /* A connection set up in Python and handed over (adopt()): its SSL belongs to `owner`
+     * (kept alive until the connection is freed, never freed here); its end goes to its own
+     * `on_end`; `on_read`, until it returns True, is called after each batch of records read
+     * (the session kept for the next connections, once the ticket came). */
+    int adopted;
+    unsigned long long key;
+    PyObject *owner, *on_end, *on_read;
     char source[INET6_ADDRSTRLEN];
 } Conn;
 
@@ -156,6 +166,7 @@ typedef struct {
     int listeners_paused; /* out of descriptors: accepting again at the next expire() */
     Py_ssize_t count;
     unsigned long long accepted;
+    unsigned long long adopted;      /* connections handed over in all (their keys) */
     unsigned long long turns_posted; /* times a direction used up its turn */
 } Core;
 
@@ -184,18 +195,37 @@ static void
 report(Core *core, Conn *c, const char *outcome, long verify_code, const char *reason,
        const char *detail)
 {
-    if (core->on_end == NULL) {
+    PyObject *on_end = c->adopted ? c->on_end : core->on_end;
+    if (on_end == NULL || core->on_end == NULL) {
         return; /* the Core is being torn down */
     }
     core->calling++;
-    PyObject *result = PyObject_CallFunction(core->on_end, "sslssKK", outcome, c->source,
-                                             verify_code, reason, detail, c->up_bytes,
-                                             c->down_bytes);
+    PyObject *result = PyObject_CallFunction(on_end, "sslssKK", outcome, c->source, verify_code,
+                                             reason, detail, c->up_bytes, c->down_bytes);
     core->calling--;
     if (result == NULL) {
-        PyErr_WriteUnraisable(core->on_end);
+        PyErr_WriteUnraisable(on_end);
     }
     Py_XDECREF(result);
+}
+
+/* An adopted connection's read hook, after a batch of records was read: dropped once it says
+ * it is done (or fails). */
+static void
+after_read(Core *core, Conn *c)
+{
+    core->calling++;
+    PyObject *result = PyObject_CallFunction(c->on_read, "K", c->down_bytes);
+    core->calling--;
+    int done = result == NULL ? 1 : PyObject_IsTrue(result);
+    if (result == NULL || done < 0) {
+        PyErr_WriteUnraisable(c->on_read);
+        done = 1;
+    }
+    Py_XDECREF(result);
+    if (done) {
+        Py_CLEAR(c->on_read);
+    }
 }
 
 static void
@@ -223,6 +253,10 @@ end(Core *core, Conn *c, const char *outcome, long verify_code, const char *reas
         /* Refused, or cut: the device gets a reset, never an end it could take for a
          * complete answer (what it was still owed is lost with the connection). */
         struct linger abort_now = {1, 0};
+        int one = 1;
+        /* What was relayed before the failure goes out first: setting TCP_NODELAY pushes what
+         * the kernel still holds back (autocorking), which the reset would otherwise drop. */
+        setsockopt(c->device.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
         setsockopt(c->device.fd, SOL_SOCKET, SO_LINGER, &abort_now, sizeof abort_now);
     }
     if (c->ssl != NULL) {
@@ -259,11 +293,14 @@ end(Core *core, Conn *c, const char *outcome, long verify_code, const char *reas
 static void
 free_conn(Conn *c)
 {
-    if (c->ssl != NULL) {
+    if (c->ssl != NULL && !c->adopted) {
         ossl.ssl_free(c->ssl); /* frees both BIOs */
     }
     free(c->to_upstream.data);
     free(c->to_device.data);
+    Py_XDECREF(c->on_read);
+    Py_XDECREF(c->on_end);
+    Py_XDECREF(c->owner); /* last: it may free the SSL */
     free(c);
 }
 
@@ -736,6 +773,9 @@ move_down(Core *core, Conn *c)
         if (!c->session_done) {
             take_session(core, c);
         }
+        if (c->on_read != NULL && c->read_since_handshake) {
+            after_read(core, c);
+        }
         send_records(c); /* what reading made OpenSSL write (a key update's answer) */
         if (upstream_failed) {
             lost(core, c, SIDE_UPSTREAM, upstream_failed);
@@ -908,6 +948,7 @@ accept_one(Core *core, int fd, const struct sockaddr_storage *peer)
     c->upstream = (Handle){c, SIDE_UPSTREAM, -1};
     c->state = CONNECTING;
     c->started = c->last = now(core);
+    c->idle_timeout = core->idle_timeout;
     source_of(peer, c->source);
     c->next = core->live;
     if (core->live != NULL) {
@@ -1063,10 +1104,11 @@ core_init(Core *self, PyObject *args, PyObject *kwargs)
         PyErr_SetString(PyExc_ValueError, "turn_chunks must be at least 1");
         return -1;
     }
-    if (ctx == 0 || !PyCallable_Check(on_end)) {
-        PyErr_SetString(PyExc_ValueError, "an SSL_CTX and a callable on_end are needed");
+    if (!PyCallable_Check(on_end)) {
+        PyErr_SetString(PyExc_ValueError, "a callable on_end is needed");
         return -1;
     }
+    /* (no SSL_CTX: a core for adopted connections only, which listen() refuses) */
     unsigned long long cert = 0, key = 0, chain = 0;
     if (identity != Py_None) {
         PyObject *pointers = PyObject_CallMethod(identity, "pointers", NULL);
@@ -1180,6 +1222,10 @@ core_listen(Core *self, PyObject *arg)
     if (!usable(self)) {
         return NULL;
     }
+    if (self->ctx == NULL) {
+        PyErr_SetString(PyExc_ValueError, "a core without a destination only adopts connections");
+        return NULL;
+    }
     int fd = PyObject_AsFileDescriptor(arg);
     if (fd < 0) {
         return NULL;
@@ -1199,6 +1245,96 @@ core_listen(Core *self, PyObject *arg)
     }
     self->listeners[self->listener_count++] = handle;
     Py_RETURN_NONE;
+}
+
+/* adopt(device_fd, upstream_fd, owner, ssl, source, idle_timeout, on_end, on_read) -> key: relay
+ * a connection Python set up (the device's socket, plain; the destination's, with its TLS
+ * handshake done on `ssl`, an SSL with memory BIOs that `owner` keeps alive). The sockets are
+ * the core's from now on (it closes them); on an exception they are still the caller's. What
+ * the SSL's BIOs hold is taken up as if it had just been read or written. */
+static PyObject *
+core_adopt(Core *self, PyObject *args)
+{
+    int device_fd, upstream_fd;
+    PyObject *owner, *on_end, *on_read;
+    unsigned long long ssl;
+    const char *source;
+    double idle_timeout;
+    if (!PyArg_ParseTuple(args, "iiOKsdOO", &device_fd, &upstream_fd, &owner, &ssl, &source,
+                          &idle_timeout, &on_end, &on_read) ||
+        !usable(self)) {
+        return NULL;
+    }
+    if (ssl == 0 || !PyCallable_Check(on_end) || (on_read != Py_None && !PyCallable_Check(on_read))) {
+        PyErr_SetString(PyExc_ValueError, "an SSL, a callable on_end and on_read (or None)");
+        return NULL;
+    }
+    void *rbio = ossl.ssl_get_rbio((void *)(uintptr_t)ssl);
+    void *wbio = ossl.ssl_get_wbio((void *)(uintptr_t)ssl);
+    if (rbio == NULL || wbio == NULL) {
+        PyErr_SetString(PyExc_ValueError, "the SSL has no memory BIOs");
+        return NULL;
+    }
+    Conn *c = calloc(1, sizeof *c);
+    if (c == NULL) {
+        return PyErr_NoMemory();
+    }
+    c->device = (Handle){c, SIDE_DEVICE, device_fd};
+    c->upstream = (Handle){c, SIDE_UPSTREAM, upstream_fd};
+    c->ssl = (void *)(uintptr_t)ssl;
+    c->rbio = rbio;
+    c->wbio = wbio;
+    c->adopted = 1;
+    c->state = RELAYING;
+    c->started = c->last = now(self);
+    c->idle_timeout = idle_timeout;
+    c->session_done = 1;         /* its sessions are Python's business (on_read) */
+    c->read_since_handshake = 1; /* records already in the BIO may carry the ticket */
+    strncpy(c->source, source, sizeof c->source - 1);
+    if (watch(self, &c->device, EDGE) < 0) {
+        free(c);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (watch(self, &c->upstream, EDGE) < 0) {
+        int failure = errno;
+        epoll_ctl(self->epfd, EPOLL_CTL_DEL, device_fd, NULL);
+        free(c);
+        errno = failure;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    ossl.ssl_ctrl(c->ssl, SSL_CTRL_MODE,
+                  SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER, NULL);
+    c->owner = Py_NewRef(owner);
+    c->on_end = Py_NewRef(on_end);
+    c->on_read = on_read == Py_None ? NULL : Py_NewRef(on_read);
+    c->key = ++self->adopted;
+    c->next = self->live;
+    if (self->live != NULL) {
+        self->live->prev = c;
+    }
+    self->live = c;
+    self->count++;
+    /* Both sockets are writable: their first events come at once and start the relay. */
+    return PyLong_FromUnsignedLongLong(c->key);
+}
+
+/* cut(key, outcome) -> whether that adopted connection was still live (it is ended now). */
+static PyObject *
+core_cut(Core *self, PyObject *args)
+{
+    unsigned long long key;
+    const char *outcome;
+    if (!PyArg_ParseTuple(args, "Ks", &key, &outcome) || !usable(self)) {
+        return NULL;
+    }
+    for (Conn *c = self->live; c != NULL; c = c->next) {
+        if (c->adopted && c->key == key) {
+            end(self, c, outcome, 0, "", "");
+            free_ended(self);
+            Py_RETURN_TRUE;
+        }
+    }
+    Py_RETURN_FALSE;
 }
 
 static PyObject *
@@ -1286,7 +1422,7 @@ core_expire(Core *self, PyObject *unused)
         if (c->state != RELAYING && moment - c->started >= self->connect_timeout) {
             end(self, c, "connect_timeout", 0, "", "");
         }
-        else if (c->state == RELAYING && moment - c->last >= self->idle_timeout) {
+        else if (c->state == RELAYING && moment - c->last >= c->idle_timeout) {
             end(self, c, "idle_timeout", 0, "", "");
         }
         else if (c->state == RELAYING && !c->resting && moment - c->last >= REST_AFTER_S) {
@@ -1325,6 +1461,12 @@ core_close_all(Core *self, PyObject *arg)
 }
 
 static PyObject *
+core_get_adopted(Core *self, void *closure)
+{
+    return PyLong_FromUnsignedLongLong(self->adopted);
+}
+
+static PyObject *
 core_get_count(Core *self, void *closure)
 {
     return PyLong_FromSsize_t(self->count);
@@ -1342,30 +1484,10 @@ core_get_turns_posted(Core *self, void *closure)
     return PyLong_FromUnsignedLongLong(self->turns_posted);
 }
 
-static int
-core_traverse(Core *self, visitproc visit, void *arg)
-{
-    Py_VISIT(self->context);
-    Py_VISIT(self->identity);
-    Py_VISIT(self->on_end);
-    Py_VISIT(self->clock);
-    return 0;
-}
-
-/* Breaking a cycle (the Tunnel holds the Core, the Core its bound method): the connections
- * stay until dealloc, but no callback is made any more (usable() refuses). */
-static int
-core_clear(Core *self)
-{
-    Py_CLEAR(self->on_end);
-    Py_CLEAR(self->clock);
-    return 0;
-}
-
+/* Every connection closed and freed, with no report (the core is going away). */
 static void
-core_dealloc(Core *self)
+drop_all(Core *self)
 {
-    PyObject_GC_UnTrack(self);
     while (self->live != NULL) {
         Conn *c = self->live;
         self->live = c->next;
@@ -1377,6 +1499,45 @@ core_dealloc(Core *self)
         }
         free_conn(c);
     }
+    self->count = 0;
+    self->posted = NULL;
+}
+
+static int
+core_traverse(Core *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->context);
+    Py_VISIT(self->identity);
+    Py_VISIT(self->on_end);
+    Py_VISIT(self->clock);
+    Conn *lists[] = {self->live, self->ended};
+    for (int i = 0; i < 2; i++) {
+        for (Conn *c = lists[i]; c != NULL; c = c->next) {
+            Py_VISIT(c->owner);
+            Py_VISIT(c->on_end);
+            Py_VISIT(c->on_read);
+        }
+    }
+    return 0;
+}
+
+/* Breaking a cycle (the Tunnel holds the Core, the Core its bound method; an adopted
+ * connection's callbacks hold what holds the Core): the connections are dropped (their sockets
+ * closed), and no callback is made any more (usable() refuses). */
+static int
+core_clear(Core *self)
+{
+    Py_CLEAR(self->on_end);
+    Py_CLEAR(self->clock);
+    drop_all(self);
+    return 0;
+}
+
+static void
+core_dealloc(Core *self)
+{
+    PyObject_GC_UnTrack(self);
+    drop_all(self);
     free_ended(self);
     for (int j = 0; j < self->listener_count; j++) {
         free(self->listeners[j]);
@@ -1405,12 +1566,17 @@ static PyMethodDef core_methods[] = {
      "serve(seconds): wait for events and handle them, for up to that long (or a signal)"},
     {"expire", (PyCFunction)core_expire, METH_NOARGS, "end connections past their timeouts"},
     {"close_all", (PyCFunction)core_close_all, METH_O, "close_all(outcome): end every connection"},
+    {"adopt", (PyCFunction)core_adopt, METH_VARARGS,
+     "adopt(device_fd, upstream_fd, owner, ssl, source, idle_timeout, on_end, on_read) -> key"},
+    {"cut", (PyCFunction)core_cut, METH_VARARGS,
+     "cut(key, outcome) -> whether the adopted connection was live (it is ended)"},
     {NULL, NULL, 0, NULL},
 };
 
 static PyGetSetDef core_getset[] = {
     {"count", (getter)core_get_count, NULL, "connections not ended", NULL},
     {"accepted", (getter)core_get_accepted, NULL, "connections accepted in all", NULL},
+    {"adopted", (getter)core_get_adopted, NULL, "connections adopted in all", NULL},
     {"turns_posted", (getter)core_get_turns_posted, NULL,
      "times a direction used up its turn with more to read", NULL},
     {NULL, NULL, NULL, NULL, NULL},
@@ -1448,7 +1614,7 @@ tunnel_bind(PyObject *module, PyObject *args)
         (void **)&ossl.ssl_set_shutdown, (void **)&ossl.err_peek_last_error,
         (void **)&ossl.err_clear_error, (void **)&ossl.err_reason_error_string,
         (void **)&ossl.ssl_session_reused, (void **)&ossl.ssl_free_buffers,
-        (void **)&ossl.bio_free,
+        (void **)&ossl.bio_free, (void **)&ossl.ssl_get_rbio, (void **)&ossl.ssl_get_wbio,
     };
     Py_ssize_t wanted = (Py_ssize_t)(sizeof slots / sizeof slots[0]);
     if (PyTuple_GET_SIZE(args) != wanted) {

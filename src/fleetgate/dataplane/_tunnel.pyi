@@ -6,10 +6,11 @@ from collections.abc import Callable
 class Core:
     count: int
     accepted: int
+    adopted: int
     turns_posted: int
     def __init__(
         self,
-        context: ssl.SSLContext,
+        context: ssl.SSLContext | None,
         ctx: int,
         server_name: str | None,
         name_is_ip: bool,
@@ -28,5 +29,18 @@ class Core:
     def serve(self, seconds: float, /) -> None: ...
     def expire(self) -> None: ...
     def close_all(self, outcome: str, /) -> None: ...
+    def adopt(
+        self,
+        device_fd: int,
+        upstream_fd: int,
+        owner: object,
+        ssl: int,
+        source: str,
+        idle_timeout: float,
+        on_end: Callable[[str, str, int, str, str, int, int], None],
+        on_read: Callable[[int], bool] | None,
+        /,
+    ) -> int: ...
+    def cut(self, key: int, outcome: str, /) -> bool: ...
 
 def bind(*addresses: int) -> None: ...

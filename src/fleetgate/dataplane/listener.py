@@ -382,6 +382,7 @@ class StreamListener:
                         device=conn.device_id,
                         up_bytes=result.up_bytes,
                         down_bytes=result.down_bytes,
+                        relay=result.relay,
                     )
             finally:
                 self._unregister(conn)

@@ -176,6 +176,8 @@ _TUNNEL_ENTRY_POINTS = (
     "SSL_session_reused",
     "SSL_free_buffers",
     "BIO_free",
+    "SSL_get_rbio",
+    "SSL_get_wbio",
 )
 
 

@@ -4,8 +4,10 @@ for the idle timeout.
 
 Nothing here runs per byte: a received chunk is handed to the other end's ``write`` in the
 same callback (optionally through a per-direction transform, such as the MQTT topic mount).
-Without transforms, the chunks do not even come here: the compiled relay (``fastpath``) moves
-them, and only the events (ends, losses, flow control) reach this module.
+Without transforms, the chunks do not even come here. A plain device and a TLS destination are
+handed over to the loop's tunnel core (``handover``), which relays them in C to their end; other
+pairs are relayed by the compiled relay (``fastpath``) on their transports, and only the events
+(ends, losses, flow control) reach this module.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fleetgate.clock import Clock
-from fleetgate.dataplane import fastpath
+from fleetgate.dataplane import fastpath, handover
 from fleetgate.dataplane.endpoint import Endpoint
 from fleetgate.dataplane.idle import idle_watch
 
 if TYPE_CHECKING:
     from fleetgate.dataplane._relay import Pipe
+    from fleetgate.dataplane.handover import Handover, Outcome
 
 Transform = Callable[[bytes], bytes]
 
@@ -31,6 +34,7 @@ class SpliceResult:
     up_bytes: int  # device -> destination, as received from the device
     down_bytes: int
     reason: str  # closed | idle_timeout | device_lost | destination_lost | protocol_error
+    relay: str = "python"  # what moved the bytes: core (handed over), compiled, python
 
 
 class _Splice:
@@ -47,12 +51,14 @@ class _Splice:
         "down_done",
         "down_transform",
         "finished",
+        "handover",
         "idle_slot",
         "idle_timeout_s",
         "idle_watch",
         "last",
         "on_done",
         "pipes",
+        "relay",
         "up_bytes",
         "up_done",
         "up_transform",
@@ -80,6 +86,8 @@ class _Splice:
         self.idle_slot: int | None = None
         self.on_done: Callable[[Splicing, SpliceResult], None] | None = None
         self.pipes: tuple[Pipe, Pipe] | None = None
+        self.handover: Handover | None = None
+        self.relay = "python"  # what moves the bytes (see SpliceResult)
 
     def start(self) -> None:
         device, destination = self.device, self.destination
@@ -106,10 +114,26 @@ class _Splice:
             self._destination_lost()
         self._check_both_done()
         if self.up_transform is None and self.down_transform is None and not self.finished.done():
+            peer = device.peer_address()
+            self.handover = handover.take(
+                device,
+                destination,
+                self.clock,
+                source=peer[0] if peer else "?",
+                idle_timeout_s=self.idle_timeout_s,
+                on_end=self._handed_over_end,
+            )
+            if self.handover is not None:
+                self.relay = "core"
+                return  # the core relays it to its end, idle timeout included
             self.pipes = fastpath.attach(device, destination, self.clock)
+            if self.pipes is not None:
+                self.relay = "compiled"
         self.idle_slot = self.idle_watch.watch(self, self.last + self.idle_timeout_s)
 
     def stop(self) -> None:
+        if self.handover is not None:
+            self.handover.cut("cancelled")  # (if it is still live: cancelled, or a cut)
         if self.idle_slot is not None:
             self.idle_watch.forget(self, self.idle_slot)
             self.idle_slot = None
@@ -124,12 +148,17 @@ class _Splice:
         device.on_write_paused = destination.on_write_paused = None
         device.on_lost = destination.on_lost = None
 
+    def _handed_over_end(self, outcome: Outcome) -> None:
+        self.up_bytes += outcome.up_bytes
+        self.down_bytes += outcome.down_bytes
+        self.finish(outcome.reason)
+
     def finish(self, reason: str) -> None:
         if not self.finished.done():
             self.finished.set_result(reason)
 
     def result(self) -> SpliceResult:
-        return SpliceResult(self.up_bytes, self.down_bytes, self.finished.result())
+        return SpliceResult(self.up_bytes, self.down_bytes, self.finished.result(), self.relay)
 
     # -- the two directions ---------------------------------------------------------------------
 
@@ -236,4 +265,4 @@ async def splice(
         reason = await state.finished
     finally:
         state.stop()
-    return SpliceResult(state.up_bytes, state.down_bytes, reason)
+    return SpliceResult(state.up_bytes, state.down_bytes, reason, state.relay)

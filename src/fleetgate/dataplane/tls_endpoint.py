@@ -418,6 +418,31 @@ class TlsEndpoint(Endpoint, asyncio.BufferedProtocol):
     def handshaken(self) -> bool:
         return self._handshaken
 
+    def flush(self) -> None:
+        """Write out the records OpenSSL has made (the handshake's last flight goes out with
+        the first application bytes otherwise)."""
+        self._flush()
+
+    def can_hand_over(self) -> bool:
+        """Whether the tunnel core may relay this connection from now on (see ``handover``):
+        a client whose handshake is done, reading the standard way, with nothing ended."""
+        return (
+            self._handshaken
+            and not self._ssl.server_side
+            and not self._shutdown_sent
+            and self.failure is None
+            and not self._outgoing.pending
+            and type(self).data_received is TlsEndpoint.data_received
+            and type(self).buffer_updated is TlsEndpoint.buffer_updated
+        )
+
+    def run_read_hooks(self) -> bool:
+        """Run the hooks waiting for the first reads (:meth:`after_first_read`) as after a
+        batch of records; whether none is left."""
+        if self._after_read:
+            self._after_read = [hook for hook in self._after_read if not hook()] or None
+        return self._after_read is None
+
     def relay_ready(self) -> bool:
         """Whether reads need nothing from this endpoint but decrypting: the first reads' work
         (session hooks, buffers given back) is done. Asked by the compiled relay."""

@@ -1,0 +1,252 @@
+"""A splice handed over to the tunnel core (``handover``): the same bytes, counts, half-closes,
+flow control and failure causes as the splice's own relays (``test_fastpath``), with neither
+asyncio transport left, and the destination's session still kept for the next connection.
+
+Every test runs on asyncio's default loop and on uvloop (the gateway's). The rig is
+``support.splice_rig``'s: a TCP connection for the device, a TLS server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import hashlib
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import uvloop
+
+from fleetgate.clock import FakeClock
+from fleetgate.dataplane import handover
+from fleetgate.dataplane.tls_endpoint import TlsEndpoint
+from support.splice_rig import (
+    Rig,
+    broken_record,
+    exchange,
+    reset,
+    splice_rig,
+)
+
+
+def test_the_handover_is_available() -> None:
+    # scripts/test builds the tunnel core; without it every splice stays on its transports.
+    assert handover.AVAILABLE
+    assert handover.ENABLED
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def loop_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def _run(loop_kind: str, tmp_path: Path, test: Callable[[Rig], Awaitable[None]]) -> None:
+    async def main() -> None:
+        async with splice_rig(tmp_path, compiled=True, tcp=True) as rig:
+            await test(rig)
+
+    if loop_kind == "uvloop":
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
+
+
+def _handed_over(rig: Rig) -> bool:
+    """The splice went to the core, and both transports let go of their sockets."""
+    return (
+        rig.splicing.relay == "core"
+        and rig.device_end.transport is None
+        and rig.destination.transport is None
+    )
+
+
+def _core_count(clock: FakeClock) -> int:
+    return int(handover._loop_core(clock).core.count)
+
+
+def test_messages_and_half_closes_cross_both_ways(loop_kind: str, tmp_path: Path) -> None:
+    async def test(rig: Rig) -> None:
+        clock = FakeClock()
+        rig.start(clock)
+        assert _handed_over(rig)
+        assert _core_count(clock) == 1
+        moved = await exchange(rig, 12)
+        rig.device.shutdown(socket.SHUT_WR)  # close_notify to the server
+        assert await asyncio.wait_for(rig.server.read_some(), 10) == b""
+        rig.server.write(b"last words")  # the other direction goes on
+        rig.server.write_eof()
+        assert await asyncio.wait_for(rig.receive_to_end(), 10) == b"last words"
+        result = await asyncio.wait_for(rig.done, 10)
+        assert (result.reason, result.relay) == ("closed", "core")
+        assert (result.up_bytes, result.down_bytes) == (moved, moved + len(b"last words"))
+        # The endpoints' counters, as if they had relayed it themselves.
+        assert (rig.device_end.received, rig.destination.sent) == (moved, moved)
+        assert (rig.destination.received, rig.device_end.sent) == (moved + 10, moved + 10)
+        assert _core_count(clock) == 0
+
+    _run(loop_kind, tmp_path, test)
+
+
+def test_a_large_transfer_arrives_whole_to_a_slow_reader(loop_kind: str, tmp_path: Path) -> None:
+    async def test(rig: Rig) -> None:
+        rig.start(FakeClock())
+
+        async def echo() -> None:
+            while data := await rig.server.read_some():
+                rig.server.write(data)
+                await rig.server.drain()
+            rig.server.write_eof()
+
+        loop = asyncio.get_running_loop()
+        serving = loop.create_task(echo())
+        payload = os.urandom(16 * 1024 * 1024)
+        sending = loop.create_task(rig.send(payload))
+        digest, received = hashlib.sha256(), 0
+        while received < len(payload):  # small reads: the core must hold back both ways
+            chunk = await asyncio.wait_for(loop.sock_recv(rig.device, 4096), 10)
+            assert chunk, f"the device's connection ended after {received} bytes"
+            digest.update(chunk)
+            received += len(chunk)
+        await sending
+        assert digest.digest() == hashlib.sha256(payload).digest()
+        rig.device.shutdown(socket.SHUT_WR)
+        assert await asyncio.wait_for(rig.receive_to_end(), 10) == b""
+        await asyncio.wait_for(serving, 10)
+        result = await asyncio.wait_for(rig.done, 10)
+        assert (result.reason, result.up_bytes, result.down_bytes) == (
+            "closed",
+            len(payload),
+            len(payload),
+        )
+
+    _run(loop_kind, tmp_path, test)
+
+
+@pytest.mark.parametrize(
+    ("breaking", "cause", "tail"),
+    [(broken_record, "bad_record_mac", b"tail"), (reset, None, b"")],
+    ids=["broken-record", "reset"],
+)
+def test_a_broken_destination_ends_it_with_the_cause(
+    loop_kind: str,
+    tmp_path: Path,
+    breaking: Callable[[Rig], Awaitable[None]],
+    cause: str | None,
+    tail: bytes,
+) -> None:
+    async def test(rig: Rig) -> None:
+        rig.start(FakeClock())
+        moved = await exchange(rig, 3)
+        await breaking(rig)
+        # What authenticated still reaches the device, then a reset: the stream was cut.
+        assert await asyncio.wait_for(rig.receive_to_reset(), 10) == tail
+        result = await asyncio.wait_for(rig.done, 10)
+        assert (result.reason, result.up_bytes, result.down_bytes) == (
+            "destination_lost",
+            moved,
+            moved + len(tail),
+        )
+        assert isinstance(rig.destination, TlsEndpoint)
+        failure = rig.destination.failure
+        assert (failure.cause if failure else None) == cause
+
+    _run(loop_kind, tmp_path, test)
+
+
+def test_a_reset_before_the_destination_spoke_is_named(loop_kind: str, tmp_path: Path) -> None:
+    """A TLS 1.3 server refusing our certificate resets the connection before sending a byte:
+    the refusal the tcp listener reports (``reset_after_handshake``), as on the transports."""
+
+    async def test(rig: Rig) -> None:
+        rig.start(FakeClock())
+        await reset(rig)  # the core reads the reset (no write has to meet it)
+        result = await asyncio.wait_for(rig.done, 10)
+        assert (result.reason, result.down_bytes) == ("destination_lost", 0)
+        assert isinstance(rig.destination, TlsEndpoint)
+        failure = rig.destination.failure
+        assert failure is not None
+        assert failure.cause == "reset_after_handshake", failure
+
+    _run(loop_kind, tmp_path, test)
+
+
+def test_an_idle_connection_is_ended_on_the_clock(loop_kind: str, tmp_path: Path) -> None:
+    async def test(rig: Rig) -> None:
+        clock = FakeClock()
+        rig.start(clock)
+        await exchange(rig, 1)
+        clock.advance(50.0)
+        await exchange(rig, 1)  # at 50 s: the deadline moves to 110 s
+        clock.advance(20.0)  # 70 s: past the first deadline (60 s), not the second
+        handover.check_timeouts(clock)
+        assert not rig.done.done()
+        await exchange(rig, 1)  # still relaying
+        clock.advance(61.0)
+        handover.check_timeouts(clock)
+        result = await asyncio.wait_for(rig.done, 10)
+        assert result.reason == "idle_timeout"
+        # The server gets a close_notify, the device the end.
+        assert await asyncio.wait_for(rig.server.read_some(), 10) == b""
+        assert await asyncio.wait_for(rig.receive_to_end(), 10) == b""
+
+    _run(loop_kind, tmp_path, test)
+
+
+def test_ending_the_splice_cuts_the_connection(loop_kind: str, tmp_path: Path) -> None:
+    """A cut (a revoked credential, a drain that ran out of time): the device gets a reset,
+    never an end it could take for a complete answer; the destination a close_notify."""
+
+    async def test(rig: Rig) -> None:
+        clock = FakeClock()
+        rig.start(clock)
+        await exchange(rig, 2)
+        rig.splicing.finish("cut")
+        result = await asyncio.wait_for(rig.done, 10)
+        assert result.reason == "cut"
+        assert await asyncio.wait_for(rig.server.read_some(), 10) == b""
+        assert await asyncio.wait_for(rig.receive_to_reset(), 10) == b""
+        assert _core_count(clock) == 0
+
+    _run(loop_kind, tmp_path, test)
+
+
+def test_the_destinations_session_is_kept_for_the_next_connection(
+    loop_kind: str, tmp_path: Path
+) -> None:
+    """TLS 1.3 tickets come after the handshake, with the first records: read by the core,
+    they are still taken for the next connection, which resumes."""
+
+    async def test(rig: Rig) -> None:
+        rig.start(FakeClock())
+        await exchange(rig, 1)
+        second = await rig.dial()
+        try:
+            assert isinstance(second, TlsEndpoint)
+            assert second.session_reused
+        finally:
+            second.abort()
+
+    _run(loop_kind, tmp_path, test)
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_loop_that_goes_away_with_a_connection_frees_it(tmp_path: Path) -> None:
+    """The core of a loop closed with a connection still relayed is collected with the loop:
+    the connection's sockets close, no descriptor is left behind."""
+
+    async def main() -> None:
+        async with splice_rig(tmp_path, compiled=True, tcp=True) as rig:
+            rig.start(FakeClock())
+            await exchange(rig, 1)
+            assert _handed_over(rig)
+
+    gc.collect()  # what earlier tests left for the collector
+    before = _open_descriptors()
+    asyncio.run(main())
+    gc.collect()
+    assert _open_descriptors() == before
