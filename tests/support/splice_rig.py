@@ -169,3 +169,18 @@ async def reset_seen_by(sock: socket.socket) -> None:
     while sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != TCP_CLOSE:
         assert asyncio.get_running_loop().time() < deadline, "the reset never arrived"
         await asyncio.sleep(0.01)
+
+
+def assert_destination_lost(
+    rig: Rig, result: SpliceResult, moved: int, tail: bytes, cause: str | None
+) -> None:
+    """The splice ended as the destination's failure, with what authenticated before it
+    relayed and the failure's cause (None: none named) on the destination's endpoint."""
+    assert (result.reason, result.up_bytes, result.down_bytes) == (
+        "destination_lost",
+        moved,
+        moved + len(tail),
+    )
+    assert isinstance(rig.destination, TlsEndpoint)
+    failure = rig.destination.failure
+    assert (failure.cause if failure else None) == cause

@@ -28,6 +28,7 @@ from fleetgate.dataplane.tls_endpoint import TlsEndpoint
 from support.splice_rig import (
     WARM_UP,
     Rig,
+    assert_destination_lost,
     broken_record,
     exchange,
     reset,
@@ -151,14 +152,7 @@ async def test_a_broken_destination_ends_the_splice_with_the_same_cause(
     tail = b"tail" if cause else b""
     assert await rig.receive_to_end() == tail  # and the device's connection ends with it
     result = await asyncio.wait_for(rig.done, 10)
-    assert (result.reason, result.up_bytes, result.down_bytes) == (
-        "destination_lost",
-        moved,
-        moved + len(tail),
-    )
-    assert isinstance(rig.destination, TlsEndpoint)
-    failure = rig.destination.failure
-    assert (failure.cause if failure else None) == cause
+    assert_destination_lost(rig, result, moved, tail, cause)
 
 
 async def test_a_reset_that_a_relayed_write_meets_keeps_its_cause(rig: Rig) -> None:

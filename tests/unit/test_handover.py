@@ -24,6 +24,7 @@ from fleetgate.dataplane import handover
 from fleetgate.dataplane.tls_endpoint import TlsEndpoint
 from support.splice_rig import (
     Rig,
+    assert_destination_lost,
     broken_record,
     exchange,
     reset,
@@ -143,14 +144,7 @@ def test_a_broken_destination_ends_it_with_the_cause(
         # What authenticated still reaches the device, then a reset: the stream was cut.
         assert await asyncio.wait_for(rig.receive_to_reset(), 10) == tail
         result = await asyncio.wait_for(rig.done, 10)
-        assert (result.reason, result.up_bytes, result.down_bytes) == (
-            "destination_lost",
-            moved,
-            moved + len(tail),
-        )
-        assert isinstance(rig.destination, TlsEndpoint)
-        failure = rig.destination.failure
-        assert (failure.cause if failure else None) == cause
+        assert_destination_lost(rig, result, moved, tail, cause)
 
     _run(loop_kind, tmp_path, test)
 
