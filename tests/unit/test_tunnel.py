@@ -487,6 +487,39 @@ async def test_an_idle_connection_ends_on_the_clock_with_close_notify(rig: Rig) 
     assert (ended.outcome, ended.up_bytes, ended.down_bytes) == ("idle_timeout", 4, 4)
 
 
+async def test_quiet_connections_rest_and_time_out_in_the_order_they_went_quiet(rig: Rig) -> None:
+    """Only connections that have come due are looked at (each waits in a queue by its last
+    activity), so the order must follow activity: a connection that moves again leaves the
+    resting ones and gets a new deadline, while those behind it still come due."""
+    server = rig.destination()
+    async with rig.open_tunnel(server.port, idle_timeout_s=30.0) as (made, port):
+        devices = [await _device(port) for _ in range(3)]
+        for reader, writer in devices:
+            writer.write(b"ping")
+            assert await asyncio.wait_for(reader.readexactly(4), TIMEOUT_S) == b"ping"
+        rig.clock.advance(1.0)
+        made.check_timeouts()
+        assert (made.connections, made.resting) == (3, 3)  # quiet: buffers given back
+        reader, writer = devices[1]
+        writer.write(b"pong")  # at 1 s: its deadline moves to 31 s
+        assert await asyncio.wait_for(reader.readexactly(4), TIMEOUT_S) == b"pong"
+        assert made.resting == 2
+        rig.clock.advance(29.5)  # 30.5 s: the other two are past 30 s
+        made.check_timeouts()
+        for index in (0, 2):
+            assert await _read_to_end(devices[index][0]) == b""
+        assert (made.connections, made.resting) == (1, 1)
+        rig.clock.advance(0.5)  # 31 s
+        made.check_timeouts()
+        assert await _read_to_end(reader) == b""
+        assert made.connections == 0
+        ends = [await rig.next_end() for _ in range(3)]
+        for _, writer in devices:
+            writer.close()
+    assert [end.outcome for end in ends] == ["idle_timeout"] * 3
+    assert sorted(end.up_bytes for end in ends) == [4, 4, 8]
+
+
 async def test_a_device_reset_ends_the_connection_as_device_lost(rig: Rig) -> None:
     server = rig.destination()
     async with rig.open_tunnel(server.port) as (_, port):

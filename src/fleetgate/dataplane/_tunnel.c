@@ -21,6 +21,7 @@
 #include <Python.h>
 #include <arpa/inet.h>
 #include <errno.h>
+#include <math.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdint.h>
@@ -93,6 +94,10 @@ static char plain[CHUNK];             /* decrypted, on its way to the device */
 static char outgoing[OUTGOING_SIZE];  /* records on their way to the destination */
 
 enum { CONNECTING, HANDSHAKE, RELAYING, ENDED };
+/* The queues a connection waits in for its timeouts, each in the order they come due (see
+ * expire()): being set up (by start), relaying (by last activity), resting (by last activity;
+ * quiet, its record buffers given back). */
+enum { QUEUE_NONE, QUEUE_SETUP, QUEUE_ACTIVE, QUEUE_RESTING, QUEUES };
 enum { SIDE_DEVICE = 0, SIDE_UPSTREAM = 1, SIDE_LISTENER = 2 };
 
 struct Conn;
@@ -111,7 +116,9 @@ typedef struct Pending {
 } Pending;
 
 typedef struct Conn {
-    struct Conn *prev, *next; /* the core's live list (timeouts, shutdown) */
+    struct Conn *prev, *next; /* the core's live list (shutdown, the collector) */
+    struct Conn *due_prev, *due_next; /* its queue (timeouts) */
+    int queue;
     Handle device, upstream;
     void *ssl, *rbio, *wbio;
     int state;
@@ -138,9 +145,15 @@ typedef struct Conn {
     char source[INET6_ADDRSTRLEN];
 } Conn;
 
+typedef struct Queue {
+    Conn *head, *tail;
+} Queue;
+
 typedef struct {
     PyObject_HEAD
     int epfd;
+    Queue queues[QUEUES];
+    double shortest_idle; /* the shortest idle timeout of any connection so far */
     PyObject *context;   /* the ssl.SSLContext whose SSL_CTX is ctx (kept alive) */
     void *ctx;
     PyObject *identity;  /* what owns cert/key/chain (kept alive), or None */
@@ -186,6 +199,61 @@ now(Core *core)
         return 0.0;
     }
     return seconds;
+}
+
+/* -- timeouts: each connection in the queue of what it waits for ------------------------------- */
+
+static void
+dequeue(Core *core, Conn *c)
+{
+    if (c->queue == QUEUE_NONE) {
+        return;
+    }
+    Queue *q = &core->queues[c->queue];
+    if (c->due_prev != NULL) {
+        c->due_prev->due_next = c->due_next;
+    }
+    else {
+        q->head = c->due_next;
+    }
+    if (c->due_next != NULL) {
+        c->due_next->due_prev = c->due_prev;
+    }
+    else {
+        q->tail = c->due_prev;
+    }
+    c->due_prev = c->due_next = NULL;
+    c->queue = QUEUE_NONE;
+}
+
+/* To the back of a queue: it comes due after every connection already in it. */
+static void
+enqueue(Core *core, Conn *c, int queue)
+{
+    dequeue(core, c);
+    Queue *q = &core->queues[queue];
+    c->due_prev = q->tail;
+    c->due_next = NULL;
+    if (q->tail != NULL) {
+        q->tail->due_next = c;
+    }
+    else {
+        q->head = c;
+    }
+    q->tail = c;
+    c->queue = queue;
+}
+
+/* Bytes moved: its idle deadline moves, and it is not resting. O(1), so expire() looks only at
+ * the connections that have come due. */
+static void
+touch(Core *core, Conn *c)
+{
+    c->last = now(core);
+    c->resting = 0;
+    if (core->queues[QUEUE_ACTIVE].tail != c) {
+        enqueue(core, c, QUEUE_ACTIVE);
+    }
 }
 
 /* -- the end of a connection ------------------------------------------------------------------ */
@@ -265,6 +333,7 @@ end(Core *core, Conn *c, const char *outcome, long verify_code, const char *reas
         ossl.ssl_set_shutdown(c->ssl, ossl.ssl_get_shutdown(c->ssl) | SSL_SENT_SHUTDOWN);
     }
     c->state = ENDED;
+    dequeue(core, c);
     if (c->device.fd >= 0) {
         close(c->device.fd);
         c->device.fd = -1;
@@ -534,7 +603,7 @@ step_handshake(Core *core, Conn *c)
         if (done == 1) {
             c->state = RELAYING;
             c->resumed = ossl.ssl_session_reused(c->ssl) == 1;
-            c->last = now(core);
+            touch(core, c);
             if (!core->resume || c->last - core->session_at < 1.0) {
                 c->session_done = 1; /* refreshed at most once a second */
             }
@@ -717,8 +786,7 @@ move_up(Core *core, Conn *c)
             break;
         }
         c->up_bytes += (unsigned long long)got;
-        c->last = now(core);
-        c->resting = 0;
+        touch(core, c);
         size_t done = 0;
         while (done < (size_t)got) {
             size_t written = 0;
@@ -783,8 +851,7 @@ move_down(Core *core, Conn *c)
         }
         if (filled > 0) {
             c->down_bytes += filled;
-            c->last = now(core);
-            c->resting = 0;
+            touch(core, c);
             c->session_done = 1; /* data flowed: a ticket that did not come with it never will */
             int sent =
                 send_or_keep(c->device.fd, plain, filled, &c->to_device, &c->device_writable);
@@ -949,6 +1016,7 @@ accept_one(Core *core, int fd, const struct sockaddr_storage *peer)
     c->state = CONNECTING;
     c->started = c->last = now(core);
     c->idle_timeout = core->idle_timeout;
+    enqueue(core, c, QUEUE_SETUP);
     source_of(peer, c->source);
     c->next = core->live;
     if (core->live != NULL) {
@@ -1146,6 +1214,7 @@ core_init(Core *self, PyObject *args, PyObject *kwargs)
     self->connect_timeout = connect_timeout;
     self->turn_chunks = turn_chunks;
     self->idle_timeout = idle_timeout;
+    self->shortest_idle = ctx != 0 ? idle_timeout : INFINITY; /* (adopt() lowers it) */
     self->on_end = Py_NewRef(on_end);
     self->clock = clock == Py_None ? NULL : Py_NewRef(clock);
     return 0;
@@ -1286,8 +1355,11 @@ core_adopt(Core *self, PyObject *args)
     c->wbio = wbio;
     c->adopted = 1;
     c->state = RELAYING;
-    c->started = c->last = now(self);
+    c->started = now(self);
     c->idle_timeout = idle_timeout;
+    if (idle_timeout < self->shortest_idle) {
+        self->shortest_idle = idle_timeout;
+    }
     c->session_done = 1;         /* its sessions are Python's business (on_read) */
     c->read_since_handshake = 1; /* records already in the BIO may carry the ticket */
     strncpy(c->source, source, sizeof c->source - 1);
@@ -1308,6 +1380,7 @@ core_adopt(Core *self, PyObject *args)
     c->on_end = Py_NewRef(on_end);
     c->on_read = on_read == Py_None ? NULL : Py_NewRef(on_read);
     c->key = ++self->adopted;
+    touch(self, c);
     c->next = self->live;
     if (self->live != NULL) {
         self->live->prev = c;
@@ -1408,7 +1481,9 @@ core_serve(Core *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
-/* Once a second: connections that took too long to set up, or moved nothing for too long. */
+/* Twice a second: connections that took too long to set up, went quiet, or moved nothing for
+ * too long. Each queue is in the order its connections come due, so only those that have come
+ * due are looked at (an idle gateway holds tens of thousands that have not). */
 static PyObject *
 core_expire(Core *self, PyObject *unused)
 {
@@ -1416,19 +1491,27 @@ core_expire(Core *self, PyObject *unused)
         return NULL;
     }
     double moment = now(self);
-    Conn *c = self->live;
-    while (c != NULL) {
-        Conn *next = c->next;
-        if (c->state != RELAYING && moment - c->started >= self->connect_timeout) {
-            end(self, c, "connect_timeout", 0, "", "");
-        }
-        else if (c->state == RELAYING && moment - c->last >= c->idle_timeout) {
+    Conn *c;
+    while ((c = self->queues[QUEUE_SETUP].head) != NULL &&
+           moment - c->started >= self->connect_timeout) {
+        end(self, c, "connect_timeout", 0, "", "");
+    }
+    while ((c = self->queues[QUEUE_ACTIVE].head) != NULL && moment - c->last >= REST_AFTER_S) {
+        if (moment - c->last >= c->idle_timeout) {
             end(self, c, "idle_timeout", 0, "", "");
+            continue;
         }
-        else if (c->state == RELAYING && !c->resting && moment - c->last >= REST_AFTER_S) {
-            /* Quiet for a while: OpenSSL's record buffers (about 34 KiB) go back until the
-             * next record (kept while busy: freeing them after every record costs CPU). */
-            c->resting = ossl.ssl_free_buffers(c->ssl) == 1;
+        /* Quiet for a while: OpenSSL's record buffers (about 34 KiB) go back until the next
+         * record (kept while busy: freeing them after every record costs CPU). */
+        c->resting = ossl.ssl_free_buffers(c->ssl) == 1;
+        enqueue(self, c, QUEUE_RESTING);
+    }
+    /* Resting, oldest first: past the shortest idle timeout, each is checked against its own. */
+    for (c = self->queues[QUEUE_RESTING].head;
+         c != NULL && moment - c->last >= self->shortest_idle;) {
+        Conn *next = c->due_next;
+        if (moment - c->last >= c->idle_timeout) {
+            end(self, c, "idle_timeout", 0, "", "");
         }
         c = next;
     }
@@ -1458,6 +1541,17 @@ core_close_all(Core *self, PyObject *arg)
     }
     free_ended(self);
     Py_RETURN_NONE;
+}
+
+/* (a walk of the resting queue: for tests and occasional reports, not for every event) */
+static PyObject *
+core_get_resting(Core *self, void *closure)
+{
+    Py_ssize_t resting = 0;
+    for (Conn *c = self->queues[QUEUE_RESTING].head; c != NULL; c = c->due_next) {
+        resting++;
+    }
+    return PyLong_FromSsize_t(resting);
 }
 
 static PyObject *
@@ -1501,6 +1595,7 @@ drop_all(Core *self)
     }
     self->count = 0;
     self->posted = NULL;
+    memset(self->queues, 0, sizeof self->queues);
 }
 
 static int
@@ -1577,6 +1672,8 @@ static PyGetSetDef core_getset[] = {
     {"count", (getter)core_get_count, NULL, "connections not ended", NULL},
     {"accepted", (getter)core_get_accepted, NULL, "connections accepted in all", NULL},
     {"adopted", (getter)core_get_adopted, NULL, "connections adopted in all", NULL},
+    {"resting", (getter)core_get_resting, NULL,
+     "connections quiet long enough to have given their record buffers back", NULL},
     {"turns_posted", (getter)core_get_turns_posted, NULL,
      "times a direction used up its turn with more to read", NULL},
     {NULL, NULL, NULL, NULL, NULL},

@@ -7,6 +7,7 @@ class Core:
     count: int
     accepted: int
     adopted: int
+    resting: int
     turns_posted: int
     def __init__(
         self,

@@ -182,6 +182,11 @@ class Tunnel:
         return int(self._core.count)
 
     @property
+    def resting(self) -> int:
+        """Connections quiet for a while, whose OpenSSL record buffers were given back."""
+        return int(self._core.resting)
+
+    @property
     def turns_posted(self) -> int:
         """How often a direction used up its turn (``turn_chunks`` chunks of up to 256 KiB)
         with more to read, and let the other connections go first."""
