@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import random
 import shutil
 import socket
 import subprocess
@@ -398,12 +399,15 @@ def test_tls_on_a_plain_session_is_refused_with_the_diagnosis(site: Site) -> Non
 
 
 def _two_free_ports() -> int:
-    """The lower of two free neighbouring ports."""
-    for _ in range(50):
-        low = free_port()
+    """The lower of two free neighbouring ports, below the kernel's ephemeral range (from
+    32768 here): a port picked from that range can be taken by any outgoing connection (the
+    gateway's, curl's) between this check and the gateway's bind."""
+    for _ in range(200):
+        low = random.randrange(20_000, 32_000)
         try:
-            with socket.socket() as check:
-                check.bind((HOST, low + 1))
+            with socket.socket() as first, socket.socket() as second:
+                first.bind((HOST, low))
+                second.bind((HOST, low + 1))
         except OSError:
             continue
         return low
