@@ -39,7 +39,7 @@ class Rig:
     done: asyncio.Future[SpliceResult] = field(init=False)
     splicing: Splicing = field(init=False)
 
-    def start(self, clock: FakeClock) -> None:
+    def start(self, clock: FakeClock, idle_timeout_s: float = 60.0) -> None:
         self.done = asyncio.get_running_loop().create_future()
 
         def finished(splicing: Splicing, result: SpliceResult) -> None:
@@ -48,7 +48,11 @@ class Rig:
             self.done.set_result(result)
 
         self.splicing = start_splice(
-            self.device_end, self.destination, clock, idle_timeout_s=60.0, on_done=finished
+            self.device_end,
+            self.destination,
+            clock,
+            idle_timeout_s=idle_timeout_s,
+            on_done=finished,
         )
 
     async def send(self, data: bytes) -> None:

@@ -9,6 +9,7 @@ Every test runs on asyncio's default loop and on uvloop (the gateway's). The rig
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import hashlib
 import os
@@ -202,6 +203,83 @@ def test_ending_the_splice_cuts_the_connection(loop_kind: str, tmp_path: Path) -
         assert await asyncio.wait_for(rig.server.read_some(), 10) == b""
         assert await asyncio.wait_for(rig.receive_to_reset(), 10) == b""
         assert _core_count(clock) == 0
+
+    _run(loop_kind, tmp_path, test)
+
+
+def test_connections_with_different_idle_timeouts_each_end_on_their_own(
+    loop_kind: str, tmp_path: Path
+) -> None:
+    """Listeners set their own idle timeouts: a connection with a short one, quiet behind one
+    with a long one, still ends on time (each timeout waits in a queue of its own)."""
+
+    async def test(patient: Rig) -> None:
+        clock = FakeClock()
+        patient.start(clock, idle_timeout_s=60.0)
+        async with splice_rig(tmp_path / "second", compiled=True, tcp=True) as hasty:
+            hasty.start(clock, idle_timeout_s=10.0)
+            await exchange(hasty, 1)  # the hasty one went quiet after the patient one
+            clock.advance(1.0)
+            handover.check_timeouts(clock)  # both rest
+            assert handover._loop_core(clock).core.resting == 2
+            clock.advance(10.0)
+            handover.check_timeouts(clock)
+            result = await asyncio.wait_for(hasty.done, 10)
+            assert result.reason == "idle_timeout"
+            assert not patient.done.done()
+            await exchange(patient, 1)  # still relayed
+            clock.advance(61.0)
+            handover.check_timeouts(clock)
+            assert (await asyncio.wait_for(patient.done, 10)).reason == "idle_timeout"
+
+    (tmp_path / "second").mkdir()
+    _run(loop_kind, tmp_path, test)
+
+
+def test_a_cut_after_the_end_finds_nothing(loop_kind: str, tmp_path: Path) -> None:
+    """A connection's key names it only while it lives, also once its slot is taken again."""
+
+    async def test(rig: Rig) -> None:
+        clock = FakeClock()
+        rig.start(clock)
+        core = handover._loop_core(clock).core
+        handed = rig.splicing.handover
+        assert handed is not None
+        old_key = handed._key
+        rig.splicing.finish("cut")
+        await asyncio.wait_for(rig.done, 10)
+        assert not core.cut(old_key, "again")
+        second = await rig.dial()
+        async with splice_rig(tmp_path / "next", compiled=True, tcp=True) as other:
+            other.start(clock)
+            assert other.splicing.handover is not None
+            assert other.splicing.handover._key != old_key  # same slot, a new generation
+            assert not core.cut(old_key, "again")
+            assert _core_count(clock) == 1
+        second.abort()
+
+    (tmp_path / "next").mkdir()
+    _run(loop_kind, tmp_path, test)
+
+
+def test_out_of_descriptors_the_transports_keep_the_connection(
+    loop_kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No descriptor for the core's copy (EMFILE): the splice relays on its transports."""
+
+    def no_descriptor(fd: int) -> int:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    async def test(rig: Rig) -> None:
+        monkeypatch.setattr(os, "dup", no_descriptor)
+        rig.start(FakeClock())
+        assert rig.splicing.relay == "compiled"
+        assert rig.device_end.transport is not None
+        monkeypatch.undo()
+        moved = await exchange(rig, 2)
+        rig.splicing.finish("closed")
+        result = await asyncio.wait_for(rig.done, 10)
+        assert (result.relay, result.up_bytes) == ("compiled", moved)
 
     _run(loop_kind, tmp_path, test)
 

@@ -21,7 +21,6 @@
 #include <Python.h>
 #include <arpa/inet.h>
 #include <errno.h>
-#include <math.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdint.h>
@@ -95,9 +94,14 @@ static char outgoing[OUTGOING_SIZE];  /* records on their way to the destination
 
 enum { CONNECTING, HANDSHAKE, RELAYING, ENDED };
 /* The queues a connection waits in for its timeouts, each in the order they come due (see
- * expire()): being set up (by start), relaying (by last activity), resting (by last activity;
- * quiet, its record buffers given back). */
-enum { QUEUE_NONE, QUEUE_SETUP, QUEUE_ACTIVE, QUEUE_RESTING, QUEUES };
+ * expire()): being set up (by start), relaying (by last activity), resting (quiet, its record
+ * buffers given back; by last activity, one queue per idle timeout, so that the head of each is
+ * the first of its queue to time out). Idle timeouts are few (one per listener); past
+ * RESTING_KINDS distinct ones, the rest share the last queue, which is walked whole. */
+#define RESTING_KINDS 16
+enum { QUEUE_NONE, QUEUE_SETUP, QUEUE_ACTIVE, QUEUE_RESTING };
+#define QUEUE_MIXED (QUEUE_RESTING + RESTING_KINDS)
+#define QUEUES (QUEUE_MIXED + 1)
 enum { SIDE_DEVICE = 0, SIDE_UPSTREAM = 1, SIDE_LISTENER = 2 };
 
 struct Conn;
@@ -141,6 +145,7 @@ typedef struct Conn {
      * (the session kept for the next connections, once the ticket came). */
     int adopted;
     unsigned long long key;
+    int fresh_records; /* records came (or were in the BIO at adoption) since on_read ran */
     PyObject *owner, *on_end, *on_read;
     char source[INET6_ADDRSTRLEN];
 } Conn;
@@ -153,7 +158,13 @@ typedef struct {
     PyObject_HEAD
     int epfd;
     Queue queues[QUEUES];
-    double shortest_idle; /* the shortest idle timeout of any connection so far */
+    double resting_timeout[RESTING_KINDS]; /* the idle timeout of each resting queue */
+    int resting_kinds;
+    /* Adopted connections by key: slot (low 32 bits) and generation (high), so cut() finds one
+     * at once and a key of an ended connection finds nothing. */
+    struct Conn **slots;
+    unsigned *free_slots;
+    unsigned slot_count, free_count, slot_capacity;
     PyObject *context;   /* the ssl.SSLContext whose SSL_CTX is ctx (kept alive) */
     void *ctx;
     PyObject *identity;  /* what owns cert/key/chain (kept alive), or None */
@@ -191,13 +202,15 @@ now(Core *core)
         clock_gettime(CLOCK_MONOTONIC, &ts);
         return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
     }
+    core->calling++;
     PyObject *value = PyObject_CallNoArgs(core->clock);
     double seconds = value ? PyFloat_AsDouble(value) : -1.0;
     Py_XDECREF(value);
     if (PyErr_Occurred()) {
         PyErr_WriteUnraisable(core->clock);
-        return 0.0;
+        seconds = 0.0;
     }
+    core->calling--;
     return seconds;
 }
 
@@ -244,6 +257,22 @@ enqueue(Core *core, Conn *c, int queue)
     c->queue = queue;
 }
 
+/* The resting queue for a connection's idle timeout. */
+static int
+resting_queue(Core *core, double idle_timeout)
+{
+    for (int k = 0; k < core->resting_kinds; k++) {
+        if (core->resting_timeout[k] == idle_timeout) {
+            return QUEUE_RESTING + k;
+        }
+    }
+    if (core->resting_kinds == RESTING_KINDS) {
+        return QUEUE_MIXED;
+    }
+    core->resting_timeout[core->resting_kinds] = idle_timeout;
+    return QUEUE_RESTING + core->resting_kinds++;
+}
+
 /* Bytes moved: its idle deadline moves, and it is not resting. O(1), so expire() looks only at
  * the connections that have come due. */
 static void
@@ -258,6 +287,63 @@ touch(Core *core, Conn *c)
 
 /* -- the end of a connection ------------------------------------------------------------------ */
 
+/* Out of the epoll set, then closed. Closing alone is not enough: an adopted connection's
+ * sockets are duplicates, and the epoll entry lives as long as any descriptor of the socket
+ * does (the event loop's, until it closes it), still pointing at this connection. */
+static void
+forget_socket(Core *core, int *fd)
+{
+    if (*fd >= 0) {
+        epoll_ctl(core->epfd, EPOLL_CTL_DEL, *fd, NULL);
+        close(*fd);
+        *fd = -1;
+    }
+}
+
+/* An adopted connection's key finds nothing from now on. */
+static void
+release_slot(Core *core, Conn *c)
+{
+    if (!c->adopted || c->key == 0) {
+        return;
+    }
+    unsigned slot = (unsigned)(c->key & 0xffffffffu);
+    if (slot < core->slot_count && core->slots[slot] == c) {
+        core->slots[slot] = NULL;
+        core->free_slots[core->free_count++] = slot;
+    }
+    c->key = 0;
+}
+
+/* A slot for a new adopted connection: its key (0 when out of memory). */
+static unsigned long long
+take_slot(Core *core, Conn *c)
+{
+    unsigned slot;
+    if (core->free_count > 0) {
+        slot = core->free_slots[--core->free_count];
+    }
+    else {
+        if (core->slot_count == core->slot_capacity) {
+            unsigned capacity = core->slot_capacity ? core->slot_capacity * 2 : 1024;
+            Conn **slots = realloc(core->slots, capacity * sizeof *slots);
+            if (slots == NULL) {
+                return 0;
+            }
+            core->slots = slots;
+            unsigned *free_slots = realloc(core->free_slots, capacity * sizeof *free_slots);
+            if (free_slots == NULL) {
+                return 0;
+            }
+            core->free_slots = free_slots;
+            core->slot_capacity = capacity;
+        }
+        slot = core->slot_count++;
+    }
+    core->slots[slot] = c;
+    return ((unsigned long long)++core->adopted << 32) | slot;
+}
+
 /* Tell Python how it ended: on_end(outcome, source, verify_code, reason, detail, up, down). */
 static void
 report(Core *core, Conn *c, const char *outcome, long verify_code, const char *reason,
@@ -267,14 +353,14 @@ report(Core *core, Conn *c, const char *outcome, long verify_code, const char *r
     if (on_end == NULL || core->on_end == NULL) {
         return; /* the Core is being torn down */
     }
-    core->calling++;
+    core->calling++; /* (until every Python call of this report is over) */
     PyObject *result = PyObject_CallFunction(on_end, "sslssKK", outcome, c->source, verify_code,
                                              reason, detail, c->up_bytes, c->down_bytes);
-    core->calling--;
     if (result == NULL) {
         PyErr_WriteUnraisable(on_end);
     }
     Py_XDECREF(result);
+    core->calling--;
 }
 
 /* An adopted connection's read hook, after a batch of records was read: dropped once it says
@@ -284,7 +370,6 @@ after_read(Core *core, Conn *c)
 {
     core->calling++;
     PyObject *result = PyObject_CallFunction(c->on_read, "K", c->down_bytes);
-    core->calling--;
     int done = result == NULL ? 1 : PyObject_IsTrue(result);
     if (result == NULL || done < 0) {
         PyErr_WriteUnraisable(c->on_read);
@@ -294,6 +379,7 @@ after_read(Core *core, Conn *c)
     if (done) {
         Py_CLEAR(c->on_read);
     }
+    core->calling--;
 }
 
 static void
@@ -334,14 +420,9 @@ end(Core *core, Conn *c, const char *outcome, long verify_code, const char *reas
     }
     c->state = ENDED;
     dequeue(core, c);
-    if (c->device.fd >= 0) {
-        close(c->device.fd);
-        c->device.fd = -1;
-    }
-    if (c->upstream.fd >= 0) {
-        close(c->upstream.fd);
-        c->upstream.fd = -1;
-    }
+    release_slot(core, c);
+    forget_socket(core, &c->device.fd);
+    forget_socket(core, &c->upstream.fd);
     /* off the live list, onto the ended one */
     if (c->prev != NULL) {
         c->prev->next = c->next;
@@ -841,9 +922,6 @@ move_down(Core *core, Conn *c)
         if (!c->session_done) {
             take_session(core, c);
         }
-        if (c->on_read != NULL && c->read_since_handshake) {
-            after_read(core, c);
-        }
         send_records(c); /* what reading made OpenSSL write (a key update's answer) */
         if (upstream_failed) {
             lost(core, c, SIDE_UPSTREAM, upstream_failed);
@@ -865,6 +943,12 @@ move_down(Core *core, Conn *c)
             if (error == 0) {
                 continue; /* the scratch filled up: more may be decrypted */
             }
+        }
+        if (c->on_read != NULL && c->fresh_records) {
+            /* (after the plaintext went: the hook may let another thread run, and `plain` is
+             * shared) */
+            c->fresh_records = 0;
+            after_read(core, c);
         }
         if (error == SSL_ERROR_ZERO_RETURN) {
             c->upstream_eof = 1; /* close_notify: passed on as a half-close */
@@ -902,6 +986,7 @@ move_down(Core *core, Conn *c)
             return -1;
         }
         c->read_since_handshake = 1;
+        c->fresh_records = 1;
     }
     if (c->upstream_eof && !c->device_shut && c->to_device.data == NULL) {
         c->device_shut = 1;
@@ -1058,11 +1143,11 @@ accept_all(Core *core, Handle *listener)
             core->calling++;
             PyObject *result = PyObject_CallFunction(core->on_end, "sslssKK", "accept_failed", "",
                                                      0L, "", strerror(failure), 0ULL, 0ULL);
-            core->calling--;
             if (result == NULL) {
                 PyErr_WriteUnraisable(core->on_end);
             }
             Py_XDECREF(result);
+            core->calling--;
         }
         return; /* EAGAIN: all taken */
     }
@@ -1214,7 +1299,6 @@ core_init(Core *self, PyObject *args, PyObject *kwargs)
     self->connect_timeout = connect_timeout;
     self->turn_chunks = turn_chunks;
     self->idle_timeout = idle_timeout;
-    self->shortest_idle = ctx != 0 ? idle_timeout : INFINITY; /* (adopt() lowers it) */
     self->on_end = Py_NewRef(on_end);
     self->clock = clock == Py_None ? NULL : Py_NewRef(clock);
     return 0;
@@ -1357,11 +1441,9 @@ core_adopt(Core *self, PyObject *args)
     c->state = RELAYING;
     c->started = now(self);
     c->idle_timeout = idle_timeout;
-    if (idle_timeout < self->shortest_idle) {
-        self->shortest_idle = idle_timeout;
-    }
     c->session_done = 1;         /* its sessions are Python's business (on_read) */
     c->read_since_handshake = 1; /* records already in the BIO may carry the ticket */
+    c->fresh_records = 1;
     strncpy(c->source, source, sizeof c->source - 1);
     if (watch(self, &c->device, EDGE) < 0) {
         free(c);
@@ -1379,7 +1461,15 @@ core_adopt(Core *self, PyObject *args)
     c->owner = Py_NewRef(owner);
     c->on_end = Py_NewRef(on_end);
     c->on_read = on_read == Py_None ? NULL : Py_NewRef(on_read);
-    c->key = ++self->adopted;
+    c->key = take_slot(self, c);
+    if (c->key == 0) {
+        epoll_ctl(self->epfd, EPOLL_CTL_DEL, device_fd, NULL);
+        epoll_ctl(self->epfd, EPOLL_CTL_DEL, upstream_fd, NULL);
+        c->adopted = 0; /* (nothing of the caller's is freed with it) */
+        c->ssl = NULL;
+        free_conn(c);
+        return PyErr_NoMemory();
+    }
     touch(self, c);
     c->next = self->live;
     if (self->live != NULL) {
@@ -1400,14 +1490,14 @@ core_cut(Core *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "Ks", &key, &outcome) || !usable(self)) {
         return NULL;
     }
-    for (Conn *c = self->live; c != NULL; c = c->next) {
-        if (c->adopted && c->key == key) {
-            end(self, c, outcome, 0, "", "");
-            free_ended(self);
-            Py_RETURN_TRUE;
-        }
+    unsigned slot = (unsigned)(key & 0xffffffffu);
+    Conn *c = slot < self->slot_count ? self->slots[slot] : NULL;
+    if (c == NULL || c->key != key) {
+        Py_RETURN_FALSE;
     }
-    Py_RETURN_FALSE;
+    end(self, c, outcome, 0, "", "");
+    free_ended(self);
+    Py_RETURN_TRUE;
 }
 
 static PyObject *
@@ -1503,12 +1593,16 @@ core_expire(Core *self, PyObject *unused)
         }
         /* Quiet for a while: OpenSSL's record buffers (about 34 KiB) go back until the next
          * record (kept while busy: freeing them after every record costs CPU). */
-        c->resting = ossl.ssl_free_buffers(c->ssl) == 1;
-        enqueue(self, c, QUEUE_RESTING);
+        c->resting = ossl.ssl_free_buffers(c->ssl) == 1; /* (0: a record half read) */
+        enqueue(self, c, resting_queue(self, c->idle_timeout));
     }
-    /* Resting, oldest first: past the shortest idle timeout, each is checked against its own. */
-    for (c = self->queues[QUEUE_RESTING].head;
-         c != NULL && moment - c->last >= self->shortest_idle;) {
+    for (int k = 0; k < self->resting_kinds; k++) { /* each: oldest first, until one is not due */
+        while ((c = self->queues[QUEUE_RESTING + k].head) != NULL &&
+               moment - c->last >= self->resting_timeout[k]) {
+            end(self, c, "idle_timeout", 0, "", "");
+        }
+    }
+    for (c = self->queues[QUEUE_MIXED].head; c != NULL;) {
         Conn *next = c->due_next;
         if (moment - c->last >= c->idle_timeout) {
             end(self, c, "idle_timeout", 0, "", "");
@@ -1548,8 +1642,10 @@ static PyObject *
 core_get_resting(Core *self, void *closure)
 {
     Py_ssize_t resting = 0;
-    for (Conn *c = self->queues[QUEUE_RESTING].head; c != NULL; c = c->due_next) {
-        resting++;
+    for (int q = QUEUE_RESTING; q < QUEUES; q++) {
+        for (Conn *c = self->queues[q].head; c != NULL; c = c->due_next) {
+            resting += c->resting;
+        }
     }
     return PyLong_FromSsize_t(resting);
 }
@@ -1585,12 +1681,9 @@ drop_all(Core *self)
     while (self->live != NULL) {
         Conn *c = self->live;
         self->live = c->next;
-        if (c->device.fd >= 0) {
-            close(c->device.fd);
-        }
-        if (c->upstream.fd >= 0) {
-            close(c->upstream.fd);
-        }
+        release_slot(self, c);
+        forget_socket(self, &c->device.fd);
+        forget_socket(self, &c->upstream.fd);
         free_conn(c);
     }
     self->count = 0;
@@ -1640,6 +1733,8 @@ core_dealloc(Core *self)
     if (self->session != NULL) {
         ossl.session_free(self->session);
     }
+    free(self->slots);
+    free(self->free_slots);
     if (self->epfd >= 0) {
         close(self->epfd);
     }

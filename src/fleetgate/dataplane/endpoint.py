@@ -200,6 +200,15 @@ class Endpoint(asyncio.Protocol):
     def is_closed(self) -> bool:
         return self._lost is not None
 
+    def ended_elsewhere(self) -> None:
+        """The connection was relayed by the tunnel core (``handover``), with no transport,
+        and has ended: what waits for its end hears of it."""
+        self._eof = True
+        if self._lost is None:
+            self._lost = PeerClosed("connection closed")
+        if self._closed_fut is not None and not self._closed_fut.done():
+            self._closed_fut.set_result(None)
+
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()

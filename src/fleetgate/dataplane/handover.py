@@ -92,11 +92,12 @@ class _LoopCore:
             self._tick = asyncio.get_running_loop().call_later(TICK_S, self._expire)
 
     def _expire(self) -> None:
-        self.core.expire()
-        if self.core.count:
-            self._tick = asyncio.get_running_loop().call_later(TICK_S, self._expire)
-        else:
-            self._tick = None
+        self._tick = None
+        try:
+            self.core.expire()
+        finally:
+            if self.core.count:
+                self._tick = asyncio.get_running_loop().call_later(TICK_S, self._expire)
 
 
 _cores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, weakref.ref[_LoopCore]]] = (
@@ -159,7 +160,26 @@ class Handover:
         down_bytes: int,
     ) -> None:
         on_end, self._on_end, self._owner = self._on_end, None, None
-        # The endpoints' counters, as if they had relayed it themselves.
+        failure = None
+        try:
+            failure = self._account(outcome, verify_code, reason, detail, up_bytes, down_bytes)
+        finally:  # whatever happened above, the splice hears of its end
+            if on_end is not None:
+                on_end(Outcome(outcome, up_bytes, down_bytes, failure))
+
+    def _account(
+        self,
+        outcome: str,
+        verify_code: int,
+        reason: str,
+        detail: str,
+        up_bytes: int,
+        down_bytes: int,
+    ) -> TlsFailure | None:
+        """The endpoints' counters and state, as if they had relayed it themselves; the
+        destination's failure, if that is how it ended."""
+        for endpoint in (self.device, self.destination):
+            endpoint.ended_elsewhere()
         self.device.received += up_bytes
         self.destination.sent += up_bytes
         self.destination.received = self._received + down_bytes
@@ -177,8 +197,7 @@ class Handover:
             )
         if failure is not None:
             self.destination.failure = failure
-        if on_end is not None:
-            on_end(Outcome(outcome, up_bytes, down_bytes, failure))
+        return failure
 
     def _after_read(self, down_bytes: int) -> bool:
         self.destination.received = self._received + down_bytes  # what its hooks look at
@@ -225,14 +244,18 @@ def take(
     destination.flush()  # the last handshake flight, if it is still in OpenSSL's hands
     if not _can_hand_over(device, destination):
         return None
-    owner = _loop_core(clock)
-    handover = Handover(owner, device, destination, on_end)
-    device_fd = os.dup(_socket_fd(device))
-    try:
-        upstream_fd = os.dup(_socket_fd(destination))
-    except OSError:
-        os.close(device_fd)
+    descriptors: list[int] = []
+    try:  # out of descriptors (EMFILE), say: the transports keep the connection
+        owner = _loop_core(clock)
+        descriptors.append(os.dup(_socket_fd(device)))
+        descriptors.append(os.dup(_socket_fd(destination)))
+    except OSError as exc:
+        for fd in descriptors:
+            os.close(fd)
+        log.warning("handover.failed", detail=str(exc))
         return None
+    device_fd, upstream_fd = descriptors
+    handover = Handover(owner, device, destination, on_end)
     ssl_object = destination.ssl_object
     hooks = None if destination.run_read_hooks() else handover._after_read
     try:
@@ -246,9 +269,11 @@ def take(
             handover._ended,
             hooks,
         )
-    except (OSError, ValueError) as exc:
+    except BaseException as exc:  # the descriptors are still ours
         os.close(device_fd)
         os.close(upstream_fd)
+        if not isinstance(exc, (OSError, ValueError, MemoryError)):
+            raise
         log.warning("handover.failed", detail=str(exc))
         return None
     owner.adopted()

@@ -443,6 +443,10 @@ class TlsEndpoint(Endpoint, asyncio.BufferedProtocol):
             self._after_read = [hook for hook in self._after_read if not hook()] or None
         return self._after_read is None
 
+    def ended_elsewhere(self) -> None:
+        super().ended_elsewhere()
+        self._after_read = None  # its hooks refer back to it: no cycle outlives it
+
     def relay_ready(self) -> bool:
         """Whether reads need nothing from this endpoint but decrypting: the first reads' work
         (session hooks, buffers given back) is done. Asked by the compiled relay."""
