@@ -56,6 +56,13 @@ class Metrics:
             ["listener", "direction"],
             registry=self.registry,
         )
+        self.listener_relays = Counter(
+            "fleetgate_listener_relays",
+            "Relayed connections that ended, by listener and what relayed them (core: the tunnel "
+            "core in C, compiled: the compiled relay on asyncio transports, python)",
+            ["listener", "relay"],
+            registry=self.registry,
+        )
         self.not_after = Gauge(
             "fleetgate_certificate_not_after_timestamp_seconds",
             "End of validity of every certificate fleetgate issued or holds (kind: certificate, "

@@ -32,6 +32,7 @@ SHARED = frozenset(
         "fleetgate_listener_connections",
         "fleetgate_listener_active_connections",
         "fleetgate_listener_relayed_bytes",
+        "fleetgate_listener_relays",
     }
 )
 PUBLISH_S = 1.0

@@ -209,7 +209,10 @@ def test_bytes_flow_both_ways_with_the_device_certificate_and_half_close(uplink:
     assert (closed["up_bytes"], closed["down_bytes"]) == (MIB, MIB + len(trailer))
     assert closed["relay"] == "core"  # handed over to the tunnel core once set up
     labels = 'listener="relay",outcome="relayed",process="main"'
-    assert f"fleetgate_listener_connections_total{{{labels}}} 1.0" in uplink.metrics()
+    metrics = uplink.metrics()
+    assert f"fleetgate_listener_connections_total{{{labels}}} 1.0" in metrics
+    relays = 'listener="relay",process="main",relay="core"'
+    assert f"fleetgate_listener_relays_total{{{relays}}} 1.0" in metrics
 
 
 # -- PROXY protocol v2 ---------------------------------------------------------------------------

@@ -376,6 +376,7 @@ class StreamListener:
                 if result is not None:
                     metrics.listener_bytes.labels(self.name, "up").inc(result.up_bytes)
                     metrics.listener_bytes.labels(self.name, "down").inc(result.down_bytes)
+                    metrics.listener_relays.labels(self.name, result.relay).inc()
                     log.info(
                         "listener.closed",
                         reason=result.reason,
