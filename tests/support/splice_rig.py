@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,11 +32,13 @@ TCP_CLOSE = 7  # linux/tcp.h: tcp_info.tcpi_state
 @dataclass
 class Rig:
     device: socket.socket  # the device's own end
-    device_end: PlainEndpoint  # the gateway's end of the device's connection
+    device_end: Endpoint  # the gateway's end of the device's connection
     destination: Endpoint  # the gateway's TLS connection to the server
     server: TlsEndpoint  # the server's end of it
     compiled: bool
     dial: Callable[[], Awaitable[Endpoint]]  # another connection to the server, as the first
+    # A device that speaks TLS: its streams (the socket is theirs), else None.
+    tls: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
     done: asyncio.Future[SpliceResult] = field(init=False)
     splicing: Splicing = field(init=False)
 
@@ -56,12 +59,21 @@ class Rig:
         )
 
     async def send(self, data: bytes) -> None:
+        if self.tls is not None:
+            self.tls[1].write(data)
+            await self.tls[1].drain()
+            return
         await asyncio.get_running_loop().sock_sendall(self.device, data)
+
+    async def _chunk(self, size: int) -> bytes:
+        if self.tls is not None:
+            return await self.tls[0].read(size)
+        return await asyncio.get_running_loop().sock_recv(self.device, size)
 
     async def receive(self, size: int) -> bytes:
         got = bytearray()
         while len(got) < size:
-            chunk = await asyncio.get_running_loop().sock_recv(self.device, size - len(got))
+            chunk = await self._chunk(size - len(got))
             assert chunk, f"the device's connection ended after {len(got)} of {size} bytes"
             got += chunk
         return bytes(got)
@@ -70,7 +82,7 @@ class Rig:
         """What the device reads before its connection is reset (and it must be)."""
         got = bytearray()
         try:
-            while chunk := await asyncio.get_running_loop().sock_recv(self.device, 65536):
+            while chunk := await self._chunk(65536):
                 got += chunk
         except ConnectionResetError:
             return bytes(got)
@@ -78,7 +90,7 @@ class Rig:
 
     async def receive_to_end(self) -> bytes:
         got = bytearray()
-        while chunk := await asyncio.get_running_loop().sock_recv(self.device, 65536):
+        while chunk := await self._chunk(65536):
             got += chunk
         return bytes(got)
 
@@ -95,9 +107,12 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
 
 
 @contextlib.asynccontextmanager
-async def splice_rig(tmp_path: Path, compiled: bool, *, tcp: bool = False) -> AsyncIterator[Rig]:
+async def splice_rig(
+    tmp_path: Path, compiled: bool, *, tcp: bool = False, device_tls: bool = False
+) -> AsyncIterator[Rig]:
     """``tcp``: the device's connection is TCP (else a socket pair, whose small buffers fill
-    sooner: flow control is exercised with less data)."""
+    sooner: flow control is exercised with less data). ``device_tls``: the device speaks TLS
+    to the gateway (TCP; the gateway's end is a server-side TlsEndpoint, handshaken)."""
     ca = TestCA.create("fastpath root")
     cafile = ca.write_bundle(tmp_path / "ca.pem")
     context = server_context(ca.issue_server().write(tmp_path, "server"))
@@ -121,10 +136,24 @@ async def splice_rig(tmp_path: Path, compiled: bool, *, tcp: bool = False) -> As
 
     destination = await dial()
     server = await asyncio.wait_for(accepted.get(), 10)
-    device, gateway_side = tcp_pair() if tcp else socket.socketpair()
+    device, gateway_side = tcp_pair() if tcp or device_tls else socket.socketpair()
     device.setblocking(False)
-    _, device_end = await loop.connect_accepted_socket(PlainEndpoint, gateway_side)
-    yield Rig(device, device_end, destination, server, compiled, dial)
+    tls = None
+    device_end: Endpoint
+    if device_tls:
+        gateway_context = server_context(ca.issue_server().write(tmp_path, "gateway"))
+        _, device_end = await loop.connect_accepted_socket(
+            lambda: TlsEndpoint(gateway_context, server_side=True), gateway_side
+        )
+        client = ssl.create_default_context(cafile=cafile)
+        tls = await asyncio.open_connection(sock=device, ssl=client, server_hostname="localhost")
+        assert isinstance(device_end, TlsEndpoint)
+        await asyncio.wait_for(device_end.handshake, 10)
+    else:
+        _, device_end = await loop.connect_accepted_socket(PlainEndpoint, gateway_side)
+    yield Rig(device, device_end, destination, server, compiled, dial, tls)
+    if tls is not None:
+        tls[1].transport.abort()
     for endpoint in (device_end, destination, server):
         endpoint.abort()
     device.close()

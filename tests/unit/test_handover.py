@@ -55,6 +55,17 @@ def _run(loop_kind: str, tmp_path: Path, test: Callable[[Rig], Awaitable[None]])
         asyncio.run(main())
 
 
+def _run_tls_device(loop_kind: str, tmp_path: Path, test: Callable[[Rig], Awaitable[None]]) -> None:
+    async def main() -> None:
+        async with splice_rig(tmp_path, compiled=True, device_tls=True) as rig:
+            await test(rig)
+
+    if loop_kind == "uvloop":
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
+
+
 def _handed_over(rig: Rig) -> bool:
     """The splice went to the core, and both transports let go of their sockets."""
     return (
@@ -322,3 +333,67 @@ def test_a_loop_that_goes_away_with_a_connection_frees_it(tmp_path: Path) -> Non
     asyncio.run(main())
     gc.collect()
     assert _open_descriptors() == before
+
+
+# -- a device that speaks TLS (tls, mtls and psk listeners) -----------------------------------
+
+
+def test_a_tls_devices_connection_is_relayed_by_the_core(loop_kind: str, tmp_path: Path) -> None:
+    """Both sides decrypted and encrypted in C; each close_notify passed on to the other side."""
+
+    async def test(rig: Rig) -> None:
+        rig.start(FakeClock())
+        assert _handed_over(rig)
+        moved = await exchange(rig, 12)
+        rig.server.write(b"last words")
+        rig.server.write_eof()  # close_notify: the device gets one too, after the words
+        assert await asyncio.wait_for(rig.receive_to_end(), 10) == b"last words"
+        assert rig.tls is not None
+        rig.tls[1].close()  # the device's close_notify
+        assert await asyncio.wait_for(rig.server.read_some(), 10) == b""
+        result = await asyncio.wait_for(rig.done, 10)
+        assert (result.reason, result.relay) == ("closed", "core")
+        assert (result.up_bytes, result.down_bytes) == (moved, moved + len(b"last words"))
+
+    _run_tls_device(loop_kind, tmp_path, test)
+
+
+def test_a_tls_device_moves_a_large_transfer_whole(loop_kind: str, tmp_path: Path) -> None:
+    async def test(rig: Rig) -> None:
+        rig.start(FakeClock())
+        assert _handed_over(rig)
+
+        async def echo() -> None:
+            while data := await rig.server.read_some():
+                rig.server.write(data)
+                await rig.server.drain()
+
+        loop = asyncio.get_running_loop()
+        serving = loop.create_task(echo())
+        payload = os.urandom(16 * 1024 * 1024)
+        sending = loop.create_task(rig.send(payload))
+        digest, received = hashlib.sha256(), 0
+        while received < len(payload):
+            chunk = await asyncio.wait_for(rig.receive(min(65536, len(payload) - received)), 10)
+            digest.update(chunk)
+            received += len(chunk)
+        await sending
+        assert digest.digest() == hashlib.sha256(payload).digest()
+        rig.splicing.finish("done")
+        result = await asyncio.wait_for(rig.done, 10)
+        assert (result.up_bytes, result.down_bytes) == (len(payload), len(payload))
+        serving.cancel()
+
+    _run_tls_device(loop_kind, tmp_path, test)
+
+
+def test_a_tls_devices_cut_connection_is_reset(loop_kind: str, tmp_path: Path) -> None:
+    async def test(rig: Rig) -> None:
+        rig.start(FakeClock())
+        await exchange(rig, 2)
+        rig.splicing.finish("cut")
+        assert (await asyncio.wait_for(rig.done, 10)).reason == "cut"
+        assert await asyncio.wait_for(rig.server.read_some(), 10) == b""
+        assert await asyncio.wait_for(rig.receive_to_reset(), 10) == b""
+
+    _run_tls_device(loop_kind, tmp_path, test)

@@ -520,6 +520,30 @@ async def test_quiet_connections_rest_and_time_out_in_the_order_they_went_quiet(
     assert sorted(end.up_bytes for end in ends) == [4, 4, 8]
 
 
+async def test_the_memory_of_a_burst_goes_back_once_it_is_over(rig: Rig) -> None:
+    """Many connections set up at once, then quiet: what their handshakes and buffers used is
+    given back to the system (malloc_trim), once; a few quiet ones are not worth it."""
+    server = rig.destination()
+    async with rig.open_tunnel(server.port) as (made, port):
+        devices = [await _device(port) for _ in range(70)]
+        for reader, writer in devices:
+            writer.write(b"ping")
+            assert await asyncio.wait_for(reader.readexactly(4), TIMEOUT_S) == b"ping"
+        made.check_timeouts()
+        assert made.trims == 0  # all 70 still busy
+        rig.clock.advance(1.0)
+        made.check_timeouts()  # all rest: 70 fewer busy than at the peak
+        assert (made.resting, made.trims) == (70, 1)
+        reader, writer = devices[0]
+        writer.write(b"once more")  # one busy again, then quiet: no trim for that
+        assert await asyncio.wait_for(reader.readexactly(9), TIMEOUT_S) == b"once more"
+        rig.clock.advance(1.0)
+        made.check_timeouts()
+        assert made.trims == 1
+        for _, writer in devices:
+            writer.close()
+
+
 async def test_a_device_reset_ends_the_connection_as_device_lost(rig: Rig) -> None:
     server = rig.destination()
     async with rig.open_tunnel(server.port) as (_, port):

@@ -21,6 +21,9 @@
 #include <Python.h>
 #include <arpa/inet.h>
 #include <errno.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdint.h>
@@ -38,6 +41,9 @@
 #define MAX_ADDRESSES 8               /* of the destination's name, tried in order */
 #define TURN_CHUNKS 16 /* chunks (up to 4 MiB) a direction moves before the other connections */
 #define REST_AFTER_S 0.5              /* quiet this long: the record buffers are given back */
+/* This many fewer busy connections (being set up or relaying) than at the last peak, and at most
+ * half as many: the burst is over, and what it used goes back to the system (malloc_trim). */
+#define TRIM_AFTER_QUIET 64
 
 #define SSL_ERROR_WANT_READ 2        /* ssl.h */
 #define SSL_ERROR_WANT_WRITE 3
@@ -144,6 +150,10 @@ typedef struct Conn {
      * `on_end`; `on_read`, until it returns True, is called after each batch of records read
      * (the session kept for the next connections, once the ticket came). */
     int adopted;
+    /* A device that speaks TLS (a tls, mtls or psk listener): its server side, handshaken in
+     * Python, with memory BIOs; NULL for a plain device. */
+    void *dssl, *drbio, *dwbio;
+    int device_notify_sent; /* our close_notify to the device is written */
     unsigned long long key;
     int fresh_records; /* records came (or were in the BIO at adoption) since on_read ran */
     PyObject *owner, *on_end, *on_read;
@@ -158,6 +168,9 @@ typedef struct {
     PyObject_HEAD
     int epfd;
     Queue queues[QUEUES];
+    Py_ssize_t queue_length[QUEUES];
+    Py_ssize_t busy_peak; /* most busy connections (set up or relaying) since the last trim */
+    unsigned long long trims;
     double resting_timeout[RESTING_KINDS]; /* the idle timeout of each resting queue */
     int resting_kinds;
     /* Adopted connections by key: slot (low 32 bits) and generation (high), so cut() finds one
@@ -236,6 +249,7 @@ dequeue(Core *core, Conn *c)
         q->tail = c->due_prev;
     }
     c->due_prev = c->due_next = NULL;
+    core->queue_length[c->queue]--;
     c->queue = QUEUE_NONE;
 }
 
@@ -255,6 +269,29 @@ enqueue(Core *core, Conn *c, int queue)
     }
     q->tail = c;
     c->queue = queue;
+    core->queue_length[queue]++;
+    Py_ssize_t busy = core->queue_length[QUEUE_SETUP] + core->queue_length[QUEUE_ACTIVE];
+    if (busy > core->busy_peak) {
+        core->busy_peak = busy;
+    }
+}
+
+/* After a burst (many connections set up at once, a reconnect storm), the memory their
+ * handshakes and record buffers used is free but still the process's: malloc keeps it.
+ * Once the burst is over, it goes back to the system. Not in a steady state, where the buffers
+ * freed are taken again at once. */
+static void
+trim_after_burst(Core *core)
+{
+    Py_ssize_t busy = core->queue_length[QUEUE_SETUP] + core->queue_length[QUEUE_ACTIVE];
+    if (core->busy_peak - busy < TRIM_AFTER_QUIET || busy * 2 > core->busy_peak) {
+        return;
+    }
+    core->busy_peak = busy;
+#ifdef __GLIBC__
+    malloc_trim(0);
+    core->trims++;
+#endif
 }
 
 /* The resting queue for a connection's idle timeout. */
@@ -384,6 +421,8 @@ after_read(Core *core, Conn *c)
 
 static void
 send_records(Conn *c);
+static int
+send_device_records(Conn *c);
 
 /* End a connection: report it, close both sockets (after a close_notify if the handshake was
  * done and none was sent), move it to the ended list (freed after this run(): later events of
@@ -402,6 +441,12 @@ end(Core *core, Conn *c, const char *outcome, long verify_code, const char *reas
         ossl.ssl_shutdown(c->ssl);
         ossl.err_clear_error();
         send_records(c); /* best effort: what the socket takes at once */
+    }
+    if (clean && c->dssl != NULL && !c->device_notify_sent && c->device.fd >= 0) {
+        c->device_notify_sent = 1;
+        ossl.ssl_shutdown(c->dssl);
+        ossl.err_clear_error();
+        send_device_records(c); /* best effort: what the socket takes at once */
     }
     if (!clean && c->device.fd >= 0) {
         /* Refused, or cut: the device gets a reset, never an end it could take for a
@@ -606,9 +651,9 @@ send_records(Conn *c)
 /* -- the handshake ------------------------------------------------------------------------------ */
 
 static void
-name_the_failure(Conn *c, char *reason, size_t size, long *verify_code)
+name_failure_of(void *ssl, char *reason, size_t size, long *verify_code)
 {
-    *verify_code = ossl.ssl_get_verify_result(c->ssl);
+    *verify_code = ossl.ssl_get_verify_result(ssl);
     unsigned long error = ossl.err_peek_last_error();
     const char *text = error ? ossl.err_reason_error_string(error) : NULL;
     size_t i = 0;
@@ -620,6 +665,12 @@ name_the_failure(Conn *c, char *reason, size_t size, long *verify_code)
     }
     reason[i] = '\0';
     ossl.err_clear_error();
+}
+
+static void
+name_the_failure(Conn *c, char *reason, size_t size, long *verify_code)
+{
+    name_failure_of(c->ssl, reason, size, verify_code);
 }
 
 static void relay(Core *core, Conn *c);
@@ -822,6 +873,118 @@ take_session(Core *core, Conn *c)
     c->session_done = 1;
 }
 
+/* -- a device that speaks TLS ------------------------------------------------------------------ */
+
+/* Move what OpenSSL wrote for the device onto its socket (or keep it): 0 all went, 1 some is
+ * kept (the socket is full), -1 a failure (errno). */
+static int
+send_device_records(Conn *c)
+{
+    while (ossl.bio_ctrl_pending(c->dwbio) > 0) {
+        if (c->to_device.data != NULL) {
+            return 1;
+        }
+        int got = ossl.bio_read(c->dwbio, outgoing, OUTGOING_SIZE);
+        if (got <= 0) {
+            return 0;
+        }
+        int sent = send_or_keep(c->device.fd, outgoing, (size_t)got, &c->to_device,
+                                &c->device_writable);
+        if (sent != 0) {
+            return sent;
+        }
+    }
+    return 0;
+}
+
+/* Plaintext for the device: encrypted, then sent (or kept). As send_device_records. */
+static int
+send_to_device(Core *core, Conn *c, const char *data, size_t size)
+{
+    if (c->dssl == NULL) {
+        return send_or_keep(c->device.fd, data, size, &c->to_device, &c->device_writable);
+    }
+    for (size_t done = 0; done < size;) {
+        size_t written = 0;
+        if (ossl.ssl_write_ex(c->dssl, data + done, size - done, &written) != 1) {
+            ossl.err_clear_error();
+            errno = ENOMEM;
+            return -1;
+        }
+        done += written;
+    }
+    return send_device_records(c);
+}
+
+#define DEVICE_TLS_FAILED (-3) /* the connection was ended (its reason named) */
+
+/* What the device sent, as plaintext in *data: > 0 its size, 0 the device's end (close_notify,
+ * or a FIN), -1 nothing more for now, -2 a socket failure (errno), DEVICE_TLS_FAILED. */
+static ssize_t
+read_device(Core *core, Conn *c, const char **data)
+{
+    if (c->dssl == NULL) {
+        *data = incoming;
+        return c->device_readable ? receive(c->device.fd, &c->device_readable, c->device_hup)
+                                  : -1;
+    }
+    for (;;) {
+        size_t got = 0;
+        ossl.err_clear_error();
+        int ok = ossl.ssl_read_ex(c->dssl, plain, CHUNK, &got);
+        int error = ok == 1 ? 0 : ossl.ssl_get_error(c->dssl, 0);
+        if (error != 0 && error != SSL_ERROR_WANT_READ && error != SSL_ERROR_ZERO_RETURN) {
+            char reason[96];
+            long verify_code;
+            name_failure_of(c->dssl, reason, sizeof reason, &verify_code);
+            send_device_records(c); /* the alert, so the device knows why */
+            end(core, c, "device_lost", 0, reason, reason[0] ? reason : "TLS error");
+            return DEVICE_TLS_FAILED;
+        }
+        if (send_device_records(c) < 0) { /* what reading made OpenSSL write (key updates) */
+            return -2;
+        }
+        if (ok == 1) {
+            *data = plain;
+            return (ssize_t)got;
+        }
+        if (error == SSL_ERROR_ZERO_RETURN) {
+            return 0;
+        }
+        if (!c->device_readable) {
+            return -1;
+        }
+        ssize_t raw = receive(c->device.fd, &c->device_readable, c->device_hup);
+        if (raw <= 0) {
+            return raw; /* (a FIN without close_notify ends the device's direction too) */
+        }
+        if (ossl.bio_write(c->drbio, incoming, (int)raw) != (int)raw) {
+            ossl.err_clear_error();
+            errno = ENOMEM;
+            return -2;
+        }
+    }
+}
+
+/* The destination's end passed on to the device: close_notify first if it speaks TLS. 0: done
+ * (its socket shut for writing), 1: waiting for the socket to take what was kept, -1: errno. */
+static int
+shut_device(Conn *c)
+{
+    if (c->dssl != NULL && !c->device_notify_sent) {
+        c->device_notify_sent = 1;
+        ossl.ssl_shutdown(c->dssl);
+        ossl.err_clear_error();
+    }
+    int left = c->dssl != NULL ? send_device_records(c) : 0;
+    if (left != 0) {
+        return left;
+    }
+    c->device_shut = 1;
+    shutdown(c->device.fd, SHUT_WR);
+    return 0;
+}
+
 /* Device -> destination: read plaintext, encrypt, send. 0: go on, -1: the connection ended. */
 static int
 move_up(Core *core, Conn *c)
@@ -840,15 +1003,20 @@ move_up(Core *core, Conn *c)
             return 0;
         }
     }
-    for (int chunks = 0; !c->device_eof && c->device_readable && c->to_upstream.data == NULL;
+    for (int chunks = 0; !c->device_eof && (c->device_readable || c->dssl != NULL) &&
+                         c->to_upstream.data == NULL;
          chunks++) {
         if (chunks == core->turn_chunks) {
             post(core, c);
             break;
         }
-        ssize_t got = receive(c->device.fd, &c->device_readable, c->device_hup);
+        const char *data;
+        ssize_t got = read_device(core, c, &data);
         if (got == -1) {
             break;
+        }
+        if (got == DEVICE_TLS_FAILED) {
+            return -1;
         }
         if (got == -2) {
             lost(core, c, SIDE_DEVICE, errno);
@@ -871,7 +1039,7 @@ move_up(Core *core, Conn *c)
         size_t done = 0;
         while (done < (size_t)got) {
             size_t written = 0;
-            if (ossl.ssl_write_ex(c->ssl, incoming + done, (size_t)got - done, &written) != 1) {
+            if (ossl.ssl_write_ex(c->ssl, data + done, (size_t)got - done, &written) != 1) {
                 ossl.err_clear_error();
                 end(core, c, "destination_lost", 0, "", "OpenSSL would not encrypt");
                 return -1;
@@ -896,6 +1064,9 @@ static int
 move_down(Core *core, Conn *c)
 {
     int left = resend(c->device.fd, &c->to_device, &c->device_writable);
+    if (left == 0 && c->dssl != NULL) {
+        left = send_device_records(c); /* the records behind what was kept */
+    }
     if (left < 0) {
         lost(core, c, SIDE_DEVICE, errno);
         return -1;
@@ -931,8 +1102,7 @@ move_down(Core *core, Conn *c)
             c->down_bytes += filled;
             touch(core, c);
             c->session_done = 1; /* data flowed: a ticket that did not come with it never will */
-            int sent =
-                send_or_keep(c->device.fd, plain, filled, &c->to_device, &c->device_writable);
+            int sent = send_to_device(core, c, plain, filled);
             if (sent < 0) {
                 lost(core, c, SIDE_DEVICE, errno);
                 return -1;
@@ -988,9 +1158,10 @@ move_down(Core *core, Conn *c)
         c->read_since_handshake = 1;
         c->fresh_records = 1;
     }
-    if (c->upstream_eof && !c->device_shut && c->to_device.data == NULL) {
-        c->device_shut = 1;
-        shutdown(c->device.fd, SHUT_WR);
+    if (c->upstream_eof && !c->device_shut && c->to_device.data == NULL &&
+        shut_device(c) < 0) {
+        lost(core, c, SIDE_DEVICE, errno);
+        return -1;
     }
     return 0;
 }
@@ -1400,9 +1571,10 @@ core_listen(Core *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
-/* adopt(device_fd, upstream_fd, owner, ssl, source, idle_timeout, on_end, on_read) -> key: relay
- * a connection Python set up (the device's socket, plain; the destination's, with its TLS
- * handshake done on `ssl`, an SSL with memory BIOs that `owner` keeps alive). The sockets are
+/* adopt(device_fd, upstream_fd, owner, ssl, source, idle_timeout, on_end, on_read, device_ssl=0)
+ * -> key: relay a connection Python set up (the device's socket, plain, or with its TLS handshake
+ * done on `device_ssl`, the server side; the destination's, with its TLS handshake done on
+ * `ssl`; both SSLs with memory BIOs, which `owner` keeps alive). The sockets are
  * the core's from now on (it closes them); on an exception they are still the caller's. What
  * the SSL's BIOs hold is taken up as if it had just been read or written. */
 static PyObject *
@@ -1410,13 +1582,22 @@ core_adopt(Core *self, PyObject *args)
 {
     int device_fd, upstream_fd;
     PyObject *owner, *on_end, *on_read;
-    unsigned long long ssl;
+    unsigned long long ssl, device_ssl = 0;
     const char *source;
     double idle_timeout;
-    if (!PyArg_ParseTuple(args, "iiOKsdOO", &device_fd, &upstream_fd, &owner, &ssl, &source,
-                          &idle_timeout, &on_end, &on_read) ||
+    if (!PyArg_ParseTuple(args, "iiOKsdOO|K", &device_fd, &upstream_fd, &owner, &ssl, &source,
+                          &idle_timeout, &on_end, &on_read, &device_ssl) ||
         !usable(self)) {
         return NULL;
+    }
+    void *drbio = NULL, *dwbio = NULL;
+    if (device_ssl != 0) {
+        drbio = ossl.ssl_get_rbio((void *)(uintptr_t)device_ssl);
+        dwbio = ossl.ssl_get_wbio((void *)(uintptr_t)device_ssl);
+        if (drbio == NULL || dwbio == NULL) {
+            PyErr_SetString(PyExc_ValueError, "the device's SSL has no memory BIOs");
+            return NULL;
+        }
     }
     if (ssl == 0 || !PyCallable_Check(on_end) || (on_read != Py_None && !PyCallable_Check(on_read))) {
         PyErr_SetString(PyExc_ValueError, "an SSL, a callable on_end and on_read (or None)");
@@ -1437,6 +1618,9 @@ core_adopt(Core *self, PyObject *args)
     c->ssl = (void *)(uintptr_t)ssl;
     c->rbio = rbio;
     c->wbio = wbio;
+    c->dssl = (void *)(uintptr_t)device_ssl;
+    c->drbio = drbio;
+    c->dwbio = dwbio;
     c->adopted = 1;
     c->state = RELAYING;
     c->started = now(self);
@@ -1458,6 +1642,10 @@ core_adopt(Core *self, PyObject *args)
     }
     ossl.ssl_ctrl(c->ssl, SSL_CTRL_MODE,
                   SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER, NULL);
+    if (c->dssl != NULL) {
+        ossl.ssl_ctrl(c->dssl, SSL_CTRL_MODE,
+                      SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER, NULL);
+    }
     c->owner = Py_NewRef(owner);
     c->on_end = Py_NewRef(on_end);
     c->on_read = on_read == Py_None ? NULL : Py_NewRef(on_read);
@@ -1466,7 +1654,7 @@ core_adopt(Core *self, PyObject *args)
         epoll_ctl(self->epfd, EPOLL_CTL_DEL, device_fd, NULL);
         epoll_ctl(self->epfd, EPOLL_CTL_DEL, upstream_fd, NULL);
         c->adopted = 0; /* (nothing of the caller's is freed with it) */
-        c->ssl = NULL;
+        c->ssl = c->dssl = NULL;
         free_conn(c);
         return PyErr_NoMemory();
     }
@@ -1594,6 +1782,9 @@ core_expire(Core *self, PyObject *unused)
         /* Quiet for a while: OpenSSL's record buffers (about 34 KiB) go back until the next
          * record (kept while busy: freeing them after every record costs CPU). */
         c->resting = ossl.ssl_free_buffers(c->ssl) == 1; /* (0: a record half read) */
+        if (c->dssl != NULL) {
+            ossl.ssl_free_buffers(c->dssl);
+        }
         enqueue(self, c, resting_queue(self, c->idle_timeout));
     }
     for (int k = 0; k < self->resting_kinds; k++) { /* each: oldest first, until one is not due */
@@ -1610,6 +1801,7 @@ core_expire(Core *self, PyObject *unused)
         c = next;
     }
     free_ended(self);
+    trim_after_burst(self);
     if (self->listeners_paused) {
         self->listeners_paused = 0;
         for (int j = 0; j < self->listener_count; j++) {
@@ -1651,6 +1843,12 @@ core_get_resting(Core *self, void *closure)
 }
 
 static PyObject *
+core_get_trims(Core *self, void *closure)
+{
+    return PyLong_FromUnsignedLongLong(self->trims);
+}
+
+static PyObject *
 core_get_adopted(Core *self, void *closure)
 {
     return PyLong_FromUnsignedLongLong(self->adopted);
@@ -1689,6 +1887,7 @@ drop_all(Core *self)
     self->count = 0;
     self->posted = NULL;
     memset(self->queues, 0, sizeof self->queues);
+    memset(self->queue_length, 0, sizeof self->queue_length);
 }
 
 static int
@@ -1757,7 +1956,8 @@ static PyMethodDef core_methods[] = {
     {"expire", (PyCFunction)core_expire, METH_NOARGS, "end connections past their timeouts"},
     {"close_all", (PyCFunction)core_close_all, METH_O, "close_all(outcome): end every connection"},
     {"adopt", (PyCFunction)core_adopt, METH_VARARGS,
-     "adopt(device_fd, upstream_fd, owner, ssl, source, idle_timeout, on_end, on_read) -> key"},
+     "adopt(device_fd, upstream_fd, owner, ssl, source, idle_timeout, on_end, on_read, "
+     "device_ssl=0) -> key"},
     {"cut", (PyCFunction)core_cut, METH_VARARGS,
      "cut(key, outcome) -> whether the adopted connection was live (it is ended)"},
     {NULL, NULL, 0, NULL},
@@ -1767,6 +1967,8 @@ static PyGetSetDef core_getset[] = {
     {"count", (getter)core_get_count, NULL, "connections not ended", NULL},
     {"accepted", (getter)core_get_accepted, NULL, "connections accepted in all", NULL},
     {"adopted", (getter)core_get_adopted, NULL, "connections adopted in all", NULL},
+    {"trims", (getter)core_get_trims, NULL,
+     "times the memory of a burst of connections went back to the system", NULL},
     {"resting", (getter)core_get_resting, NULL,
      "connections quiet long enough to have given their record buffers back", NULL},
     {"turns_posted", (getter)core_get_turns_posted, NULL,

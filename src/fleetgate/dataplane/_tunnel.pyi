@@ -8,6 +8,7 @@ class Core:
     accepted: int
     adopted: int
     resting: int
+    trims: int
     turns_posted: int
     def __init__(
         self,
@@ -40,6 +41,7 @@ class Core:
         idle_timeout: float,
         on_end: Callable[[str, str, int, str, str, int, int], None],
         on_read: Callable[[int], bool] | None,
+        device_ssl: int = 0,
         /,
     ) -> int: ...
     def cut(self, key: int, outcome: str, /) -> bool: ...

@@ -9,12 +9,13 @@ given back when quiet, idle timeout) with no Python frame and no event-loop tran
 connection. Python hears of the connection again once, at its end (:class:`Handover`'s
 ``on_end``), and can end it early (:meth:`Handover.cut`: a revoked credential, a drain).
 
-What is handed over: the device's socket (plain) and the destination's socket with its ``SSL``
-(the ``ssl.SSLObject`` stays alive, and its session hooks run after the core's first reads, so
-the destination's session is still kept for the next connections). The asyncio transports let
-go of their sockets without closing the connections (the core has its own descriptors for
-them). Anything else (a TLS device, two plain ends, bytes a transport has not sent yet, an end
-already half-closed) stays with the splice and the compiled relay (``fastpath``).
+What is handed over: the device's socket (plain, or with its TLS server side when the listener
+terminates TLS: tls, mtls, psk) and the destination's socket with its ``SSL`` (the
+``ssl.SSLObject`` objects stay alive, and the destination's session hooks run after the core's first
+reads, so its session is still kept for the next connections). The asyncio transports let go
+of their sockets without closing the connections (the core has its own descriptors for them).
+Anything else (two plain ends, bytes a transport has not sent yet, an end already half-closed)
+stays with the splice and the compiled relay (``fastpath``).
 
 Where the tunnel core is not built or ``FLEETGATE_RELAY=python`` is set, nothing is handed over.
 """
@@ -212,11 +213,16 @@ def _socket_fd(endpoint: Endpoint) -> int:
     return sock.fileno() if sock is not None else -1
 
 
+def _reads_the_standard_way(device: Endpoint) -> bool:
+    """A plain device, or a TLS device whose handshake is done (the server side)."""
+    if isinstance(device, TlsEndpoint):
+        return device.can_hand_over(server_side=True)
+    return type(device).data_received is PlainEndpoint.data_received
+
+
 def _can_hand_over(device: Endpoint, destination: Endpoint) -> bool:
-    if not ENABLED:
+    if not ENABLED or not _reads_the_standard_way(device):
         return False
-    if type(device).data_received is not PlainEndpoint.data_received:
-        return False  # a TLS device, or a reader of its own
     if not isinstance(destination, TlsEndpoint) or not destination.can_hand_over():
         return False
     for endpoint in (device, destination):
@@ -241,7 +247,9 @@ def take(
     otherwise. Call with nothing buffered on either endpoint (the splice sent it on)."""
     if not isinstance(destination, TlsEndpoint):
         return None
-    destination.flush()  # the last handshake flight, if it is still in OpenSSL's hands
+    for tls in (device, destination):
+        if isinstance(tls, TlsEndpoint):
+            tls.flush()  # the last handshake flight, if it is still in OpenSSL's hands
     if not _can_hand_over(device, destination):
         return None
     descriptors: list[int] = []
@@ -257,17 +265,19 @@ def take(
     device_fd, upstream_fd = descriptors
     handover = Handover(owner, device, destination, on_end)
     ssl_object = destination.ssl_object
+    device_ssl = device.ssl_object if isinstance(device, TlsEndpoint) else None
     hooks = None if destination.run_read_hooks() else handover._after_read
     try:
         handover._key = owner.core.adopt(
             device_fd,
             upstream_fd,
-            ssl_object,
+            (ssl_object, device_ssl),  # kept alive while the core uses them
             native.ssl_address(ssl_object),
             source,
             idle_timeout_s,
             handover._ended,
             hooks,
+            native.ssl_address(device_ssl) if device_ssl is not None else 0,
         )
     except BaseException as exc:  # the descriptors are still ours
         os.close(device_fd)

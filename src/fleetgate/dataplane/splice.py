@@ -4,10 +4,10 @@ for the idle timeout.
 
 Nothing here runs per byte: a received chunk is handed to the other end's ``write`` in the
 same callback (optionally through a per-direction transform, such as the MQTT topic mount).
-Without transforms, the chunks do not even come here. A plain device and a TLS destination are
-handed over to the loop's tunnel core (``handover``), which relays them in C to their end; other
-pairs are relayed by the compiled relay (``fastpath``) on their transports, and only the events
-(ends, losses, flow control) reach this module.
+Without transforms, the chunks do not even come here. A device (plain or TLS) and a TLS
+destination are handed over to the loop's tunnel core (``handover``), which relays them in C to
+their end; other pairs are relayed by the compiled relay (``fastpath``) on their transports,
+and only the events (ends, losses, flow control) reach this module.
 """
 
 from __future__ import annotations

@@ -423,12 +423,13 @@ class TlsEndpoint(Endpoint, asyncio.BufferedProtocol):
         the first application bytes otherwise)."""
         self._flush()
 
-    def can_hand_over(self) -> bool:
+    def can_hand_over(self, *, server_side: bool = False) -> bool:
         """Whether the tunnel core may relay this connection from now on (see ``handover``):
-        a client whose handshake is done, reading the standard way, with nothing ended."""
+        the side asked for (a destination is a client, a TLS device's connection a server),
+        its handshake done, reading the standard way, with nothing ended."""
         return (
             self._handshaken
-            and not self._ssl.server_side
+            and self._ssl.server_side == server_side
             and not self._shutdown_sent
             and self.failure is None
             and not self._outgoing.pending

@@ -187,6 +187,11 @@ class Tunnel:
         return int(self._core.resting)
 
     @property
+    def trims(self) -> int:
+        """How often the memory of a burst of connections went back to the system."""
+        return int(self._core.trims)
+
+    @property
     def turns_posted(self) -> int:
         """How often a direction used up its turn (``turn_chunks`` chunks of up to 256 KiB)
         with more to read, and let the other connections go first."""
