@@ -397,3 +397,20 @@ def test_a_tls_devices_cut_connection_is_reset(loop_kind: str, tmp_path: Path) -
         assert await asyncio.wait_for(rig.receive_to_reset(), 10) == b""
 
     _run_tls_device(loop_kind, tmp_path, test)
+
+
+def test_a_tls_device_sending_a_broken_record_is_lost_and_the_destination_told(
+    loop_kind: str, tmp_path: Path
+) -> None:
+    async def test(rig: Rig) -> None:
+        rig.start(FakeClock())
+        moved = await exchange(rig, 2)
+        # An application-data record whose authentication cannot pass, on the device's socket.
+        await asyncio.get_running_loop().sock_sendall(
+            rig.device, b"\x17\x03\x03\x00\x20" + bytes(32)
+        )
+        result = await asyncio.wait_for(rig.done, 10)
+        assert (result.reason, result.up_bytes, result.down_bytes) == ("device_lost", moved, moved)
+        assert await asyncio.wait_for(rig.server.read_some(), 10) == b""  # its close_notify
+
+    _run_tls_device(loop_kind, tmp_path, test)
