@@ -29,6 +29,59 @@ WARM_UP = 8
 TCP_CLOSE = 7  # linux/tcp.h: tcp_info.tcpi_state
 
 
+class TlsDevice:
+    """A device's TLS client over its own socket, through memory BIOs (so the test sees exactly
+    how a stream ended: a close_notify, or a bare FIN, which asyncio's TLS does not tell
+    apart)."""
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext) -> None:
+        self.sock = sock
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+
+    async def _flush(self) -> None:
+        if self.outgoing.pending:
+            await asyncio.get_running_loop().sock_sendall(self.sock, self.outgoing.read())
+
+    async def _fill(self) -> None:
+        data = await asyncio.get_running_loop().sock_recv(self.sock, 65536)
+        if data:
+            self.incoming.write(data)
+        else:
+            self.incoming.write_eof()
+
+    async def handshake(self) -> None:
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await self._flush()
+                await self._fill()
+        await self._flush()
+
+    async def send(self, data: bytes) -> None:
+        self.tls.write(data)
+        await self._flush()
+
+    async def read(self, size: int) -> bytes:
+        """Up to ``size`` bytes; b"" after the peer's close_notify. A bare FIN raises
+        ``ssl.SSLEOFError``; a reset, ``ConnectionResetError``."""
+        while True:
+            try:
+                return self.tls.read(size)
+            except ssl.SSLZeroReturnError:
+                return b""
+            except ssl.SSLWantReadError:
+                await self._flush()
+                await self._fill()
+
+    async def close_notify(self) -> None:
+        with contextlib.suppress(ssl.SSLWantReadError):
+            self.tls.unwrap()
+        await self._flush()
+
+
 @dataclass
 class Rig:
     device: socket.socket  # the device's own end
@@ -38,7 +91,7 @@ class Rig:
     compiled: bool
     dial: Callable[[], Awaitable[Endpoint]]  # another connection to the server, as the first
     # A device that speaks TLS: its streams (the socket is theirs), else None.
-    tls: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+    tls: TlsDevice | None = None
     done: asyncio.Future[SpliceResult] = field(init=False)
     splicing: Splicing = field(init=False)
 
@@ -60,14 +113,13 @@ class Rig:
 
     async def send(self, data: bytes) -> None:
         if self.tls is not None:
-            self.tls[1].write(data)
-            await self.tls[1].drain()
+            await self.tls.send(data)
             return
         await asyncio.get_running_loop().sock_sendall(self.device, data)
 
     async def _chunk(self, size: int) -> bytes:
         if self.tls is not None:
-            return await self.tls[0].read(size)
+            return await self.tls.read(size)
         return await asyncio.get_running_loop().sock_recv(self.device, size)
 
     async def receive(self, size: int) -> bytes:
@@ -145,15 +197,13 @@ async def splice_rig(
         _, device_end = await loop.connect_accepted_socket(
             lambda: TlsEndpoint(gateway_context, server_side=True), gateway_side
         )
-        client = ssl.create_default_context(cafile=cafile)
-        tls = await asyncio.open_connection(sock=device, ssl=client, server_hostname="localhost")
+        tls = TlsDevice(device, ssl.create_default_context(cafile=cafile))
+        await asyncio.wait_for(tls.handshake(), 10)
         assert isinstance(device_end, TlsEndpoint)
         await asyncio.wait_for(device_end.handshake, 10)
     else:
         _, device_end = await loop.connect_accepted_socket(PlainEndpoint, gateway_side)
     yield Rig(device, device_end, destination, server, compiled, dial, tls)
-    if tls is not None:
-        tls[1].transport.abort()
     for endpoint in (device_end, destination, server):
         endpoint.abort()
     device.close()

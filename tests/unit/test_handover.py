@@ -14,6 +14,7 @@ import gc
 import hashlib
 import os
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -212,6 +213,7 @@ def test_ending_the_splice_cuts_the_connection(loop_kind: str, tmp_path: Path) -
         result = await asyncio.wait_for(rig.done, 10)
         assert result.reason == "cut"
         assert await asyncio.wait_for(rig.server.read_some(), 10) == b""
+        assert rig.server.failure is not None  # a FIN without close_notify: cut, not complete
         assert await asyncio.wait_for(rig.receive_to_reset(), 10) == b""
         assert _core_count(clock) == 0
 
@@ -349,7 +351,7 @@ def test_a_tls_devices_connection_is_relayed_by_the_core(loop_kind: str, tmp_pat
         rig.server.write_eof()  # close_notify: the device gets one too, after the words
         assert await asyncio.wait_for(rig.receive_to_end(), 10) == b"last words"
         assert rig.tls is not None
-        rig.tls[1].close()  # the device's close_notify
+        await rig.tls.close_notify()
         assert await asyncio.wait_for(rig.server.read_some(), 10) == b""
         result = await asyncio.wait_for(rig.done, 10)
         assert (result.reason, result.relay) == ("closed", "core")
@@ -412,5 +414,36 @@ def test_a_tls_device_sending_a_broken_record_is_lost_and_the_destination_told(
         result = await asyncio.wait_for(rig.done, 10)
         assert (result.reason, result.up_bytes, result.down_bytes) == ("device_lost", moved, moved)
         assert await asyncio.wait_for(rig.server.read_some(), 10) == b""  # its close_notify
+
+    _run_tls_device(loop_kind, tmp_path, test)
+
+
+def test_a_tls_devices_fin_without_close_notify_reaches_the_destination_as_a_cut(
+    loop_kind: str, tmp_path: Path
+) -> None:
+    """Only a close_notify says a TLS stream is complete: a device's bare FIN is passed on as a
+    bare FIN."""
+
+    async def test(rig: Rig) -> None:
+        rig.start(FakeClock())
+        moved = await exchange(rig, 2)
+        rig.device.shutdown(socket.SHUT_WR)  # under the device's TLS: no close_notify
+        assert await asyncio.wait_for(rig.server.read_some(), 10) == b""
+        assert rig.server.failure is not None  # it saw the stream cut, not ended
+        assert (await asyncio.wait_for(rig.done, 10)).up_bytes == moved
+
+    _run_tls_device(loop_kind, tmp_path, test)
+
+
+def test_a_destinations_fin_without_close_notify_is_no_close_notify_to_a_tls_device(
+    loop_kind: str, tmp_path: Path
+) -> None:
+    async def test(rig: Rig) -> None:
+        rig.start(FakeClock())
+        await exchange(rig, 2)
+        assert rig.server.transport is not None
+        rig.server.transport.write_eof()  # a TCP FIN under the destination's TLS
+        with pytest.raises(ssl.SSLEOFError):  # a bare FIN, not a close_notify
+            await asyncio.wait_for(rig.receive_to_end(), 10)
 
     _run_tls_device(loop_kind, tmp_path, test)

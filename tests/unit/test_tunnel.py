@@ -49,6 +49,7 @@ class Served:
     resumed: bool
     client_cn: str | None
     version: str | None
+    ended: str = ""  # close_notify, or cut (a FIN without it, a reset)
 
 
 class Destination:
@@ -93,19 +94,21 @@ class Destination:
         client_cn = PeerCertificate.from_der(der).common_name if der else None
         resumed, version = conn.session_reused, conn.version()
         received = bytearray()
+        ended = "cut"
         try:
             self.go.wait(TIMEOUT_S)
             while data := conn.recv(1 << 16):
                 received += data
                 if self.echo:
                     conn.sendall(data)
+            ended = "close_notify"  # (a ragged end raises: suppress_ragged_eofs is off)
             if self.trailer:
                 conn.sendall(self.trailer)
             conn.unwrap()
         except (ssl.SSLError, OSError):
             pass
         finally:
-            served = Served(bytes(received), bool(resumed), client_cn, version)
+            served = Served(bytes(received), bool(resumed), client_cn, version, ended)
             conn.close()
             self._post(self.served, served)
 
@@ -483,7 +486,7 @@ async def test_an_idle_connection_ends_on_the_clock_with_close_notify(rig: Rig) 
         writer.close()
         served = await server.next_served()  # it read to the end: our close_notify came
         ended = await rig.next_end()
-    assert served.received == b"ping"
+    assert (served.received, served.ended) == (b"ping", "close_notify")
     assert (ended.outcome, ended.up_bytes, ended.down_bytes) == ("idle_timeout", 4, 4)
 
 
@@ -557,6 +560,7 @@ async def test_a_device_reset_ends_the_connection_as_device_lost(rig: Rig) -> No
         served = await server.next_served()
     assert ended.outcome == "device_lost"
     assert served.received == b"before the reset"
+    assert served.ended == "cut"  # not a close_notify: the stream was not complete
 
 
 async def test_stopping_ends_every_connection_with_close_notify(rig: Rig) -> None:

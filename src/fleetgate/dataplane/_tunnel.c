@@ -44,6 +44,7 @@
 /* This many fewer busy connections (being set up or relaying) than at the last peak, and at most
  * half as many: the burst is over, and what it used goes back to the system (malloc_trim). */
 #define TRIM_AFTER_QUIET 64
+#define TRIM_EVERY_S 10.0 /* at most this often (devices that all report on the minute) */
 
 #define SSL_ERROR_WANT_READ 2        /* ssl.h */
 #define SSL_ERROR_WANT_WRITE 3
@@ -153,7 +154,11 @@ typedef struct Conn {
     /* A device that speaks TLS (a tls, mtls or psk listener): its server side, handshaken in
      * Python, with memory BIOs; NULL for a plain device. */
     void *dssl, *drbio, *dwbio;
-    int device_notify_sent; /* our close_notify to the device is written */
+    int device_notify_sent; /* our close_notify to the device is written (or none is due) */
+    int device_clean_eof;   /* the device's close_notify came */
+    int upstream_cut;       /* the destination's FIN came without its close_notify */
+    int alerted;            /* the device was sent a TLS alert: close gently, so it arrives */
+    char *device_failure;   /* the device's TLS failure, after the data decrypted before it */
     unsigned long long key;
     int fresh_records; /* records came (or were in the BIO at adoption) since on_read ran */
     PyObject *owner, *on_end, *on_read;
@@ -170,6 +175,7 @@ typedef struct {
     Queue queues[QUEUES];
     Py_ssize_t queue_length[QUEUES];
     Py_ssize_t busy_peak; /* most busy connections (set up or relaying) since the last trim */
+    double trimmed_at;
     unsigned long long trims;
     double resting_timeout[RESTING_KINDS]; /* the idle timeout of each resting queue */
     int resting_kinds;
@@ -281,13 +287,15 @@ enqueue(Core *core, Conn *c, int queue)
  * Once the burst is over, it goes back to the system. Not in a steady state, where the buffers
  * freed are taken again at once. */
 static void
-trim_after_burst(Core *core)
+trim_after_burst(Core *core, double moment)
 {
     Py_ssize_t busy = core->queue_length[QUEUE_SETUP] + core->queue_length[QUEUE_ACTIVE];
-    if (core->busy_peak - busy < TRIM_AFTER_QUIET || busy * 2 > core->busy_peak) {
+    if (core->busy_peak - busy < TRIM_AFTER_QUIET || busy * 2 > core->busy_peak ||
+        moment - core->trimmed_at < TRIM_EVERY_S) {
         return;
     }
     core->busy_peak = busy;
+    core->trimmed_at = moment;
 #ifdef __GLIBC__
     malloc_trim(0);
     core->trims++;
@@ -436,7 +444,8 @@ end(Core *core, Conn *c, const char *outcome, long verify_code, const char *reas
     }
     int clean = strcmp(outcome, "closed") == 0 || strcmp(outcome, "idle_timeout") == 0 ||
                 strcmp(outcome, "shutdown") == 0;
-    if (c->state == RELAYING && !c->close_notify_sent && !c->upstream_shut) {
+    if (clean && c->state == RELAYING && !c->close_notify_sent && !c->upstream_shut) {
+        /* (only on a clean end: a cut stream is never passed on as a complete one) */
         c->close_notify_sent = 1;
         ossl.ssl_shutdown(c->ssl);
         ossl.err_clear_error();
@@ -448,7 +457,7 @@ end(Core *core, Conn *c, const char *outcome, long verify_code, const char *reas
         ossl.err_clear_error();
         send_device_records(c); /* best effort: what the socket takes at once */
     }
-    if (!clean && c->device.fd >= 0) {
+    if (!clean && !c->alerted && c->device.fd >= 0) {
         /* Refused, or cut: the device gets a reset, never an end it could take for a
          * complete answer (what it was still owed is lost with the connection). */
         struct linger abort_now = {1, 0};
@@ -493,6 +502,7 @@ free_conn(Conn *c)
     }
     free(c->to_upstream.data);
     free(c->to_device.data);
+    free(c->device_failure);
     Py_XDECREF(c->on_read);
     Py_XDECREF(c->on_end);
     Py_XDECREF(c->owner); /* last: it may free the SSL */
@@ -908,7 +918,7 @@ send_to_device(Core *core, Conn *c, const char *data, size_t size)
         size_t written = 0;
         if (ossl.ssl_write_ex(c->dssl, data + done, size - done, &written) != 1) {
             ossl.err_clear_error();
-            errno = ENOMEM;
+            errno = EPROTO; /* (the device's TLS connection failed before) */
             return -1;
         }
         done += written;
@@ -928,25 +938,52 @@ read_device(Core *core, Conn *c, const char **data)
         return c->device_readable ? receive(c->device.fd, &c->device_readable, c->device_hup)
                                   : -1;
     }
+    if (c->device_failure != NULL) { /* what came before it has gone on */
+        end(core, c, "device_lost", 0, c->device_failure, c->device_failure);
+        return DEVICE_TLS_FAILED;
+    }
+    if (c->device_clean_eof) {
+        return 0;
+    }
     for (;;) {
-        size_t got = 0;
-        ossl.err_clear_error();
-        int ok = ossl.ssl_read_ex(c->dssl, plain, CHUNK, &got);
-        int error = ok == 1 ? 0 : ossl.ssl_get_error(c->dssl, 0);
+        /* Decrypt what OpenSSL has, as much as fits (records of up to 16 KiB each). */
+        size_t filled = 0;
+        int error = 0;
+        while (filled + RECORD_MAX <= CHUNK) {
+            size_t got = 0;
+            ossl.err_clear_error();
+            if (ossl.ssl_read_ex(c->dssl, plain + filled, CHUNK - filled, &got) == 1) {
+                filled += got;
+                continue;
+            }
+            error = ossl.ssl_get_error(c->dssl, 0);
+            break;
+        }
         if (error != 0 && error != SSL_ERROR_WANT_READ && error != SSL_ERROR_ZERO_RETURN) {
             char reason[96];
             long verify_code;
             name_failure_of(c->dssl, reason, sizeof reason, &verify_code);
+            c->alerted = 1;
             send_device_records(c); /* the alert, so the device knows why */
-            end(core, c, "device_lost", 0, reason, reason[0] ? reason : "TLS error");
-            return DEVICE_TLS_FAILED;
+            if (filled == 0) {
+                end(core, c, "device_lost", 0, reason, reason[0] ? reason : "TLS error");
+                return DEVICE_TLS_FAILED;
+            }
+            c->device_failure = strdup(reason[0] ? reason : "TLS error"); /* at the next read */
+            if (c->device_failure == NULL) {
+                errno = ENOMEM;
+                return -2;
+            }
         }
-        if (send_device_records(c) < 0) { /* what reading made OpenSSL write (key updates) */
+        else if (send_device_records(c) < 0) { /* what reading made OpenSSL write (key updates) */
             return -2;
         }
-        if (ok == 1) {
+        if (error == SSL_ERROR_ZERO_RETURN) {
+            c->device_clean_eof = 1; /* (after the data decrypted before it) */
+        }
+        if (filled > 0) {
             *data = plain;
-            return (ssize_t)got;
+            return (ssize_t)filled;
         }
         if (error == SSL_ERROR_ZERO_RETURN) {
             return 0;
@@ -956,7 +993,7 @@ read_device(Core *core, Conn *c, const char **data)
         }
         ssize_t raw = receive(c->device.fd, &c->device_readable, c->device_hup);
         if (raw <= 0) {
-            return raw; /* (a FIN without close_notify ends the device's direction too) */
+            return raw; /* (a FIN without close_notify: see move_up) */
         }
         if (ossl.bio_write(c->drbio, incoming, (int)raw) != (int)raw) {
             ossl.err_clear_error();
@@ -973,8 +1010,10 @@ shut_device(Conn *c)
 {
     if (c->dssl != NULL && !c->device_notify_sent) {
         c->device_notify_sent = 1;
-        ossl.ssl_shutdown(c->dssl);
-        ossl.err_clear_error();
+        if (!c->upstream_cut) {
+            ossl.ssl_shutdown(c->dssl);
+            ossl.err_clear_error();
+        }
     }
     int left = c->dssl != NULL ? send_device_records(c) : 0;
     if (left != 0) {
@@ -983,6 +1022,18 @@ shut_device(Conn *c)
     c->device_shut = 1;
     shutdown(c->device.fd, SHUT_WR);
     return 0;
+}
+
+/* Whether reading the device may give something: its socket has more, or (TLS) records wait in
+ * the BIO, or an end or a failure found with the last data is still to be acted on. */
+static int
+device_has_more(Conn *c)
+{
+    if (c->device_readable) {
+        return 1;
+    }
+    return c->dssl != NULL && (ossl.bio_ctrl_pending(c->drbio) > 0 || c->device_clean_eof ||
+                               c->device_failure != NULL);
 }
 
 /* Device -> destination: read plaintext, encrypt, send. 0: go on, -1: the connection ended. */
@@ -1003,8 +1054,7 @@ move_up(Core *core, Conn *c)
             return 0;
         }
     }
-    for (int chunks = 0; !c->device_eof && (c->device_readable || c->dssl != NULL) &&
-                         c->to_upstream.data == NULL;
+    for (int chunks = 0; !c->device_eof && device_has_more(c) && c->to_upstream.data == NULL;
          chunks++) {
         if (chunks == core->turn_chunks) {
             post(core, c);
@@ -1025,6 +1075,9 @@ move_up(Core *core, Conn *c)
         if (got == 0) {
             c->device_eof = 1; /* a half-close: passed on as close_notify */
             c->close_notify_sent = 1;
+            if (c->dssl != NULL && !c->device_clean_eof) {
+                break; /* a TLS device's FIN without its close_notify: a cut, passed on as one */
+            }
             ossl.ssl_shutdown(c->ssl);
             ossl.err_clear_error();
             send_records(c);
@@ -1148,6 +1201,7 @@ move_down(Core *core, Conn *c)
         }
         if (got == 0) {
             c->upstream_eof = 1; /* closed without close_notify: the end of this direction */
+            c->upstream_cut = 1; /* (a TLS device is not told it was complete) */
             break;
         }
         if (ossl.bio_write(c->rbio, incoming, (int)got) != (int)got) {
@@ -1467,6 +1521,7 @@ core_init(Core *self, PyObject *args, PyObject *kwargs)
     self->name_is_ip = name_is_ip;
     self->resume = resume;
     self->session_at = -1e18;
+    self->trimmed_at = -1e18;
     self->connect_timeout = connect_timeout;
     self->turn_chunks = turn_chunks;
     self->idle_timeout = idle_timeout;
@@ -1801,7 +1856,7 @@ core_expire(Core *self, PyObject *unused)
         c = next;
     }
     free_ended(self);
-    trim_after_burst(self);
+    trim_after_burst(self, moment);
     if (self->listeners_paused) {
         self->listeners_paused = 0;
         for (int j = 0; j < self->listener_count; j++) {
@@ -1888,6 +1943,7 @@ drop_all(Core *self)
     self->posted = NULL;
     memset(self->queues, 0, sizeof self->queues);
     memset(self->queue_length, 0, sizeof self->queue_length);
+    self->busy_peak = 0;
 }
 
 static int
