@@ -83,3 +83,32 @@ def test_buffers_are_given_back_once_everything_is_read(
     pair.server.write(b"after")
     pair.handshake()  # pumps the record across (both sides are done: no new flights)
     assert pair.client.read(5) == b"after"
+
+
+@pytest.mark.parametrize(
+    ("version", "safe"),
+    [
+        ((3, 0, 13), False),
+        ((3, 0, 14), True),
+        ((3, 0, 22), True),
+        ((3, 1, 5), False),
+        ((3, 1, 6), True),
+        ((3, 2, 1), False),
+        ((3, 2, 2), True),
+        ((3, 3, 0), False),
+        ((3, 3, 1), True),
+        ((3, 4, 0), True),
+        ((1, 1, 1), False),
+    ],
+)
+def test_record_buffers_are_freed_only_where_openssl_does_it_safely(
+    version: tuple[int, int, int], safe: bool
+) -> None:
+    # CVE-2024-4741: SSL_free_buffers with a partial record buffered (a peer's choice).
+    assert native.buffers_can_be_freed(version) is safe
+
+
+def test_this_machines_openssl_version_is_read_whole() -> None:
+    # "OpenSSL 3.0.22 25 Aug 2026": the patch is the ssl module's fourth field from 3.0 on.
+    major, minor, patch = native.openssl_version()
+    assert ssl.OPENSSL_VERSION.startswith(f"OpenSSL {major}.{minor}.{patch}")

@@ -94,6 +94,10 @@ static struct {
     int bound;
 } ossl;
 
+/* Whether quiet connections give their record buffers back (not on an OpenSSL where
+ * SSL_free_buffers is unsafe: native.FREE_BUFFERS, set through bind()). */
+static int free_buffers_allowed = 1;
+
 /* One process's buffers (the loop is one thread, and a chunk is passed on before the next). */
 static char incoming[CHUNK];          /* read from a socket */
 static char plain[CHUNK];             /* decrypted, on its way to the device */
@@ -1836,9 +1840,11 @@ core_expire(Core *self, PyObject *unused)
         }
         /* Quiet for a while: OpenSSL's record buffers (about 34 KiB) go back until the next
          * record (kept while busy: freeing them after every record costs CPU). */
-        c->resting = ossl.ssl_free_buffers(c->ssl) == 1; /* (0: a record half read) */
-        if (c->dssl != NULL) {
-            ossl.ssl_free_buffers(c->dssl);
+        if (free_buffers_allowed) {
+            c->resting = ossl.ssl_free_buffers(c->ssl) == 1; /* (0: a record half read) */
+            if (c->dssl != NULL) {
+                ossl.ssl_free_buffers(c->dssl);
+            }
         }
         enqueue(self, c, resting_queue(self, c->idle_timeout));
     }
@@ -2046,6 +2052,18 @@ static PyTypeObject CoreType = {
     .tp_getset = core_getset,
 };
 
+/* allow_freeing_buffers(flag): whether quiet connections' record buffers are given back. */
+static PyObject *
+tunnel_allow_freeing_buffers(PyObject *module, PyObject *flag)
+{
+    int allowed = PyObject_IsTrue(flag);
+    if (allowed < 0) {
+        return NULL;
+    }
+    free_buffers_allowed = allowed;
+    Py_RETURN_NONE;
+}
+
 /* bind(*addresses): OpenSSL's entry points, in the order of native.TUNNEL_ENTRY_POINTS. */
 static PyObject *
 tunnel_bind(PyObject *module, PyObject *args)
@@ -2090,6 +2108,8 @@ tunnel_bind(PyObject *module, PyObject *args)
 
 static PyMethodDef tunnel_functions[] = {
     {"bind", tunnel_bind, METH_VARARGS, "bind(*addresses): OpenSSL's entry points"},
+    {"allow_freeing_buffers", tunnel_allow_freeing_buffers, METH_O,
+     "allow_freeing_buffers(flag): whether quiet connections give their record buffers back"},
     {NULL, NULL, 0, NULL},
 };
 

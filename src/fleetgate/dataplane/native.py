@@ -209,9 +209,37 @@ def verify_message(code: int) -> str:
     return text.decode(errors="replace") if text else ""
 
 
+# SSL_free_buffers with a partial record buffered could free memory still in use before these
+# releases (CVE-2024-4741): a peer decides what is buffered, so on those it is never called.
+_FREE_BUFFERS_FIXED_IN = {(3, 0): 14, (3, 1): 6, (3, 2): 2, (3, 3): 1}
+
+
+def openssl_version() -> tuple[int, int, int]:
+    """(major, minor, patch) of the OpenSSL the ssl module uses. From 3.0 on, the ssl module's
+    version tuple keeps the patch in its fourth field (3.0.22 is ``(3, 0, 0, 22, 0)``)."""
+    info = ssl.OPENSSL_VERSION_INFO
+    return (info[0], info[1], info[3] if info[0] >= 3 else info[2])
+
+
+def buffers_can_be_freed(version: tuple[int, int, int]) -> bool:
+    """Whether an OpenSSL (major, minor, patch) frees a connection's record buffers safely
+    (CVE-2024-4741 fixed: 3.0.14, 3.1.6, 3.2.2, 3.3.1, or 3.4 and later)."""
+    major, minor, patch = version
+    fixed = _FREE_BUFFERS_FIXED_IN.get((major, minor))
+    if fixed is not None:
+        return patch >= fixed
+    return (major, minor) >= (3, 4)
+
+
+FREE_BUFFERS = buffers_can_be_freed(openssl_version())
+
+
 def free_buffers(obj: ssl.SSLObject) -> bool:
-    """Release the record buffers if nothing is pending in them; whether it did."""
+    """Release the record buffers if nothing is pending in them; whether it did (never on an
+    OpenSSL affected by CVE-2024-4741: the buffers stay, the memory goal is given up)."""
     assert _lib is not None
+    if not FREE_BUFFERS:
+        return False
     return bool(_lib.SSL_free_buffers(_ssl_pointer(obj)))
 
 

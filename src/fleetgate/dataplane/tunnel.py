@@ -67,6 +67,7 @@ def _load() -> tuple[ModuleType | None, str]:
         _tunnel.bind(*native.tunnel_entry_points())
     except (RuntimeError, ValueError, TypeError) as exc:
         return None, f"OpenSSL's entry points: {exc}"
+    _tunnel.allow_freeing_buffers(native.FREE_BUFFERS)
     return _tunnel, ""
 
 
