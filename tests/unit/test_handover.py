@@ -45,20 +45,17 @@ def loop_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def _run(loop_kind: str, tmp_path: Path, test: Callable[[Rig], Awaitable[None]]) -> None:
+def _run(
+    loop_kind: str,
+    tmp_path: Path,
+    test: Callable[[Rig], Awaitable[None]],
+    *,
+    device_tls: bool = False,
+) -> None:
+    """``test`` on a rig (a device over TCP, plain or speaking TLS) on that kind of loop."""
+
     async def main() -> None:
-        async with splice_rig(tmp_path, compiled=True, tcp=True) as rig:
-            await test(rig)
-
-    if loop_kind == "uvloop":
-        uvloop.run(main())
-    else:
-        asyncio.run(main())
-
-
-def _run_tls_device(loop_kind: str, tmp_path: Path, test: Callable[[Rig], Awaitable[None]]) -> None:
-    async def main() -> None:
-        async with splice_rig(tmp_path, compiled=True, device_tls=True) as rig:
+        async with splice_rig(tmp_path, compiled=True, tcp=True, device_tls=device_tls) as rig:
             await test(rig)
 
     if loop_kind == "uvloop":
@@ -357,7 +354,7 @@ def test_a_tls_devices_connection_is_relayed_by_the_core(loop_kind: str, tmp_pat
         assert (result.reason, result.relay) == ("closed", "core")
         assert (result.up_bytes, result.down_bytes) == (moved, moved + len(b"last words"))
 
-    _run_tls_device(loop_kind, tmp_path, test)
+    _run(loop_kind, tmp_path, test, device_tls=True)
 
 
 def test_a_tls_device_moves_a_large_transfer_whole(loop_kind: str, tmp_path: Path) -> None:
@@ -386,7 +383,7 @@ def test_a_tls_device_moves_a_large_transfer_whole(loop_kind: str, tmp_path: Pat
         assert (result.up_bytes, result.down_bytes) == (len(payload), len(payload))
         serving.cancel()
 
-    _run_tls_device(loop_kind, tmp_path, test)
+    _run(loop_kind, tmp_path, test, device_tls=True)
 
 
 def test_a_tls_devices_cut_connection_is_reset(loop_kind: str, tmp_path: Path) -> None:
@@ -398,7 +395,7 @@ def test_a_tls_devices_cut_connection_is_reset(loop_kind: str, tmp_path: Path) -
         assert await asyncio.wait_for(rig.server.read_some(), 10) == b""
         assert await asyncio.wait_for(rig.receive_to_reset(), 10) == b""
 
-    _run_tls_device(loop_kind, tmp_path, test)
+    _run(loop_kind, tmp_path, test, device_tls=True)
 
 
 def test_a_tls_device_sending_a_broken_record_is_lost_and_the_destination_told(
@@ -415,7 +412,7 @@ def test_a_tls_device_sending_a_broken_record_is_lost_and_the_destination_told(
         assert (result.reason, result.up_bytes, result.down_bytes) == ("device_lost", moved, moved)
         assert await asyncio.wait_for(rig.server.read_some(), 10) == b""  # its close_notify
 
-    _run_tls_device(loop_kind, tmp_path, test)
+    _run(loop_kind, tmp_path, test, device_tls=True)
 
 
 def test_a_tls_devices_fin_without_close_notify_reaches_the_destination_as_a_cut(
@@ -432,7 +429,7 @@ def test_a_tls_devices_fin_without_close_notify_reaches_the_destination_as_a_cut
         assert rig.server.failure is not None  # it saw the stream cut, not ended
         assert (await asyncio.wait_for(rig.done, 10)).up_bytes == moved
 
-    _run_tls_device(loop_kind, tmp_path, test)
+    _run(loop_kind, tmp_path, test, device_tls=True)
 
 
 def test_a_destinations_fin_without_close_notify_is_no_close_notify_to_a_tls_device(
@@ -446,4 +443,4 @@ def test_a_destinations_fin_without_close_notify_is_no_close_notify_to_a_tls_dev
         with pytest.raises(ssl.SSLEOFError):  # a bare FIN, not a close_notify
             await asyncio.wait_for(rig.receive_to_end(), 10)
 
-    _run_tls_device(loop_kind, tmp_path, test)
+    _run(loop_kind, tmp_path, test, device_tls=True)
