@@ -3,7 +3,7 @@ fleetgate to a real mosquitto that requires a client certificate and takes its C
 
     .venv/bin/python bench/mqtt_fleet.py [--devices 10000] [--workers 2] [--rate 5000]
         [--duration-s 20] [--payload-bytes 100] [--repeat 3] [--clients 2] [--data DIR]
-        [--relay compiled|python]
+        [--relay compiled|python] [--device-tls]
 
 Once: a throwaway fleetgate registers N devices, each with its own loopback source address
 (127.1.1.1, 127.1.1.2, ...), and issues each a certificate whose key fleetgate keeps
@@ -608,8 +608,12 @@ class DeviceConnection(asyncio.Protocol):
 class Client:
     """The devices of one client process; runs the orchestrator's commands."""
 
-    def __init__(self, host: str, port: int, indices: list[int]) -> None:
+    def __init__(
+        self, host: str, port: int, indices: list[int], cafile: Path | None = None
+    ) -> None:
         self.host, self.port = host, port
+        # A device that speaks TLS trusts fleetgate's root (the listener's certificate).
+        self.tls = ssl.create_default_context(cafile=str(cafile)) if cafile else None
         self.pending = list(reversed(indices))  # popped from the end: lowest index first
         self.connections: list[DeviceConnection] = []
         self.loop = asyncio.get_running_loop()
@@ -626,6 +630,8 @@ class Client:
                     self.host,
                     self.port,
                     local_addr=(device_address(index), 0),
+                    ssl=self.tls,
+                    server_hostname="localhost" if self.tls else None,
                 )
                 assert conn.transport is not None
                 conn.transport.write(encode_connect(device_id(index)))
@@ -727,8 +733,8 @@ class Client:
         return {"closed": alive}
 
 
-async def client_role(host: str, port: int, indices: list[int]) -> None:
-    client = Client(host, port, indices)
+async def client_role(host: str, port: int, indices: list[int], cafile: Path | None) -> None:
+    client = Client(host, port, indices, cafile)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -771,6 +777,7 @@ class ClientPool:
     def __init__(self, work: Path, host: str, port: int, shares: list[list[int]]) -> None:
         self._work, self._host, self._port, self._shares = work, host, port, shares
         self.processes: list[asyncio.subprocess.Process] = []
+        self.cafile: Path | None = None  # devices speak TLS, trusting this root
 
     async def start(self) -> None:
         for number, share in enumerate(self._shares):
@@ -786,6 +793,7 @@ class ClientPool:
                     f"{self._host}:{self._port}",
                     "--devices-file",
                     str(devices_file),
+                    *(["--device-cafile", str(self.cafile)] if self.cafile else []),
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
                     stderr=errors,
@@ -1011,6 +1019,7 @@ class Settings:
     reconnects: int
     session_resumption: bool = True
     relay: str = "compiled"  # compiled | python (FLEETGATE_RELAY=python), to compare
+    device_tls: bool = False  # the devices speak TLS to fleetgate (a tls listener)
 
 
 def gateway_env(
@@ -1025,6 +1034,10 @@ def gateway_env(
         f"{listener}DESTINATION": "broker",
         f"{listener}MAX_CONNECTIONS": str(settings.devices + 1000),
     }
+    if settings.device_tls:
+        env[f"{listener}TLS__MODE"] = "tls"
+        env[f"{listener}TLS__SERVER_NAMES"] = '["localhost"]'
+
     destination = "FLEETGATE_DESTINATIONS__BROKER__"
     if settings.upstream == "plain":
         env[f"{destination}ADDRESS"] = f"{HOST}:{broker.plain_port}"
@@ -1152,6 +1165,12 @@ async def one_run(
             log_level=settings.log_level,
         )
         gateway.wait_for("listener.bound", settings.workers)
+        if settings.device_tls:
+            async with httpx.AsyncClient(timeout=30) as http:
+                root = await http.get(f"{gateway.url}/pki/root.pem")
+            root.raise_for_status()
+            pool.cafile = run_dir / "fleetgate-root.pem"
+            pool.cafile.write_bytes(root.content)
         observer_transport, observer = await Observer.attach(broker.plain_port)
         await pool.start()
         gw_idle0, mq_idle0 = Usage.of(gateway.pid), Usage.of(broker.pid)
@@ -1309,6 +1328,7 @@ async def orchestrate(args: argparse.Namespace, work: Path, data_dir: Path) -> N
         reconnects=args.reconnects,
         session_resumption=not args.no_session_resumption,
         relay=args.relay,
+        device_tls=args.device_tls,
     )
     marker = await asyncio.to_thread(
         prepare_devices,
@@ -1378,17 +1398,24 @@ def main() -> None:
         default="compiled",
         help="python: FLEETGATE_RELAY=python (the splice relays in Python), to compare",
     )
+    parser.add_argument(
+        "--device-tls",
+        action="store_true",
+        help="the devices speak TLS to fleetgate (a tls listener, fleetgate's root trusted)",
+    )
     parser.add_argument("--data", type=Path, help="keep registered devices here across runs")
     parser.add_argument("--role", choices=["orchestrator", "client"], default="orchestrator")
     parser.add_argument("--target", help=argparse.SUPPRESS)
     parser.add_argument("--devices-file", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--device-cafile", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     import uvloop
 
     if args.role == "client":
         host, _, port = args.target.rpartition(":")
         raise_nofile()
-        uvloop.run(client_role(host, int(port), json.loads(args.devices_file.read_text())))
+        devices = json.loads(args.devices_file.read_text())
+        uvloop.run(client_role(host, int(port), devices, args.device_cafile))
         return
     limit = raise_nofile()
     per_process = limit - 500
