@@ -5,7 +5,7 @@
  * called once per connection, when it ends (to log and count it).
  *
  * A Core owns an epoll instance; the event loop watches its descriptor and calls run() when it
- * has events, and expire() once a second (timeouts). The sockets are edge-triggered: each side
+ * has events, and expire() twice a second (timeouts). The sockets are edge-triggered: each side
  * remembers whether it may still be read or written, and a direction moves until its source
  * has nothing more or its sink takes nothing more (back-pressure: what a sink did not take is
  * kept, and its source is not read again until the sink took it).
@@ -643,22 +643,35 @@ resend(int fd, Pending *pending, unsigned *writable)
 
 static int upstream_failed; /* errno of the last failed send_records, 0 if none */
 
-/* Move what OpenSSL wrote to the outgoing BIO onto the destination's socket (or keep it). */
+/* Move what OpenSSL wrote to an outgoing BIO onto its socket, keeping what the socket does not
+ * take (and leaving the rest in the BIO until that went): 0 all went, 1 some is kept, -1 a
+ * failure (errno). */
+static int
+flush_records(void *bio, int fd, Pending *pending, unsigned *writable)
+{
+    while (ossl.bio_ctrl_pending(bio) > 0) {
+        if (pending->data != NULL) {
+            return 1;
+        }
+        int got = ossl.bio_read(bio, outgoing, OUTGOING_SIZE);
+        if (got <= 0) {
+            return 0;
+        }
+        int sent = send_or_keep(fd, outgoing, (size_t)got, pending, writable);
+        if (sent != 0) {
+            return sent;
+        }
+    }
+    return 0;
+}
+
+/* The destination's records onto its socket; a failure is left in upstream_failed. */
 static void
 send_records(Conn *c)
 {
     upstream_failed = 0;
-    while (c->to_upstream.data == NULL && ossl.bio_ctrl_pending(c->wbio) > 0) {
-        int got = ossl.bio_read(c->wbio, outgoing, OUTGOING_SIZE);
-        if (got <= 0) {
-            return;
-        }
-        int sent = send_or_keep(c->upstream.fd, outgoing, (size_t)got, &c->to_upstream,
-                                &c->upstream_writable);
-        if (sent < 0) {
-            upstream_failed = errno ? errno : EIO;
-            return;
-        }
+    if (flush_records(c->wbio, c->upstream.fd, &c->to_upstream, &c->upstream_writable) < 0) {
+        upstream_failed = errno ? errno : EIO;
     }
 }
 
@@ -894,21 +907,7 @@ take_session(Core *core, Conn *c)
 static int
 send_device_records(Conn *c)
 {
-    while (ossl.bio_ctrl_pending(c->dwbio) > 0) {
-        if (c->to_device.data != NULL) {
-            return 1;
-        }
-        int got = ossl.bio_read(c->dwbio, outgoing, OUTGOING_SIZE);
-        if (got <= 0) {
-            return 0;
-        }
-        int sent = send_or_keep(c->device.fd, outgoing, (size_t)got, &c->to_device,
-                                &c->device_writable);
-        if (sent != 0) {
-            return sent;
-        }
-    }
-    return 0;
+    return flush_records(c->dwbio, c->device.fd, &c->to_device, &c->device_writable);
 }
 
 /* Plaintext for the device: encrypted, then sent (or kept). As send_device_records. */

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from fleetgate.clock import Clock, SystemClock
 from fleetgate.dataplane import native, tunnel
 from fleetgate.dataplane.endpoint import Endpoint, PlainEndpoint
-from fleetgate.dataplane.tls_endpoint import TlsEndpoint, TlsFailure
+from fleetgate.dataplane.tls_endpoint import TlsEndpoint, TlsFailure, reset_after_handshake
 from fleetgate.logs import get_logger
 
 log = get_logger("fleetgate.dataplane")
@@ -77,16 +77,12 @@ class _LoopCore:
         self.core = tunnel._tunnel.Core(
             None, 0, None, False, None, False, 0.0, 0.0, self._no_listener, monotonic
         )
-        asyncio.get_running_loop().add_reader(self.core.fileno(), self._run)
+        asyncio.get_running_loop().add_reader(self.core.fileno(), tunnel.run_on_loop, self.core)
         self._tick: asyncio.TimerHandle | None = None
 
     @staticmethod
     def _no_listener(*_: object) -> None:
         """(The core accepts nothing itself: only adopted connections, each with its own.)"""
-
-    def _run(self) -> None:
-        if self.core.run():  # a connection used up its turn: its next one after the others
-            asyncio.get_running_loop().call_soon(self._run)
 
     def adopted(self) -> None:
         if self._tick is None:
@@ -141,12 +137,9 @@ class Handover:
         self.destination = destination
         self._received = destination.received  # before the core's reads
 
-    @property
-    def live(self) -> bool:
-        return self._on_end is not None
-
     def cut(self, reason: str) -> None:
-        """End it now (the device gets a reset, the destination a close_notify)."""
+        """End it now: the device gets a reset, the destination no close_notify (the stream
+        was cut, not complete)."""
         if self._owner is not None and self._on_end is not None:
             self._owner.core.cut(self._key, reason)
 
@@ -190,12 +183,7 @@ class Handover:
         if outcome == "destination_lost" and cause not in ("", "tls_error"):
             failure = TlsFailure(cause, detail)  # an alert: a refused certificate, say
         elif outcome == "destination_lost" and detail == _RESET and not self.destination.received:
-            # A server that refuses our certificate after a TLS 1.3 handshake closes with our
-            # first bytes unread, which resets the connection (as TlsEndpoint names it).
-            failure = TlsFailure(
-                "reset_after_handshake",
-                "reset before the peer sent anything (a refused client certificate, likely)",
-            )
+            failure = reset_after_handshake()
         if failure is not None:
             self.destination.failure = failure
         return failure
@@ -220,10 +208,8 @@ def _reads_the_standard_way(device: Endpoint) -> bool:
     return type(device).data_received is PlainEndpoint.data_received
 
 
-def _can_hand_over(device: Endpoint, destination: Endpoint) -> bool:
-    if not ENABLED or not _reads_the_standard_way(device):
-        return False
-    if not isinstance(destination, TlsEndpoint) or not destination.can_hand_over():
+def _can_hand_over(device: Endpoint, destination: TlsEndpoint) -> bool:
+    if not ENABLED or not _reads_the_standard_way(device) or not destination.can_hand_over():
         return False
     for endpoint in (device, destination):
         transport = endpoint.transport

@@ -114,6 +114,16 @@ class TlsFailure(ConnectionError):
         self.detail = detail
 
 
+def reset_after_handshake() -> TlsFailure:
+    """A destination reset the connection right after the handshake, before sending a byte:
+    how a TLS 1.3 server refuses our client certificate (its alert, then a close with our first
+    bytes unread), when a write meets the reset before the alert is read."""
+    return TlsFailure(
+        "reset_after_handshake",
+        "reset before the peer sent anything (a refused client certificate, likely)",
+    )
+
+
 def cause_of_failure(verify_code: int, reason: str) -> str:
     """The cause of a failed TLS connection: from the chain's verify result when it failed
     there (an ``X509_V_ERR_*`` code), else from OpenSSL's reason (``WRONG_VERSION_NUMBER``)."""
@@ -260,13 +270,7 @@ class TlsEndpoint(Endpoint, asyncio.BufferedProtocol):
             and self.received == 0
             and isinstance(exc, ConnectionResetError)
         ):
-            # A server that refuses our certificate after a TLS 1.3 handshake sends its alert
-            # and closes, often with our first bytes unread, which resets the connection; a
-            # write that meets the reset ends the connection before the alert is read.
-            self.failure = TlsFailure(
-                "reset_after_handshake",
-                "reset before the peer sent anything (a refused client certificate, likely)",
-            )
+            self.failure = reset_after_handshake()
         if not self.handshake.done():
             self.handshake.set_exception(
                 classify(exc) if exc else TlsFailure("connection_lost", "closed in handshake")

@@ -14,7 +14,7 @@ and the splice.
 The core watches its own epoll descriptor. ``fleetgate connect`` lets it wait on that
 descriptor itself (:meth:`Tunnel.serve_until`: the thread's only loop, one system call per
 wake-up); embedded in an asyncio program (the tests), the event loop watches the descriptor
-and calls the core when it has events (:meth:`Tunnel.start`). Either way it is called once a
+and calls the core when it has events (:meth:`Tunnel.start`). Either way it is called twice a
 second for timeouts (:meth:`Tunnel.tick`). The destination's name is looked up at start and
 again every :data:`RESOLVE_EVERY_S`, in a thread, so a slow resolver never stalls the relay.
 """
@@ -248,20 +248,16 @@ class Tunnel:
         """Look the destination up, then serve on the running loop until :meth:`close`."""
         await asyncio.to_thread(self.resolve)
         loop = asyncio.get_running_loop()
-        loop.add_reader(self._core.fileno(), self._run_on_loop)
+        loop.add_reader(self._core.fileno(), run_on_loop, self._core)
         self._watched = True
         self._tick = loop.call_later(TICK_S, self._tick_on_loop)
-
-    def _run_on_loop(self) -> None:
-        if self._core.run():  # a connection used up its turn: its next one after the others
-            asyncio.get_running_loop().call_soon(self._run_on_loop)
 
     def _tick_on_loop(self) -> None:
         self.tick()
         self._tick = asyncio.get_running_loop().call_later(TICK_S, self._tick_on_loop)
 
     def tick(self) -> None:
-        """Once a second: timeouts, and the destination's name looked up again when due."""
+        """Every TICK_S: timeouts, and the destination's name looked up again when due."""
         self.check_timeouts()
         found, self._found = self._found, None
         if found is not None:
@@ -316,6 +312,12 @@ class Tunnel:
             sock.close()
         self._sockets.clear()
         self._core.close_all(outcome)
+
+
+def run_on_loop(core: Core) -> None:
+    """What an event loop calls when a core's descriptor is readable."""
+    if core.run():  # a connection used up its turn: its next one after the others
+        asyncio.get_running_loop().call_soon(run_on_loop, core)
 
 
 def listening_sockets(listen: str, backlog: int = 4096) -> list[socket.socket]:
