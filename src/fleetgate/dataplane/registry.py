@@ -24,6 +24,7 @@ from fleetgate.services.bundle import Services
 from fleetgate.store.certificates import CertificateRepo
 from fleetgate.store.changes import Change
 from fleetgate.store.credentials import CredentialRepo, secret_name
+from fleetgate.store.database import Tx
 from fleetgate.store.devices import DeviceRepo
 from fleetgate.store.groups import GroupRepo
 from fleetgate.templates import Template
@@ -109,29 +110,24 @@ class RegistryView:
     async def device_by_field(self, field: str, value: str) -> Device | None:
         """The device a login names: ``device_id`` or a unique attribute such as ``imsi``."""
 
-        async def load() -> Device | None:
-            if field == "device_id":
-                return await self._services.devices.find(value)
-            async with self._services.db.snapshot() as tx:
-                repo = DeviceRepo(tx)
-                owner = await repo.attribute_owner(field, value)
-                return await repo.get(owner) if owner is not None else None
+        async def find(tx: Tx) -> Device | None:
+            repo = DeviceRepo(tx)
+            owner = value if field == "device_id" else await repo.attribute_owner(field, value)
+            return await repo.get(owner) if owner is not None else None
 
-        return await self._by_field.get((field, value), load)
+        return await self._by_field.get((field, value), lambda: self._services.db.read(find))
 
     async def certificate(self, serial: str) -> IssuedCertificate | None:
         """A certificate fleetgate issued (by serial, lowercase hex); None for any other."""
 
-        async def load() -> IssuedCertificate | None:
-            async with self._services.db.snapshot() as tx:
-                return await CertificateRepo(tx).get(serial)
+        def load() -> Awaitable[IssuedCertificate | None]:
+            return self._services.db.read(lambda tx: CertificateRepo(tx).get(serial))
 
         return await self._certificates.get(serial, load)
 
     async def group(self, name: str) -> Group | None:
-        async def load() -> Group | None:
-            async with self._services.db.snapshot() as tx:
-                return await GroupRepo(tx).get(name)
+        def load() -> Awaitable[Group | None]:
+            return self._services.db.read(lambda tx: GroupRepo(tx).get(name))
 
         return await self._groups.get(name, load)
 
@@ -149,32 +145,33 @@ class RegistryView:
         except InvalidRequest as exc:
             raise CredentialUnusable("credential_template", exc.detail) from None
 
-        async def load() -> Material | None:
-            async with self._services.db.snapshot() as tx:
-                repo = CredentialRepo(tx)
-                found = None
-                for name in (wanted, default):
-                    if name is None:
-                        continue
-                    found = await repo.get(name)
-                    if found is not None and found.device_id not in (None, device.id):
-                        found = None  # another device's credential is never handed out
-                    if found is not None:
-                        break
-                if found is None:
-                    return None
-                revoked = False
-                if found.certificate_serial is not None:
-                    issued = await CertificateRepo(tx).get(found.certificate_serial)
-                    revoked = issued is not None and issued.revoked
-                secret = (
-                    await self._services.vault.get_in(tx, secret_name(found.id))
-                    if found.has_secret
-                    else None
-                )
-                return Material(found, secret, revoked)
+        async def find(tx: Tx) -> Material | None:
+            repo = CredentialRepo(tx)
+            found = None
+            for name in (wanted, default):
+                if name is None:
+                    continue
+                found = await repo.get(name)
+                if found is not None and found.device_id not in (None, device.id):
+                    found = None  # another device's credential is never handed out
+                if found is not None:
+                    break
+            if found is None:
+                return None
+            revoked = False
+            if found.certificate_serial is not None:
+                issued = await CertificateRepo(tx).get(found.certificate_serial)
+                revoked = issued is not None and issued.revoked
+            secret = (
+                await self._services.vault.get_in(tx, secret_name(found.id))
+                if found.has_secret
+                else None
+            )
+            return Material(found, secret, revoked)
 
-        return await self._credentials.get((device.id, wanted or "", default), load)
+        return await self._credentials.get(
+            (device.id, wanted or "", default), lambda: self._services.db.read(find)
+        )
 
     # -- invalidation ---------------------------------------------------------------------------
 

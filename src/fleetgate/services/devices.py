@@ -161,13 +161,12 @@ class DeviceService:
 
     async def find(self, device_id: str) -> Device | None:
         """A device by id for the data path (no caller: nothing is disclosed)."""
-        async with self._db.snapshot() as tx:
-            return await DeviceRepo(tx).get(device_id)
+        return await self._db.read(lambda tx: DeviceRepo(tx).get(device_id))
 
     async def find_by_address(self, address: str) -> Device | None:
         """The data path's identity lookup (no caller: the network is the credential)."""
-        async with self._db.snapshot() as tx:
-            return await DeviceRepo(tx).get_by_address(normalize_address(address))
+        key = normalize_address(address)
+        return await self._db.read(lambda tx: DeviceRepo(tx).get_by_address(key))
 
     async def list(
         self, caller: Caller, query: DeviceQuery, *, limit: int, cursor: str | None

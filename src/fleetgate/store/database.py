@@ -8,7 +8,7 @@ repositories in this package never know which backend they run on.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal, Protocol
 
@@ -47,6 +47,12 @@ class Database(Protocol):
 
     def snapshot(self) -> AbstractAsyncContextManager[Tx]:
         """A read-only, consistent view."""
+        ...
+
+    async def read[T](self, work: Callable[[Tx], Coroutine[Any, Any, T]]) -> T:
+        """``work`` on a read-only, consistent view, whole: the data path's lookups. It may
+        await only the view's statements (SQLite runs all of it in one trip to a thread of
+        its own, where a snapshot costs a trip per statement)."""
         ...
 
     async def ping(self) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Literal
 
@@ -91,6 +91,10 @@ class PostgresDatabase:
 
     def snapshot(self) -> AbstractAsyncContextManager[PostgresTx]:
         return self._tx(readonly=True)
+
+    async def read[T](self, work: Callable[[PostgresTx], Coroutine[Any, Any, T]]) -> T:
+        async with self.snapshot() as tx:
+            return await work(tx)
 
     @asynccontextmanager
     async def watch_changes(self, wake: Callable[[], None]) -> AsyncIterator[None]:

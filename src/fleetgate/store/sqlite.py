@@ -8,13 +8,19 @@ Every trip to a connection's thread costs the event loop a wake-up (≈ 100 µs 
 transaction's BEGIN rides along with its first statement, and a read snapshot's COMMIT is queued
 on the thread without waiting for it (it runs before anything queued after it). A write's
 COMMIT is awaited: the caller's answer waits for durability.
+
+The data path's lookups (:meth:`SqliteDatabase.read`) go further: the whole lookup, BEGIN to
+COMMIT with every statement in between, runs in one trip to a third connection's thread. A
+first connection from a device makes several of them (the device, its credential, the
+credential's certificate and sealed secret), and each trip was two context switches and a
+wake-up of the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -116,23 +122,66 @@ class SqliteTx:
         return await self._conn.call(with_begin)
 
     async def execute(self, sql: str, *args: Any) -> int:
-        return await self._call(lambda c: c.execute(sql, args).rowcount)
+        return await self._call(lambda c: _execute(c, sql, args))
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
-        return await self._call(lambda c: [dict(r) for r in c.execute(sql, args).fetchall()])
+        return await self._call(lambda c: _fetch(c, sql, args))
 
     async def fetchrow(self, sql: str, *args: Any) -> Row | None:
-        def one(c: sqlite3.Connection) -> Row | None:
-            cursor = c.execute(sql, args)
-            row = cursor.fetchone()
-            # Drain the statement so RETURNING and multi-row results finish executing.
-            cursor.fetchall()
-            return dict(row) if row is not None else None
-
-        return await self._call(one)
+        return await self._call(lambda c: _fetchrow(c, sql, args))
 
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         await self._call(lambda c: c.executemany(sql, rows))
+
+
+def _execute(c: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> int:
+    return c.execute(sql, args).rowcount
+
+
+def _fetch(c: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> list[Row]:
+    return [dict(r) for r in c.execute(sql, args).fetchall()]
+
+
+def _fetchrow(c: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> Row | None:
+    cursor = c.execute(sql, args)
+    row = cursor.fetchone()
+    # Drain the statement so RETURNING and multi-row results finish executing.
+    cursor.fetchall()
+    return dict(row) if row is not None else None
+
+
+class _HereTx:
+    """The view :meth:`SqliteDatabase.read` hands its work: statements run where they are
+    awaited, on the connection's thread, so the work completes without suspending."""
+
+    dialect: Literal["sqlite"] = "sqlite"
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        raise TypeError("a read does not write")
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        return _fetch(self._conn, sql, args)
+
+    async def fetchrow(self, sql: str, *args: Any) -> Row | None:
+        return _fetchrow(self._conn, sql, args)
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        raise TypeError("a read does not write")
+
+
+def _complete[T](work: Coroutine[Any, Any, T]) -> T:
+    """What ``work`` returns; it must not suspend (every await in it is a statement of a
+    :class:`_HereTx`, which has already run)."""
+    try:
+        work.send(None)
+    except StopIteration as done:
+        result: T = done.value
+        return result
+    work.close()
+    raise RuntimeError("a read awaited something other than its statements")
 
 
 class SqliteDatabase:
@@ -142,6 +191,7 @@ class SqliteDatabase:
         self.path = path
         self._writer = _Connection(path, "writer")
         self._reader = _Connection(path, "reader")
+        self._lookups = _Connection(path, "lookups")  # read(): whole transactions, one trip each
 
     @classmethod
     async def open(cls, path: Path) -> SqliteDatabase:
@@ -176,6 +226,17 @@ class SqliteDatabase:
     def snapshot(self) -> AbstractAsyncContextManager[SqliteTx]:
         return self._tx(self._reader, "BEGIN", wait_commit=False)
 
+    async def read[T](self, work: Callable[[_HereTx], Coroutine[Any, Any, T]]) -> T:
+        def run(c: sqlite3.Connection) -> T:
+            c.execute("BEGIN")
+            try:
+                return _complete(work(_HereTx(c)))
+            finally:
+                if c.in_transaction:  # a read: nothing to keep, and nothing to undo
+                    c.execute("ROLLBACK")
+
+        return await self._lookups.call(run)
+
     @asynccontextmanager
     async def watch_changes(self, wake: Callable[[], None]) -> AsyncIterator[None]:
         """SQLite has no cross-process notification; followers poll."""
@@ -189,5 +250,6 @@ class SqliteDatabase:
             raise StoreUnavailable(f"sqlite: {exc}") from None
 
     async def close(self) -> None:
+        await self._lookups.close()
         await self._reader.close()
         await self._writer.close()
