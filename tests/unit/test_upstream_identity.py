@@ -5,7 +5,6 @@ certificate and answers with the name it saw."""
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import gc
 import ssl
 from collections.abc import AsyncIterator
@@ -95,28 +94,6 @@ async def test_each_device_is_seen_as_itself_through_one_context(site: Site) -> 
     assert seen == [("alpha", False), ("alpha", True), ("beta", False), ("beta", True)]
     shared = {upstream._entry("to", site.destination(), d).context for d in (alpha, beta)}
     assert len(shared) == 1
-
-
-def _holds_a_certificate(obj: ssl.SSLObject) -> bool:
-    """Whether the connection still holds a certificate of its own to present."""
-    assert native._lib is not None
-    own = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(("SSL_get_certificate", native._lib))
-    return bool(own(native.ssl_address(obj)))
-
-
-async def test_the_identity_is_let_go_once_its_handshake_is_done(site: Site) -> None:
-    """A parsed certificate and key are about 12 KiB per device: a connection holds them for
-    its handshake only (nothing asks again: renegotiation is refused, post-handshake
-    authentication not offered), so a connected device costs none of it."""
-    upstream = Upstream(FakeClock())
-    endpoint = await upstream.connect("to", site.destination(), site.device("delta"))
-    assert isinstance(endpoint, TlsEndpoint)
-    assert endpoint.ssl_object.context.options & ssl.OP_NO_RENEGOTIATION
-    assert not endpoint.ssl_object.context.post_handshake_auth
-    assert not _holds_a_certificate(endpoint.ssl_object)
-    endpoint.write(b"?")  # and the destination did see the device as itself
-    assert await asyncio.wait_for(endpoint.read_some(), 5) == b"delta"
-    endpoint.close()
 
 
 async def test_a_renewed_credential_is_presented_from_the_next_connection(site: Site) -> None:

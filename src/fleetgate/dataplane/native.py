@@ -12,9 +12,8 @@ What the data path needs and the ``ssl`` module does not do well:
 * stapling an OCSP response to the server certificate for clients that ask for one
   (``SSL_CTX_set_tlsext_status_cb``, ``SSL_set_tlsext_status_ocsp_resp``);
 * presenting a client certificate per connection (``SSL_use_cert_and_key``) instead of per
-  context, and letting it go after the handshake (``SSL_certs_clear``): the ``ssl`` module
-  offers only ``SSLContext.load_cert_chain``, and a context per device costs 25 KiB and 2 ms to
-  build;
+  context: the ``ssl`` module offers only ``SSLContext.load_cert_chain``, and a context per
+  device costs 25 KiB and 2 ms to build;
 * deciding how a server's chain gets verified (``SSL_CTX_set_cert_verify_callback``), so a
   chain verified moments ago need not be built and checked again (see ``chain_cache``).
 
@@ -369,13 +368,6 @@ class ClientIdentity:
         self._chain = self._certificate = self._key = 0
 
 
-def withdraw_identity(obj: ssl.SSLObject) -> None:
-    """Let go of the certificate and key ``obj`` was given to present (after its handshake):
-    the connection no longer holds them, so they are freed unless something else does."""
-    assert _lib is not None
-    _lib.SSL_certs_clear(_ssl_pointer(obj))
-
-
 _PASSWORD_CALLBACK = ctypes.CFUNCTYPE(
     ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p
 )
@@ -624,7 +616,6 @@ def _bind(lib: ctypes.CDLL) -> None:
         "OPENSSL_sk_free": ((vp,), None),
         "ERR_clear_error": ((), None),
         "SSL_use_cert_and_key": ((vp, vp, vp, vp, c_int), c_int),
-        "SSL_certs_clear": ((vp,), None),
         "SSL_get_shutdown": ((vp,), c_int),
         "SSL_set_shutdown": ((vp, c_int), None),
         # What the compiled relay calls (its addresses only: see relay_entry_points).

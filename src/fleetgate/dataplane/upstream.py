@@ -2,19 +2,16 @@
 own client certificate.
 
 One ``SSLContext`` per destination, shared by every device: each connection presents its
-device's certificate itself (:class:`~fleetgate.dataplane.native.ClientIdentity`), instead of
-ten thousand contexts for ten thousand devices (25 KiB and 2 ms to build each). The identity is
-parsed for the handshake and let go once it is done (``native.withdraw_identity``): a parsed
-certificate and key are about 12 KiB in OpenSSL 3.0, a quarter of what a connected device
-costs, and nothing asks for them again (renegotiation is refused and post-handshake
-authentication is not offered). A reconnecting device pays the parse again (about 0.4 ms).
-Where :mod:`~fleetgate.dataplane.native` is not available, the standard library's only way is
-used: a context per (destination, credential). A private CA bundle is a few KiB per context, and
-the system roots are read through the hashed directory (looked up on demand) instead of the
-800 KiB bundle each context would otherwise parse.
+device's certificate itself (:class:`~fleetgate.dataplane.native.ClientIdentity`, parsed once
+per credential revision), so ten thousand devices cost ten thousand parsed certificates and
+keys (a few KiB each) instead of ten thousand contexts (25 KiB and 2 ms to build each). Where
+:mod:`~fleetgate.dataplane.native` is not available, the standard library's only way is used:
+a context per (destination, credential). A private CA bundle is a few KiB per context, and the
+system roots are read through the hashed directory (looked up on demand) instead of the 800 KiB
+bundle each context would otherwise parse.
 
 Entries are cached by the credential's id and revision, so a renewal or a new key makes the next
-connection use a fresh session; a revoked credential never reaches here (the registry view
+connection use fresh material; a revoked credential never reaches here (the registry view
 refuses it). Each entry keeps the last healthy session *of that credential* for resumption
 (a session resumed by another device would present the first device's identity), refreshed at
 most once a second; sessions are taken and offered through OpenSSL directly where ``native``
@@ -40,7 +37,7 @@ from fleetgate.dataplane.endpoint import Endpoint, PlainEndpoint
 from fleetgate.dataplane.tls_endpoint import Resumable, TlsEndpoint, TlsFailure, classify
 from fleetgate.sealing import Secret
 
-MAX_ENTRIES = 50_000  # credentials (per destination) whose session is kept
+MAX_ENTRIES = 50_000  # credentials (per destination) whose material and session are kept
 SESSION_REFRESH_S = 1.0
 
 
@@ -64,10 +61,11 @@ class ClientCertificate:
 
 @dataclass
 class _Entry:
-    """One credential at one destination: the context to use (it presents the credential
-    itself where ``native`` is not available) and its session to resume."""
+    """One credential at one destination: the context to use, the identity to present on it
+    (None: the context presents it, or none is presented), and its session to resume."""
 
     context: ssl.SSLContext
+    identity: native.ClientIdentity | None = None
     session: Resumable | None = None
     session_at: float = field(default=-1e18)
 
@@ -129,7 +127,12 @@ class Upstream:
             return entry
         try:
             if native.AVAILABLE:
-                entry = _Entry(self._shared_context(name, destination))
+                identity = (
+                    native.ClientIdentity(client.chain_pem, client.key.reveal())
+                    if client is not None
+                    else None
+                )
+                entry = _Entry(self._shared_context(name, destination), identity)
             else:
                 entry = _Entry(build_context(destination, client))
         except (ssl.SSLError, OSError, ValueError) as exc:
@@ -185,7 +188,6 @@ class Upstream:
                 plain.write(preamble)
             return plain
         entry = self._entry(name, destination, client)
-        identity = _identity(name, client) if native.AVAILABLE else None
         pins = frozenset(destination.pin_sha256)
         server_name = destination.server_name or host
         endpoint: TlsEndpoint | None = None
@@ -199,8 +201,8 @@ class Upstream:
                 pins=pins,
                 preamble=preamble,
             )
-            if identity is not None:
-                identity.present(endpoint.ssl_object)
+            if entry.identity is not None:
+                entry.identity.present(endpoint.ssl_object)
             return endpoint
 
         try:
@@ -221,8 +223,6 @@ class Upstream:
             raise UpstreamError("connect_failed", f"{destination.address}: {exc}") from None
         except ValueError as exc:  # the identity could not be put on the connection
             raise UpstreamError("tls_setup", f"destination {name}: {exc}") from None
-        if identity is not None:
-            native.withdraw_identity(endpoint.ssl_object)  # asked for once, in the handshake
         if destination.session_resumption:
             self._keep_session(entry, endpoint)
         return endpoint
@@ -247,13 +247,3 @@ class Upstream:
             refresh()
         else:
             endpoint.after_first_read(refresh)
-
-
-def _identity(name: str, client: ClientCertificate | None) -> native.ClientIdentity | None:
-    """``client`` parsed for one handshake."""
-    if client is None:
-        return None
-    try:
-        return native.ClientIdentity(client.chain_pem, client.key.reveal())
-    except (ssl.SSLError, OSError, ValueError) as exc:
-        raise UpstreamError("tls_setup", f"destination {name}: {exc}") from None
