@@ -4,6 +4,7 @@ one trip to a thread of their own). Identical on both backends except where a te
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from fleetgate.clock import FakeClock
+from fleetgate.errors import StoreUnavailable
 from fleetgate.records import Device
 from fleetgate.services.context import SYSTEM_CALLER
 from fleetgate.services.devices import DeviceService, NewDevice
@@ -113,3 +115,30 @@ async def test_sqlite_refuses_a_read_that_waits_on_anything_else(
     with pytest.raises(RuntimeError, match="awaited something other than its statements"):
         await sqlite_db.read(waits)
     assert await sqlite_db.read(lambda tx: tx.fetchrow("SELECT 1 AS one")) == {"one": 1}
+
+
+async def test_sqlite_reads_cannot_write_even_through_a_fetch(sqlite_db: SqliteDatabase) -> None:
+    async def sneaky(tx: Tx) -> object:
+        return await tx.fetchrow("DELETE FROM groups RETURNING name")
+
+    before = await sqlite_db.read(lambda tx: tx.fetch("SELECT name FROM groups"))
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        await sqlite_db.read(sneaky)
+    assert await sqlite_db.read(lambda tx: tx.fetch("SELECT name FROM groups")) == before
+
+
+async def test_sqlite_reads_after_close_are_refused_not_reopened(tmp_path: Path) -> None:
+    database = await SqliteDatabase.open(tmp_path / "closing.db")
+    one = await database.read(lambda tx: tx.fetchrow("SELECT 1 AS one"))
+    assert one == {"one": 1}
+    queued = [
+        asyncio.ensure_future(database.read(lambda tx: tx.fetchrow("SELECT 2 AS two")))
+        for _ in range(3)
+    ]
+    await database.close()
+    # They had not reached the thread when close() began: refused, and nothing reopened it.
+    for result in await asyncio.gather(*queued, return_exceptions=True):
+        assert isinstance(result, StoreUnavailable), result
+    with pytest.raises(StoreUnavailable, match="closed"):
+        await database.read(lambda tx: tx.fetchrow("SELECT 3 AS three"))
+    assert database._lookups._conn is None

@@ -10,7 +10,7 @@ on the thread without waiting for it (it runs before anything queued after it). 
 COMMIT is awaited: the caller's answer waits for durability.
 
 The data path's lookups (:meth:`SqliteDatabase.read`) go further: the whole lookup, BEGIN to
-COMMIT with every statement in between, runs in one trip to a third connection's thread. A
+ROLLBACK with every statement in between, runs in one trip to a third connection's thread. A
 first connection from a device makes several of them (the device, its credential, the
 credential's certificate and sealed secret), and each trip was two context switches and a
 wake-up of the loop.
@@ -37,9 +37,10 @@ log = get_logger("fleetgate.store")
 class _Connection:
     """A sqlite3 connection confined to one thread."""
 
-    def __init__(self, path: Path, name: str) -> None:
+    def __init__(self, path: Path, name: str, *, query_only: bool = False) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sqlite-{name}")
         self._path = path
+        self._query_only = query_only
         self._conn: sqlite3.Connection | None = None
         self._closed = False
         self.lock = asyncio.Lock()
@@ -56,6 +57,8 @@ class _Connection:
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        if self._query_only:
+            conn.execute("PRAGMA query_only=ON")
         self._conn = conn
 
     def submit(self, fn: Callable[[sqlite3.Connection], object]) -> None:
@@ -73,6 +76,8 @@ class _Connection:
     async def call[T](self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def run() -> T:
             if self._conn is None:
+                if self._closed:  # queued behind close(): never opened again
+                    raise StoreUnavailable("sqlite: the store is closed")
                 self._open()
             assert self._conn is not None
             try:
@@ -84,7 +89,13 @@ class _Connection:
                     raise StoreUnavailable(f"sqlite: {exc}") from None
                 raise
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+        try:
+            done = asyncio.get_running_loop().run_in_executor(self._executor, run)
+        except RuntimeError as exc:  # the executor is shut down: the store was closed
+            if not self._closed:
+                raise
+            raise StoreUnavailable("sqlite: the store is closed") from exc
+        return await done
 
     async def close(self) -> None:
         if self._closed:
@@ -191,7 +202,8 @@ class SqliteDatabase:
         self.path = path
         self._writer = _Connection(path, "writer")
         self._reader = _Connection(path, "reader")
-        self._lookups = _Connection(path, "lookups")  # read(): whole transactions, one trip each
+        # read(): whole transactions, one trip each; it cannot write, whatever it is given.
+        self._lookups = _Connection(path, "lookups", query_only=True)
 
     @classmethod
     async def open(cls, path: Path) -> SqliteDatabase:
