@@ -410,7 +410,8 @@ def test_a_tls_device_sending_a_broken_record_is_lost_and_the_destination_told(
         )
         result = await asyncio.wait_for(rig.done, 10)
         assert (result.reason, result.up_bytes, result.down_bytes) == ("device_lost", moved, moved)
-        assert await asyncio.wait_for(rig.server.read_some(), 10) == b""  # its close_notify
+        assert await asyncio.wait_for(rig.server.read_some(), 10) == b""
+        assert rig.server.failure is not None  # a cut stream, not a close_notify
 
     _run(loop_kind, tmp_path, test, device_tls=True)
 
