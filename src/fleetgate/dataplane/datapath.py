@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import hmac
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from fleetgate.clock import Clock
 from fleetgate.config.schema import DestinationConfig, ListenerConfig
@@ -234,9 +234,7 @@ class DataPath:
         cred = material.credential
         assert cred.certificate is not None
         assert material.secret is not None
-        leaf = x509.load_der_x509_certificate(cred.certificate).public_bytes(
-            serialization.Encoding.PEM
-        )
+        leaf = ssl.DER_cert_to_PEM_cert(cred.certificate).encode()  # checked when stored
         chain = (cred.chain or "").encode()
         return ClientCertificate(f"{cred.id}@{cred.revision}", leaf + chain, material.secret)
 
