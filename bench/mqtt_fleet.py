@@ -70,6 +70,7 @@ LISTENER = "fleet"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 POLL_S = 0.05  # how often a wait re-reads what it waits for (a log file, /proc)
+SETTLE_S = 12.0  # after the fleet left: past the tunnel core's 10 s between trims
 MARKER = "bench-devices.json"  # in a kept --data directory: what is registered there
 
 
@@ -1116,6 +1117,10 @@ async def measure_reconnect(
             break
         await asyncio.sleep(POLL_S)
     gone = Usage.of(gateway.pid)
+    # What it gives back: the tunnel core returns freed memory to the system at most every
+    # TRIM_EVERY_S (10 s) once many connections ended; past that, RSS is what it keeps.
+    await asyncio.sleep(SETTLE_S)
+    settled = Usage.of(gateway.pid)
     mq0 = Usage.of(broker.pid)
     connect = merge_connects(
         await pool.command(
@@ -1134,6 +1139,8 @@ async def measure_reconnect(
         "fleetgate_rss_mib_after_all_closed": round(gone.rss_kib / 1024, 1),
         "fleetgate_rss_mib_reconnected": round(again.rss_kib / 1024, 1),
         "fleetgate_kib_per_device_after_all_closed": _per(gone.rss_kib - fresh.rss_kib, closed, 1),
+        "fleetgate_rss_mib_settled": round(settled.rss_kib / 1024, 1),
+        "fleetgate_kib_per_device_settled": _per(settled.rss_kib - fresh.rss_kib, closed, 1),
         "fleetgate_open_fds_after_all_closed": gone.fds,
         "connected": connected,
         "failures": connect["failures"],
@@ -1304,7 +1311,8 @@ def summary(settings: Settings, marker: Mapping[str, Any], mid: Mapping[str, flo
         again = {k.removeprefix("reconnect."): v for k, v in mid.items()}
         lines.append(
             f"  all closed: fleetgate keeps {again['fleetgate_kib_per_device_after_all_closed']}"
-            f" KiB per device gone; reconnect: {again['connected']} at {again['per_s']}/s, "
+            f" KiB per device gone, {again['fleetgate_kib_per_device_settled']} after "
+            f"{SETTLE_S:.0f} s; reconnect: {again['connected']} at {again['per_s']}/s, "
             f"fleetgate {again['fleetgate_cpu_ms_per_conn']} CPU ms/conn, mosquitto "
             f"{again['mosquitto_cpu_ms_per_conn']}"
         )

@@ -547,6 +547,44 @@ async def test_the_memory_of_a_burst_goes_back_once_it_is_over(rig: Rig) -> None
             writer.close()
 
 
+async def test_the_memory_of_a_fleet_that_left_goes_back(rig: Rig) -> None:
+    """Quiet connections that end all at once (an outage, a drain) were never busy, yet what
+    they held is freed: it goes back too, once, and no more often than every 10 s; a few
+    leaving are not worth it."""
+    server = rig.destination()
+    async with rig.open_tunnel(server.port) as (made, port):
+        devices = [await _device(port) for _ in range(80)]
+        for reader, writer in devices:
+            writer.write(b"ping")
+            assert await asyncio.wait_for(reader.readexactly(4), TIMEOUT_S) == b"ping"
+        rig.clock.advance(1.0)
+        made.check_timeouts()
+        assert (made.resting, made.trims) == (80, 1)  # the burst of set-ups, over
+        leaving, staying = devices[:10], devices[10:]
+        for _, writer in leaving:
+            writer.close()
+        for _ in leaving:
+            await rig.next_end()
+        rig.clock.advance(11.0)
+        made.check_timeouts()
+        assert (made.connections, made.trims) == (70, 1)  # 10 of 80 left: kept
+        for _, writer in staying[:5]:
+            writer.close()
+        for _ in range(5):
+            await rig.next_end()
+        made.check_timeouts()
+        assert (made.connections, made.trims) == (65, 1)
+        for _, writer in staying[5:]:
+            writer.close()
+        for _ in staying[5:]:
+            await rig.next_end()
+        made.check_timeouts()
+        assert (made.connections, made.trims) == (0, 2)  # 80 fell to none: given back
+        rig.clock.advance(1.0)
+        made.check_timeouts()
+        assert made.trims == 2
+
+
 async def test_a_device_reset_ends_the_connection_as_device_lost(rig: Rig) -> None:
     server = rig.destination()
     async with rig.open_tunnel(server.port) as (_, port):

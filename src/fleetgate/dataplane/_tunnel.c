@@ -179,6 +179,7 @@ typedef struct {
     Queue queues[QUEUES];
     Py_ssize_t queue_length[QUEUES];
     Py_ssize_t busy_peak; /* most busy connections (set up or relaying) since the last trim */
+    Py_ssize_t held_peak; /* most connections in any state since the last trim */
     double trimmed_at;
     unsigned long long trims;
     double resting_timeout[RESTING_KINDS]; /* the idle timeout of each resting queue */
@@ -288,17 +289,25 @@ enqueue(Core *core, Conn *c, int queue)
 
 /* After a burst (many connections set up at once, a reconnect storm), the memory their
  * handshakes and record buffers used is free but still the process's: malloc keeps it.
- * Once the burst is over, it goes back to the system. Not in a steady state, where the buffers
- * freed are taken again at once. */
+ * Once the burst is over, it goes back to the system; so does what many connections that
+ * ended held (a fleet gone at once: an outage, a drain), quiet ones included. Not in a
+ * steady state, where the buffers freed are taken again at once. */
+static int
+fell_after_peak(Py_ssize_t peak, Py_ssize_t now_held)
+{
+    return peak - now_held >= TRIM_AFTER_QUIET && now_held * 2 <= peak;
+}
+
 static void
 trim_after_burst(Core *core, double moment)
 {
     Py_ssize_t busy = core->queue_length[QUEUE_SETUP] + core->queue_length[QUEUE_ACTIVE];
-    if (core->busy_peak - busy < TRIM_AFTER_QUIET || busy * 2 > core->busy_peak ||
+    if (!(fell_after_peak(core->busy_peak, busy) || fell_after_peak(core->held_peak, core->count)) ||
         moment - core->trimmed_at < TRIM_EVERY_S) {
         return;
     }
     core->busy_peak = busy;
+    core->held_peak = core->count;
     core->trimmed_at = moment;
 #ifdef __GLIBC__
     malloc_trim(0);
@@ -1337,6 +1346,9 @@ accept_one(Core *core, int fd, const struct sockaddr_storage *peer)
     }
     core->live = c;
     core->count++;
+    if (core->count > core->held_peak) {
+        core->held_peak = core->count;
+    }
     core->accepted++;
 
     if (watch(core, &c->device, EDGE) < 0) {
@@ -1723,6 +1735,9 @@ core_adopt(Core *self, PyObject *args)
     }
     self->live = c;
     self->count++;
+    if (self->count > self->held_peak) {
+        self->held_peak = self->count;
+    }
     /* Both sockets are writable: their first events come at once and start the relay. */
     return PyLong_FromUnsignedLongLong(c->key);
 }
@@ -1949,6 +1964,7 @@ drop_all(Core *self)
     memset(self->queues, 0, sizeof self->queues);
     memset(self->queue_length, 0, sizeof self->queue_length);
     self->busy_peak = 0;
+    self->held_peak = 0;
 }
 
 static int
