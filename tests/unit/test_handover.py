@@ -23,6 +23,8 @@ import uvloop
 
 from fleetgate.clock import FakeClock
 from fleetgate.dataplane import handover
+from fleetgate.dataplane.endpoint import PlainEndpoint
+from fleetgate.dataplane.splice import Splicing, start_splice
 from fleetgate.dataplane.tls_endpoint import TlsEndpoint
 from support.splice_rig import (
     Rig,
@@ -31,6 +33,7 @@ from support.splice_rig import (
     exchange,
     reset,
     splice_rig,
+    tcp_pair,
 )
 
 
@@ -445,3 +448,50 @@ def test_a_destinations_fin_without_close_notify_is_no_close_notify_to_a_tls_dev
             await asyncio.wait_for(rig.receive_to_end(), 10)
 
     _run(loop_kind, tmp_path, test, device_tls=True)
+
+
+def test_the_timer_outlives_the_last_connection_until_the_memory_went_back(
+    loop_kind: str, tmp_path: Path
+) -> None:
+    """A fleet that leaves at once (an outage, a drain) ends every connection; what they held
+    goes back to the system, at most every 10 s: the loop core's timer, which stops with its
+    last connection, keeps going until it has."""
+    fleet = 70  # more than the 64 fewer connections a trim waits for
+
+    async def test(rig: Rig) -> None:
+        clock = FakeClock()
+        loop = asyncio.get_running_loop()
+        held, ended = [], []
+
+        def done(splicing: Splicing, _: object) -> None:
+            splicing.device.close()
+            splicing.destination.close()
+            ended.append(splicing)
+
+        for _ in range(fleet):
+            device, gateway_side = tcp_pair()
+            _, device_end = await loop.connect_accepted_socket(PlainEndpoint, gateway_side)
+            splicing = start_splice(
+                device_end, await rig.dial(), clock, idle_timeout_s=60.0, on_done=done
+            )
+            held.append((device, splicing))
+        loop_core = handover._loop_core(clock)
+        assert loop_core.core.count == fleet
+        clock.advance(1.0)
+        handover.check_timeouts(clock)  # all quiet: the burst of set-ups is over
+        assert (loop_core.core.trims, loop_core.core.trim_due) == (1, False)
+        for device, splicing in held:
+            splicing.finish("cut")
+            device.close()
+        await asyncio.sleep(0)  # the splices' done callbacks: each cuts its connection
+        assert len(ended) == fleet
+        assert loop_core.core.count == 0
+        assert loop_core.core.trim_due  # but not 10 s after the last trim
+        loop_core._expire()
+        assert loop_core._tick is not None  # no connection left, and still ticking
+        clock.advance(10.0)
+        loop_core._expire()
+        assert (loop_core.core.trims, loop_core.core.trim_due) == (2, False)
+        assert loop_core._tick is None  # done: an idle gateway does not wake
+
+    _run(loop_kind, tmp_path, test)

@@ -298,15 +298,21 @@ fell_after_peak(Py_ssize_t peak, Py_ssize_t now_held)
     return peak - now_held >= TRIM_AFTER_QUIET && now_held * 2 <= peak;
 }
 
+/* Whether a trim is due (perhaps not yet: at most every TRIM_EVERY_S). */
+static int
+trim_due(Core *core)
+{
+    Py_ssize_t busy = core->queue_length[QUEUE_SETUP] + core->queue_length[QUEUE_ACTIVE];
+    return fell_after_peak(core->busy_peak, busy) || fell_after_peak(core->held_peak, core->count);
+}
+
 static void
 trim_after_burst(Core *core, double moment)
 {
-    Py_ssize_t busy = core->queue_length[QUEUE_SETUP] + core->queue_length[QUEUE_ACTIVE];
-    if (!(fell_after_peak(core->busy_peak, busy) || fell_after_peak(core->held_peak, core->count)) ||
-        moment - core->trimmed_at < TRIM_EVERY_S) {
+    if (!trim_due(core) || moment - core->trimmed_at < TRIM_EVERY_S) {
         return;
     }
-    core->busy_peak = busy;
+    core->busy_peak = core->queue_length[QUEUE_SETUP] + core->queue_length[QUEUE_ACTIVE];
     core->held_peak = core->count;
     core->trimmed_at = moment;
 #ifdef __GLIBC__
@@ -1924,6 +1930,12 @@ core_get_trims(Core *self, void *closure)
 }
 
 static PyObject *
+core_get_trim_due(Core *self, void *closure)
+{
+    return PyBool_FromLong(trim_due(self));
+}
+
+static PyObject *
 core_get_adopted(Core *self, void *closure)
 {
     return PyLong_FromUnsignedLongLong(self->adopted);
@@ -2046,6 +2058,8 @@ static PyGetSetDef core_getset[] = {
     {"adopted", (getter)core_get_adopted, NULL, "connections adopted in all", NULL},
     {"trims", (getter)core_get_trims, NULL,
      "times the memory of a burst of connections went back to the system", NULL},
+    {"trim_due", (getter)core_get_trim_due, NULL,
+     "whether expire() has memory to give back (at most every 10 s), connections or not", NULL},
     {"resting", (getter)core_get_resting, NULL,
      "connections quiet long enough to have given their record buffers back", NULL},
     {"turns_posted", (getter)core_get_turns_posted, NULL,

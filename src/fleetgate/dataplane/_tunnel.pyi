@@ -9,6 +9,7 @@ class Core:
     adopted: int
     resting: int
     trims: int
+    trim_due: bool
     turns_posted: int
     def __init__(
         self,

@@ -64,7 +64,8 @@ _RELEASED = _Released()
 
 class _LoopCore:
     """The tunnel core of one event loop and clock: the loop watches its descriptor, and a
-    timer (only while it holds connections) ends those idle too long.
+    timer (only while it holds connections, or has memory of ended ones to give back) ends
+    those idle too long.
 
     The loop holds it (through its reader) and it holds what its connections' callbacks hold
     (futures of the loop, among others): a cycle the collector frees with the loop. Only weak
@@ -93,7 +94,7 @@ class _LoopCore:
         try:
             self.core.expire()
         finally:
-            if self.core.count:
+            if self.core.count or self.core.trim_due:
                 self._tick = asyncio.get_running_loop().call_later(TICK_S, self._expire)
 
 
