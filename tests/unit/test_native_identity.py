@@ -33,7 +33,7 @@ def ca() -> TestCA:
 @pytest.fixture(autouse=True)
 def no_shared_certificates_left() -> None:
     """Every test starts with nothing shared (what other tests parsed stays out of the way)."""
-    native._shared_certificates.clear()
+    native._forget_shared_certificates()
 
 
 def _chain(identity: native.ClientIdentity) -> list[int]:
@@ -109,6 +109,47 @@ def test_past_the_bound_certificates_are_parsed_per_identity(
     assert _chain(first) != _chain(second)
     assert native._shared_certificates == {}
     assert _accepted_as(second, ca, tmp_path) == "device-2"
+
+
+def test_the_least_recently_presented_is_let_go_first(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Past the bound the oldest shared certificate goes; identities presenting it keep it."""
+    monkeypatch.setattr(native, "MAX_SHARED_CERTIFICATES", 2)
+    cas = [TestCA.create(f"root {n}", intermediate=True) for n in range(3)]
+    devices = [ca.issue_client(f"device-{n}") for n, ca in enumerate(cas)]
+    first = _identity(devices[0])
+    _identity(devices[1])
+    _identity(cas[0].issue_client("device-0b"))  # the first CA, presented again: the newest
+    _identity(devices[2])  # the second CA's goes
+
+    held = {certificates_pem(devices[n].intermediates).strip() for n in (0, 2)}
+    assert set(native._shared_certificates) == held
+    native._forget_shared_certificates()
+    assert _accepted_as(first, cas[0], tmp_path) == "device-0"
+
+
+def test_a_begin_line_with_trailing_blanks_is_read_as_openssl_reads_it(
+    ca: TestCA, tmp_path: Path
+) -> None:
+    """The expression that splits the chain does not match such a line; OpenSSL does, and the
+    intermediate after it must still be presented."""
+    device = ca.issue_client("device-1")
+    leaf, intermediate = (certificates_pem([c]) for c in device.chain())
+    padded = intermediate.replace(b"-----BEGIN CERTIFICATE-----", b"-----BEGIN CERTIFICATE----- \t")
+
+    identity = native.ClientIdentity(leaf + padded, device.key_pem())
+    assert len(_chain(identity)) == 1
+    assert _accepted_as(identity, ca, tmp_path) == "device-1"
+
+
+def test_more_blocks_than_a_chain_may_hold_are_refused(ca: TestCA) -> None:
+    device = ca.issue_client("device-1")
+    intermediate = certificates_pem(device.intermediates)
+    too_long = certificates_pem([device.certificate]) + intermediate * native.MAX_PEM_OBJECTS
+
+    with pytest.raises(ValueError, match="more than 16 PEM blocks"):
+        native.ClientIdentity(too_long, device.key_pem())
 
 
 def test_a_chain_certificate_that_cannot_be_read_is_refused(ca: TestCA) -> None:

@@ -326,9 +326,10 @@ class ClientIdentity:
         leaf, after = _read_identity_chain(chain_pem)
         self._certificate = leaf
         self._chain = _lib.OPENSSL_sk_new_null() or 0
-        for extra in after:
+        for index, extra in enumerate(after):
             if not self._chain or not _lib.OPENSSL_sk_push(self._chain, extra):
-                _lib.X509_free(extra)
+                for rest in after[index:]:
+                    _lib.X509_free(rest)
                 raise ValueError("cannot hold the certificate chain")
         self._key = _read_private_key(key_pem)
         if _lib.X509_check_private_key(self._certificate, self._key) != 1:
@@ -369,23 +370,27 @@ class ClientIdentity:
 def _read_identity_chain(chain_pem: bytes) -> tuple[int, list[int]]:
     """The leaf certificate and the certificates after it, each an ``X509`` reference the
     caller frees. The ones after the leaf (the issuing CAs) are shared: see
-    :func:`_chain_certificate`. A chain with anything but plain certificate blocks is read
-    whole, as OpenSSL reads it."""
+    :func:`_chain_certificate`. A chain that is not only plain certificate blocks the
+    expression finds (another kind of block, a BEGIN line with trailing blanks) is read whole,
+    as OpenSSL reads it."""
     assert _lib is not None
+    begun = chain_pem.count(_PEM_BEGIN)
+    if begun > MAX_PEM_OBJECTS:
+        raise ValueError(f"more than {MAX_PEM_OBJECTS} PEM blocks in the certificate chain")
     blocks = list(_PEM_BLOCK.finditer(chain_pem))
-    if not blocks or any(match.group(1) != b"CERTIFICATE" for match in blocks):
+    if len(blocks) != begun or any(match.group(1) != b"CERTIFICATE" for match in blocks):
         found = _read_pem(chain_pem, _lib.PEM_read_bio_X509)
         if not found:
             raise ValueError("no certificate in the chain")
         return found[0], found[1:]
-    if len(blocks) > MAX_PEM_OBJECTS:
-        raise ValueError(f"more than {MAX_PEM_OBJECTS} certificates in the chain")
+    if not blocks:
+        raise ValueError("no certificate in the chain")
     leaf = _read_one_certificate(blocks[0].group(0))
     after: list[int] = []
     try:
         for match in blocks[1:]:
             after.append(_chain_certificate(match.group(0)))
-    except ValueError:
+    except BaseException:
         for certificate in [leaf, *after]:
             _lib.X509_free(certificate)
         raise
@@ -405,8 +410,9 @@ def _read_one_certificate(block: bytes) -> int:
 # The certificates identities present after their own, by PEM block: every device certificate
 # the gateway issued carries the same issuing CA, and a parsed certificate costs about 9 KiB
 # and 0.13 ms in OpenSSL 3.0. Each is parsed once and referenced by every identity presenting
-# it (``X509`` objects are reference-counted and not changed by being presented). Bounded: past
-# MAX_SHARED_CERTIFICATES distinct ones, the rest are parsed per identity.
+# it (``X509`` objects are reference-counted and not changed by being presented). At most
+# MAX_SHARED_CERTIFICATES are held here, the least recently presented let go first (identities
+# that present it keep their own references).
 _shared_certificates: dict[bytes, int] = {}
 MAX_SHARED_CERTIFICATES = 256
 
@@ -414,14 +420,24 @@ MAX_SHARED_CERTIFICATES = 256
 def _chain_certificate(block: bytes) -> int:
     """A new reference to the ``X509`` of ``block``, a PEM certificate after the leaf."""
     assert _lib is not None
-    shared = _shared_certificates.get(block)
+    shared = _shared_certificates.pop(block, None)
     if shared is not None:
-        _lib.X509_up_ref(shared)
-        return shared
+        _shared_certificates[block] = shared  # the most recently presented, last
+        if _lib.X509_up_ref(shared):
+            return shared
     certificate = _read_one_certificate(block)
-    if len(_shared_certificates) < MAX_SHARED_CERTIFICATES and _lib.X509_up_ref(certificate):
+    if shared is None and MAX_SHARED_CERTIFICATES > 0 and _lib.X509_up_ref(certificate):
+        while len(_shared_certificates) >= MAX_SHARED_CERTIFICATES:
+            _lib.X509_free(_shared_certificates.pop(next(iter(_shared_certificates))))
         _shared_certificates[block] = certificate
     return certificate
+
+
+def _forget_shared_certificates() -> None:
+    """Let go of every shared certificate (identities keep theirs)."""
+    assert _lib is not None
+    while _shared_certificates:
+        _lib.X509_free(_shared_certificates.popitem()[1])
 
 
 _PASSWORD_CALLBACK = ctypes.CFUNCTYPE(
@@ -450,6 +466,7 @@ def _read_pem(data: bytes, read: Callable[..., int | None]) -> list[int]:
 
 MAX_PEM_OBJECTS = 16
 
+_PEM_BEGIN = b"-----BEGIN "
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----", re.DOTALL)
 _EVP_PKEY_RSA, _EVP_PKEY_EC, _EVP_PKEY_ED25519 = 6, 408, 1087  # evp.h / obj_mac.h
 _TYPE_BY_LABEL = {b"EC PRIVATE KEY": _EVP_PKEY_EC, b"RSA PRIVATE KEY": _EVP_PKEY_RSA}
