@@ -528,15 +528,23 @@ async def test_quiet_connections_rest_and_time_out_in_the_order_they_went_quiet(
     assert sorted(end.up_bytes for end in ends) == [4, 4, 8]
 
 
+async def _pinged_devices(
+    port: int, count: int
+) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """``count`` devices through the tunnel, each with one round trip done."""
+    devices = [await _device(port) for _ in range(count)]
+    for reader, writer in devices:
+        writer.write(b"ping")
+        assert await asyncio.wait_for(reader.readexactly(4), TIMEOUT_S) == b"ping"
+    return devices
+
+
 async def test_the_memory_of_a_burst_goes_back_once_it_is_over(rig: Rig) -> None:
     """Many connections set up at once, then quiet: what their handshakes and buffers used is
     given back to the system (malloc_trim), once; a few quiet ones are not worth it."""
     server = rig.destination()
     async with rig.open_tunnel(server.port) as (made, port):
-        devices = [await _device(port) for _ in range(70)]
-        for reader, writer in devices:
-            writer.write(b"ping")
-            assert await asyncio.wait_for(reader.readexactly(4), TIMEOUT_S) == b"ping"
+        devices = await _pinged_devices(port, 70)
         made.check_timeouts()
         assert made.trims == 0  # all 70 still busy
         rig.clock.advance(1.0)
@@ -558,10 +566,7 @@ async def test_the_memory_of_a_fleet_that_left_goes_back(rig: Rig) -> None:
     leaving are not worth it."""
     server = rig.destination()
     async with rig.open_tunnel(server.port) as (made, port):
-        devices = [await _device(port) for _ in range(80)]
-        for reader, writer in devices:
-            writer.write(b"ping")
-            assert await asyncio.wait_for(reader.readexactly(4), TIMEOUT_S) == b"ping"
+        devices = await _pinged_devices(port, 80)
         rig.clock.advance(1.0)
         made.check_timeouts()
         assert (made.resting, made.trims) == (80, 1)  # the burst of set-ups, over

@@ -399,11 +399,20 @@ def _read_identity_chain(chain_pem: bytes) -> tuple[int, list[int]]:
 
 def _read_one_certificate(block: bytes) -> int:
     assert _lib is not None
-    found = _read_pem(block, _lib.PEM_read_bio_X509)
+    return _read_first(
+        block, _lib.PEM_read_bio_X509, _lib.X509_free, "a certificate of the chain cannot be read"
+    )
+
+
+def _read_first(
+    data: bytes, read: Callable[..., int | None], free: Callable[[int], None], missing: str
+) -> int:
+    """The first object ``read`` finds in ``data`` (the others freed); ``missing`` if none."""
+    found = _read_pem(data, read)
     for extra in found[1:]:
-        _lib.X509_free(extra)
+        free(extra)
     if not found:
-        raise ValueError("a certificate of the chain cannot be read")
+        raise ValueError(missing)
     return found[0]
 
 
@@ -496,12 +505,7 @@ def _read_private_key(pem: bytes) -> int:
         _lib.ERR_clear_error()
         if key:
             return int(key)
-    keys = _read_pem(pem, _lib.PEM_read_bio_PrivateKey)
-    for extra in keys[1:]:
-        _lib.EVP_PKEY_free(extra)
-    if not keys:
-        raise ValueError("no private key")
-    return keys[0]
+    return _read_first(pem, _lib.PEM_read_bio_PrivateKey, _lib.EVP_PKEY_free, "no private key")
 
 
 def _key_der(pem: bytes) -> tuple[int, bytes] | None:
