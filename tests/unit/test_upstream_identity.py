@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from fleetgate.clock import FakeClock
 from fleetgate.config.schema import DestinationConfig
 from fleetgate.dataplane import native
+from fleetgate.dataplane import upstream as upstream_module
 from fleetgate.dataplane.tls_endpoint import TlsEndpoint
 from fleetgate.dataplane.upstream import ClientCertificate, Upstream, UpstreamError
 from fleetgate.sealing import Secret
@@ -149,3 +150,48 @@ async def test_a_connection_cut_without_close_notify_leaves_the_session_resumabl
         await endpoint.closed
         del endpoint
         gc.collect()  # OpenSSL judges the session when the connection's SSL is freed
+
+
+def _cached(upstream: Upstream) -> list[str]:
+    return [key_id for _, _, key_id in upstream._entries]
+
+
+async def test_what_a_device_left_unused_for_two_hours_goes(site: Site) -> None:
+    """A gone device's identity and session do not stay for ever: an entry not used for a
+    connection in ENTRY_IDLE_S goes at the next connection; one in use stays."""
+    clock = FakeClock()
+    upstream = Upstream(clock)
+    alpha, beta, gamma = site.device("alpha"), site.device("beta"), site.device("gamma")
+    for device in (alpha, beta):
+        await _seen_as(upstream, site, device)
+    clock.advance(upstream_module.ENTRY_IDLE_S / 2)
+    assert await _seen_as(upstream, site, alpha) == ("alpha", True)  # used again
+    clock.advance(upstream_module.ENTRY_IDLE_S / 2 + 1)  # beta: idle for longer than that
+    assert _cached(upstream) == ["beta@1", "alpha@1"]  # nothing goes without a connection
+    assert await _seen_as(upstream, site, gamma) == ("gamma", False)
+    assert _cached(upstream) == ["alpha@1", "gamma@1"]
+    assert await _seen_as(upstream, site, beta) == ("beta", False)  # a full handshake again
+
+
+async def test_a_renewed_credential_lets_its_old_revision_go_at_once(site: Site) -> None:
+    upstream = Upstream(FakeClock())
+    await _seen_as(upstream, site, site.device("gamma"))
+    await _seen_as(upstream, site, site.device("delta"))
+    issued = site.ca.issue_client("gamma-renewed")
+    renewed = ClientCertificate("gamma@2", issued.chain_pem(), Secret(issued.key_pem()))
+    assert await _seen_as(upstream, site, renewed) == ("gamma-renewed", False)
+    assert _cached(upstream) == ["delta@1", "gamma@2"]
+
+
+async def test_past_the_bound_the_least_recently_used_goes(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(upstream_module, "MAX_ENTRIES", 2)
+    upstream = Upstream(FakeClock())
+    one, two, three = site.device("one"), site.device("two"), site.device("three")
+    for device in (one, two, one, three):
+        await _seen_as(upstream, site, device)
+    assert _cached(upstream) == ["one@1", "three@1"]
+    assert await _seen_as(upstream, site, two) == ("two", False)
+    assert _cached(upstream) == ["three@1", "two@1"]
+    assert await _seen_as(upstream, site, three) == ("three", True)

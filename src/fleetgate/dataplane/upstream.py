@@ -38,6 +38,9 @@ from fleetgate.dataplane.tls_endpoint import Resumable, TlsEndpoint, TlsFailure,
 from fleetgate.sealing import Secret
 
 MAX_ENTRIES = 50_000  # credentials (per destination) whose material and session are kept
+# An entry not used for a connection this long goes: by then a TLS 1.3 ticket has usually
+# expired (OpenSSL's default lifetime), and what is left to save is one parse of the identity.
+ENTRY_IDLE_S = 7200.0
 SESSION_REFRESH_S = 1.0
 
 
@@ -68,6 +71,7 @@ class _Entry:
     identity: native.ClientIdentity | None = None
     session: Resumable | None = None
     session_at: float = field(default=-1e18)
+    used_at: float = 0.0
 
 
 def _memfd_path(name: str, data: bytes) -> tuple[int, str]:
@@ -106,12 +110,28 @@ def build_context(
     return context
 
 
+type _Key = tuple[str, DestinationConfig, str]  # destination name, its config, key_id
+
+
+def _credential(key: _Key) -> _Key:
+    """The same credential at the same destination, whatever its revision (``id@revision``)."""
+    name, destination, key_id = key
+    return name, destination, key_id.rpartition("@")[0] or key_id
+
+
 class Upstream:
-    """Opens verified connections to destinations; owns the context and session caches."""
+    """Opens verified connections to destinations; owns the context and session caches.
+
+    The cache keeps, per credential revision and destination, the parsed identity and the
+    last session: least recently used first, so what a gone or renewed device left goes
+    first. An entry goes when its credential has a newer revision in use, when it was not used
+    for :data:`ENTRY_IDLE_S`, or past :data:`MAX_ENTRIES`."""
 
     def __init__(self, clock: Clock) -> None:
         self._clock = clock
-        self._entries: OrderedDict[tuple[str, DestinationConfig, str], _Entry] = OrderedDict()
+        self._entries: OrderedDict[_Key, _Entry] = OrderedDict()
+        # Per credential (its key_id less the revision) and destination: the entry in use.
+        self._revisions: dict[_Key, _Key] = {}
         # Per destination: the context every device shares (native), and the server chains
         # verified lately (the server's chain does not depend on who the device is).
         self._shared: dict[tuple[str, DestinationConfig], ssl.SSLContext] = {}
@@ -121,9 +141,12 @@ class Upstream:
         self, name: str, destination: DestinationConfig, client: ClientCertificate | None
     ) -> _Entry:
         key = (name, destination, client.key_id if client else "")
+        now = self._clock.monotonic()
         entry = self._entries.get(key)
         if entry is not None:
+            entry.used_at = now
             self._entries.move_to_end(key)
+            self._let_go_idle(now)
             return entry
         try:
             if native.AVAILABLE:
@@ -137,10 +160,31 @@ class Upstream:
                 entry = _Entry(build_context(destination, client))
         except (ssl.SSLError, OSError, ValueError) as exc:
             raise UpstreamError("tls_setup", f"destination {name}: {exc}") from None
+        entry.used_at = now
+        credential = _credential(key)
+        replaced = self._revisions.get(credential)
+        if replaced is not None and replaced != key:
+            self._entries.pop(replaced, None)  # an older revision: never presented again
+        self._revisions[credential] = key
         self._entries[key] = entry
         if len(self._entries) > MAX_ENTRIES:
-            self._entries.popitem(last=False)
+            self._drop(next(iter(self._entries)))
+        self._let_go_idle(now)
         return entry
+
+    def _let_go_idle(self, now: float) -> None:
+        """Drop the entries not used for ENTRY_IDLE_S (the oldest are first)."""
+        while self._entries:
+            key, oldest = next(iter(self._entries.items()))
+            if now - oldest.used_at < ENTRY_IDLE_S:
+                return
+            self._drop(key)
+
+    def _drop(self, key: _Key) -> None:
+        del self._entries[key]
+        credential = _credential(key)
+        if self._revisions.get(credential) == key:
+            del self._revisions[credential]
 
     def _shared_context(self, name: str, destination: DestinationConfig) -> ssl.SSLContext:
         context = self._shared.get((name, destination))
@@ -161,6 +205,7 @@ class Upstream:
         """Drop every cached context, identity, session and verified chain (credentials or
         trust changed)."""
         self._entries.clear()
+        self._revisions.clear()
         self._shared.clear()
         self._chains.clear()
 
