@@ -74,8 +74,16 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
     await server.wait_closed()
 
 
-async def _seen_as(upstream: Upstream, site: Site, device: ClientCertificate) -> tuple[str, bool]:
-    endpoint = await upstream.connect("to", site.destination(), device)
+async def _seen_as(
+    upstream: Upstream,
+    site: Site,
+    device: ClientCertificate,
+    route: str = "to",
+    destination: DestinationConfig | None = None,
+) -> tuple[str, bool]:
+    """The name the server saw, once it answered (a TLS 1.3 ticket comes before the answer),
+    and whether the session was resumed."""
+    endpoint = await upstream.connect(route, destination or site.destination(), device)
     assert isinstance(endpoint, TlsEndpoint)
     endpoint.write(b"?")
     name = b""
@@ -195,3 +203,25 @@ async def test_past_the_bound_the_least_recently_used_goes(
     assert await _seen_as(upstream, site, two) == ("two", False)
     assert _cached(upstream) == ["three@1", "two@1"]
     assert await _seen_as(upstream, site, three) == ("three", True)
+
+
+async def test_a_reload_that_changes_a_destination_forgets_what_was_kept_for_it(
+    site: Site,
+) -> None:
+    """Contexts, chains, identities and sessions of a destination that is no longer configured
+    as it was go at the reload; an unchanged destination keeps its sessions."""
+    upstream = Upstream(FakeClock())
+    kept, changed = site.destination(), site.destination().model_copy(update={"alpn": ("mqtt",)})
+    alpha, beta = site.device("alpha"), site.device("beta")
+    assert await _seen_as(upstream, site, alpha, "kept", kept) == ("alpha", False)
+    endpoint = await upstream.connect("changed", kept, beta)
+    upstream.keep_only({"kept": kept, "changed": changed})
+
+    assert [(name, key_id) for name, _, key_id in upstream._entries] == [("kept", "alpha@1")]
+    assert set(upstream._shared) == {("kept", kept)}
+    assert set(upstream._chains) == {("kept", kept)}
+    assert not endpoint.is_closed  # what is open on the old settings carries on
+    endpoint.close()
+    # The unchanged destination resumes its session; the changed one starts afresh.
+    assert await _seen_as(upstream, site, alpha, "kept", kept) == ("alpha", True)
+    assert await _seen_as(upstream, site, beta, "changed", changed) == ("beta", False)

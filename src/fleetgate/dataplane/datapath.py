@@ -99,6 +99,7 @@ class DataPath:
 
     def reconfigure(self, destinations: Mapping[str, DestinationConfig]) -> None:
         self.destinations = dict(destinations)
+        self.upstream.keep_only(self.destinations)
 
     def on_change(self, change: Change) -> None:
         self.registry.on_change(change)

@@ -1,6 +1,10 @@
 """HTTP/1.1 to a destination over the gateway's verified connections, with keep-alive pooling
 per (destination, client credential): a device's requests reuse its own authenticated
-connections, never another device's."""
+connections, never another device's.
+
+An idle pooled connection is kept for IDLE_KEEP_S at most, and closed as soon as the server
+ends it: a fleet of devices that each post once and go away leaves no descriptors behind (a
+sweep every SWEEP_EVERY_S, while anything is pooled, closes what nobody came back for)."""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from fleetgate.records import Device
 
 MAX_IDLE_PER_KEY = 8
 IDLE_KEEP_S = 30.0
+SWEEP_EVERY_S = IDLE_KEEP_S / 2
 MAX_RESPONSE_HEADER_BYTES = 64 * 1024
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS"})
 # Headers that belong to one hop (RFC 9110 section 7.6.1) and never pass through.
@@ -67,7 +72,7 @@ class UpstreamResponse:
     reason: bytes
     headers: list[tuple[bytes, bytes]]
     _pooled: _Pooled
-    _pool: HttpUpstream
+    _pool: KeptAlive
     _key: tuple[object, ...]
     _done: bool = field(default=False)
 
@@ -89,13 +94,21 @@ class UpstreamResponse:
         self._pool.give_back(self._key, self._pooled, reusable=self._done)
 
 
-class HttpUpstream:
-    def __init__(self, path: DataPath, clock: Clock) -> None:
-        self._path = path
+class KeptAlive:
+    """Idle connections kept alive for the next request, per key (destination and client
+    credential), newest last."""
+
+    def __init__(self, clock: Clock) -> None:
         self._clock = clock
         self._idle: dict[tuple[object, ...], list[_Pooled]] = {}
+        self._sweep: asyncio.TimerHandle | None = None
+
+    @property
+    def keys(self) -> int:
+        return len(self._idle)
 
     def give_back(self, key: tuple[object, ...], pooled: _Pooled, *, reusable: bool) -> None:
+        """Keep ``pooled`` for the next request if its exchange finished cleanly, else close it."""
         http = pooled.http
         if (
             reusable
@@ -105,31 +118,69 @@ class HttpUpstream:
         ):
             http.start_next_cycle()
             pooled.idle_since = self._clock.monotonic()
+            pooled.endpoint.on_eof = pooled.endpoint.close  # the server ended it while idle
             idle = self._idle.setdefault(key, [])
             idle.append(pooled)
             if len(idle) > MAX_IDLE_PER_KEY:
                 idle.pop(0).endpoint.close()
+            if self._sweep is None:
+                self._sweep = asyncio.get_running_loop().call_later(SWEEP_EVERY_S, self.sweep)
             return
         pooled.endpoint.close()
 
-    def _take_idle(self, key: tuple[object, ...]) -> _Pooled | None:
+    def take(self, key: tuple[object, ...]) -> _Pooled | None:
+        """The newest usable idle connection for ``key``, if any."""
         idle = self._idle.get(key)
         now = self._clock.monotonic()
-        while idle:
+        found = None
+        while idle and found is None:
             pooled = idle.pop()
-            if pooled.endpoint.is_closed or pooled.endpoint.at_eof:
-                continue
-            if now - pooled.idle_since > IDLE_KEEP_S:
-                pooled.endpoint.close()
-                continue
-            return pooled
-        return None
+            if self._still_usable(pooled, now):
+                pooled.endpoint.on_eof = None  # the exchange reads the end itself
+                found = pooled
+        if idle is not None and not idle:
+            del self._idle[key]
+        return found
+
+    def sweep(self) -> None:
+        """Close the idle connections kept too long or ended by the server, and forget the
+        pools left empty (the devices that do not come back)."""
+        self._sweep = None
+        now = self._clock.monotonic()
+        for key, idle in list(self._idle.items()):
+            kept = [pooled for pooled in idle if self._still_usable(pooled, now)]
+            if kept:
+                self._idle[key] = kept
+            else:
+                del self._idle[key]
+        if self._idle:
+            self._sweep = asyncio.get_running_loop().call_later(SWEEP_EVERY_S, self.sweep)
+
+    @staticmethod
+    def _still_usable(pooled: _Pooled, now: float) -> bool:
+        endpoint = pooled.endpoint
+        if endpoint.is_closed or endpoint.at_eof or now - pooled.idle_since > IDLE_KEEP_S:
+            endpoint.close()
+            return False
+        return True
 
     def close(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for idle in self._idle.values():
             for pooled in idle:
                 pooled.endpoint.close()
         self._idle.clear()
+
+
+class HttpUpstream:
+    def __init__(self, path: DataPath, clock: Clock) -> None:
+        self._path = path
+        self._pool = KeptAlive(clock)
+
+    def close(self) -> None:
+        self._pool.close()
 
     async def exchange(
         self,
@@ -142,7 +193,7 @@ class HttpUpstream:
         client = await self._path.client_certificate(device, route.destination)
         key: tuple[object, ...] = (route.name, route.destination, client.key_id if client else "")
         for attempt in (1, 2):
-            pooled = self._take_idle(key)
+            pooled = self._pool.take(key)
             reused = pooled is not None
             if pooled is None:
                 try:
@@ -197,5 +248,5 @@ class HttpUpstream:
                     break
                 raise ConnectionError(f"no response ({type(event).__name__})")
         return UpstreamResponse(
-            event.status_code, bytes(event.reason), list(event.headers), pooled, self, key
+            event.status_code, bytes(event.reason), list(event.headers), pooled, self._pool, key
         )

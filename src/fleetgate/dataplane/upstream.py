@@ -27,6 +27,7 @@ import contextlib
 import os
 import ssl
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from fleetgate.clock import Clock
@@ -201,13 +202,16 @@ class Upstream:
             self._chains[(name, destination)] = chains
         return chains
 
-    def forget(self) -> None:
-        """Drop every cached context, identity, session and verified chain (credentials or
-        trust changed)."""
-        self._entries.clear()
-        self._revisions.clear()
-        self._shared.clear()
-        self._chains.clear()
+    def keep_only(self, destinations: Mapping[str, DestinationConfig]) -> None:
+        """Forget what was kept for destinations no longer configured as they were (a reload
+        removed or changed them): their contexts, verified chains, identities and sessions.
+        Connections open on them carry on (each holds what it uses)."""
+        current = set(destinations.items())
+        for key in [key for key in self._entries if (key[0], key[1]) not in current]:
+            self._drop(key)
+        for kept in (self._shared, self._chains):
+            for gone in [pair for pair in kept if pair not in current]:
+                del kept[gone]
 
     async def connect(
         self,
