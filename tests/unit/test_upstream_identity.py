@@ -9,6 +9,7 @@ import gc
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -17,8 +18,10 @@ from fleetgate.clock import FakeClock
 from fleetgate.config.schema import DestinationConfig
 from fleetgate.dataplane import native
 from fleetgate.dataplane import upstream as upstream_module
+from fleetgate.dataplane.datapath import DataPath
 from fleetgate.dataplane.tls_endpoint import TlsEndpoint
 from fleetgate.dataplane.upstream import ClientCertificate, Upstream, UpstreamError
+from fleetgate.metrics import Metrics
 from fleetgate.sealing import Secret
 from support.certs import TestCA
 from support.tls_pair import server_context
@@ -225,3 +228,15 @@ async def test_a_reload_that_changes_a_destination_forgets_what_was_kept_for_it(
     # The unchanged destination resumes its session; the changed one starts afresh.
     assert await _seen_as(upstream, site, alpha, "kept", kept) == ("alpha", True)
     assert await _seen_as(upstream, site, beta, "changed", changed) == ("beta", False)
+
+
+async def test_the_data_path_tells_the_upstream_what_a_reload_kept(site: Site) -> None:
+    upstream = Upstream(FakeClock())
+    old = site.destination()
+    unused = cast(Any, None)  # (reconfiguring reads neither the registry nor the keys)
+    path = DataPath(unused, upstream, {"to": old}, FakeClock(), Metrics(), unused)
+    await _seen_as(upstream, site, site.device("alpha"))
+    path.reconfigure({"to": old})
+    assert _cached(upstream) == ["alpha@1"]
+    path.reconfigure({"to": old.model_copy(update={"connect_timeout_s": 3.0})})
+    assert _cached(upstream) == []
