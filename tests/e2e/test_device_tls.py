@@ -283,13 +283,35 @@ def test_a_revoked_certificate_is_refused_at_the_handshake(site: Site) -> None:
     mark = site.gateway.mark()
     with site.api() as api:
         revoke(api, device.serial)
-    site.gateway.wait_for("listener.tls_reloaded", since=mark)
+    reloaded = site.gateway.wait_for(
+        "listener.tls_reloaded",
+        lambda e: e["listener"] == "mtls" and e["why"] == "certificate revoked",
+        since=mark,
+    )
+    assert reloaded["rebuilt"] is True  # a new CRL: a new context
     shown = s_client(
         site.ports["mtls"], "-CAfile", site.root, "-cert", device.cert,
         "-key", device.key, "-ign_eof",
     )  # fmt: skip
     assert "certificate revoked" in shown.lower(), shown
     assert _refused(site, mark)["reason"] == "certificate_revoked"
+
+
+def test_a_credential_that_is_not_the_listeners_keeps_its_context(site: Site) -> None:
+    """Every credential change asks the store-backed listeners to reload; one that changes
+    nothing they are built from keeps the running context (each one built stays alive as long
+    as a connection accepted under it)."""
+    mark = site.gateway.mark()
+    enroll_psk(site, "tls-unrelated")
+    for listener in ("tls", "mtls"):
+
+        def of_listener(event: dict[str, Any], name: str = listener) -> bool:
+            return bool(event["listener"] == name)
+
+        reloaded = site.gateway.wait_for("listener.tls_reloaded", of_listener, since=mark)
+        assert reloaded["rebuilt"] is False, reloaded
+    shown = s_client(site.ports["tls"], "-CAfile", site.root, "-verify_return_error")
+    assert "Verify return code: 0 (ok)" in shown, shown
 
 
 def test_revoking_a_certificate_cuts_its_live_connection_and_no_other(site: Site) -> None:

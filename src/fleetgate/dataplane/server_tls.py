@@ -16,6 +16,7 @@ connections are never touched by it, new handshakes use the newest good context.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
 import os
 import ssl
@@ -182,6 +183,15 @@ def _check_files(cert_file: str, chain: bytes, key_file: str, key: bytes) -> Non
         )
 
 
+def _digest(*parts: bytes) -> bytes:
+    """One digest of several byte strings, each length-prefixed (no two lists share one)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return digest.digest()
+
+
 class ServerTls:
     """One listener's server side: its material, and the context new handshakes use."""
 
@@ -204,6 +214,7 @@ class ServerTls:
         self._context: ssl.SSLContext | None = None
         self._lock = asyncio.Lock()
         self._files_seen: tuple[tuple[int, int], ...] = ()  # (mtime_ns, size) of cert and key
+        self._material = b""  # digest of what the running context was built from
 
     @property
     def context(self) -> ssl.SSLContext:
@@ -214,18 +225,26 @@ class ServerTls:
     def uses_store(self) -> bool:
         return self.config.mode != "psk" and self.config.cert_file is None
 
-    async def load(self) -> None:
+    async def load(self) -> bool:
         """Build the context from the current material (issuing the server certificate on
-        first use); keep the running one and raise :class:`TlsSetupError` if that fails."""
+        first use); keep the running one and raise :class:`TlsSetupError` if that fails.
+        Whether a new context was built: not when nothing it is built from changed (every
+        device credential's change asks, and each context stays alive as long as a connection
+        accepted under it does: up to 2 MiB with a large CRL)."""
         async with self._lock:
             if self.config.mode == "psk":
                 self._context = build_psk_context(self.config, self._keys)
-                return
+                return True
             try:
                 chain, key = await self._server_material()
                 trust, check_crl = (
                     await self._trust() if self.config.mode == "mtls" else (b"", False)
                 )
+                material = _digest(
+                    repr(self.config).encode(), chain, key.reveal(), trust, b"%d" % check_crl
+                )
+                if self._context is not None and material == self._material:
+                    return False
                 context = await asyncio.to_thread(
                     build_server_context, self.config, chain, key, trust, check_crl=check_crl
                 )
@@ -234,6 +253,8 @@ class ServerTls:
             self._chain = chain
             await self._staple(context)
             self._context = context
+            self._material = material
+            return True
 
     def staple_due(self, now: datetime) -> bool:
         return self.staple_refresh_at is not None and self.staple_refresh_at <= now
@@ -290,13 +311,13 @@ class ServerTls:
     async def reload(self, why: str) -> bool:
         """:meth:`load`, logged; False (old context kept) if the new material is unusable."""
         try:
-            await self.load()
+            rebuilt = await self.load()
         except TlsSetupError as exc:
             log.error(
                 "listener.tls_reload_failed", listener=self.listener, why=why, detail=str(exc)
             )
             return False
-        log.info("listener.tls_reloaded", listener=self.listener, why=why)
+        log.info("listener.tls_reloaded", listener=self.listener, why=why, rebuilt=rebuilt)
         return True
 
     # -- material -------------------------------------------------------------------------------
