@@ -164,6 +164,12 @@ def test_metrics_openapi_and_docs(gateway: Gateway) -> None:
         assert 'fleetgate_devices{status="enabled"} 1.0' in metrics
         assert 'fleetgate_devices{status="disabled"} 1.0' in metrics
         assert "fleetgate_http_requests_total" in metrics
+        for invented in ("Q7F3K9Z", "BREW"):  # any token is a method to the HTTP parser
+            assert anonymous.request(invented, "/healthz").status_code in (404, 405)
+        metrics = anonymous.get("/metrics").text
+        assert 'method="other"' in metrics
+        assert "Q7F3K9Z" not in metrics
+        assert "BREW" not in metrics
         spec = anonymous.get("/openapi.json").json()
         assert {"/v1/devices", "/v1/groups", "/v1/tokens", "/v1/audit"} <= set(spec["paths"])
         docs = anonymous.get("/docs").text

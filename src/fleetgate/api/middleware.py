@@ -19,6 +19,9 @@ _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Methods named in the metrics as themselves; any other token a client sends counts as "other"
+# (a label per invented method would grow the series without bound, unauthenticated).
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE"})
 
 
 class BodyTooLarge(Exception):
@@ -99,13 +102,14 @@ class RequestContext:
         elapsed = time.perf_counter() - started
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
-        self.metrics.http_requests.labels(method, template, str(status)).inc()
-        self.metrics.http_duration.labels(method, template).observe(elapsed)
+        named = method if method in _KNOWN_METHODS else "other"
+        self.metrics.http_requests.labels(named, template, str(status)).inc()
+        self.metrics.http_duration.labels(named, template).observe(elapsed)
         if template not in ("/healthz", "/readyz", "/metrics"):
             log.info(
                 "api.request",
                 request_id=request_id,
-                method=method,
+                method=clip(method),
                 path=clip(scope.get("path", "")),
                 route=template,
                 status=status,
