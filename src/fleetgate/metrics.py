@@ -66,8 +66,21 @@ class Metrics:
         self.not_after = Gauge(
             "fleetgate_certificate_not_after_timestamp_seconds",
             "End of validity of every certificate fleetgate issued or holds (kind: certificate, "
-            "imported, ca) and of every CRL (kind: crl, its nextUpdate)",
+            "imported, ca) and of every CRL (kind: crl, its nextUpdate); certificates fleetgate "
+            "renews by itself appear only once their renewal is overdue",
             ["kind", "id", "subject", "device", "credential", "auto_renew"],
+            registry=self.registry,
+        )
+        self.renewing = Gauge(
+            "fleetgate_certificates_renewing_on_time",
+            "Certificates fleetgate renews by itself whose renewal is on schedule (not listed "
+            "one by one in fleetgate_certificate_not_after_timestamp_seconds)",
+            registry=self.registry,
+        )
+        self.renewals_overdue = Gauge(
+            "fleetgate_certificate_renewals_overdue",
+            "Certificates fleetgate renews by itself whose renewal is overdue (failing); each is "
+            "listed in fleetgate_certificate_not_after_timestamp_seconds",
             registry=self.registry,
         )
         self.config_reloads = Counter(

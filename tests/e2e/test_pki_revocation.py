@@ -4,6 +4,7 @@ and `openssl ocsp` against the responder (POST and GET)."""
 from __future__ import annotations
 
 import base64
+import re
 from pathlib import Path
 from urllib.parse import quote
 
@@ -20,6 +21,7 @@ from e2e.pki_support import (
     certificate,
     fetch_public_pki,
     issue_csr,
+    issue_generated,
     make_csr,
     ocsp,
     openssl,
@@ -185,3 +187,40 @@ def test_a_certificate_is_found_by_the_serial_spellings_revoke_accepts(
         )
         assert found.json()["serial"] == serial
         assert api.post(f"/v1/certificates/{padded}/revoke", json={}).status_code == 200
+
+
+def _serials_in_metrics(text: str) -> set[str]:
+    return set(
+        re.findall(r'fleetgate_certificate_not_after_timestamp_seconds\{[^}]*id="([^"]+)"', text)
+    )
+
+
+def _gauge(text: str, name: str) -> float:
+    found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    assert found is not None, f"{name} not in /metrics"
+    return float(found.group(1))
+
+
+def test_metrics_list_what_nobody_renews_and_count_what_fleetgate_renews(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    """A series per certificate fleetgate renews by itself would grow with the fleet (and be
+    renamed at every renewal): those are counted while on schedule; what fleetgate cannot
+    renew is listed, each with its end of validity."""
+    with gateway.client(None) as anonymous:
+        before = anonymous.get("/metrics").text
+    with gateway.client(ADMIN) as api:
+        for device in ("metrics-held", "metrics-csr"):
+            add_device(api, device)
+        held = issue_generated(api, "metrics-held", "ec-p256")
+        _, csr = make_csr(tmp_path, "metrics-csr", "/CN=metrics-csr")
+        from_csr = issue_csr(api, "metrics-csr", csr)
+    with gateway.client(None) as anonymous:
+        after = anonymous.get("/metrics").text
+
+    listed = _serials_in_metrics(after)
+    assert from_csr["certificate"]["serial"] in listed
+    assert held["certificate"]["serial"] not in listed
+    on_time = "fleetgate_certificates_renewing_on_time"
+    assert _gauge(after, on_time) == _gauge(before, on_time) + 1
+    assert _gauge(after, "fleetgate_certificate_renewals_overdue") == 0

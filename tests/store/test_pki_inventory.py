@@ -121,3 +121,28 @@ async def test_an_expired_certificate_leaves_the_inventory(pki: Services, clock:
     assert f"certificate:{brief.serial}" in keys(await pki.lifecycle.inventory())
     clock.advance(1)
     assert f"certificate:{brief.serial}" not in keys(await pki.lifecycle.inventory())
+
+
+async def test_a_renewal_is_overdue_only_a_few_maintenance_rounds_past_its_point(
+    pki: Services, clock: FakeClock
+) -> None:
+    """What /metrics lists one by one and what the alerts wait for: a certificate fleetgate
+    renews by itself counts as failing only once its renewal point is well past."""
+    await issuing_ca(pki)
+    for device in ("held", "csr"):
+        await add_device(pki, device)
+    _, held = await issue_held(pki, "held", timedelta(days=3))
+    csr = await issue_csr(pki, "csr", timedelta(days=3))
+    items = {i.id: i for i in await pki.lifecycle.inventory()}
+    renewed_by_itself, from_csr = items[held.serial], items[csr.serial]
+    assert renewed_by_itself.renew_by is not None
+    assert from_csr.renew_by is None
+    grace = timedelta(seconds=max(3 * pki.authority.config.maintenance_interval_s, 600))
+
+    clock.advance((renewed_by_itself.renew_by - clock.now()).total_seconds())  # its point
+    assert not pki.lifecycle.renewal_overdue(renewed_by_itself, clock.now())
+    clock.advance(grace.total_seconds() - 1)
+    assert not pki.lifecycle.renewal_overdue(renewed_by_itself, clock.now())
+    clock.advance(1)
+    assert pki.lifecycle.renewal_overdue(renewed_by_itself, clock.now())
+    assert not pki.lifecycle.renewal_overdue(from_csr, clock.now())  # nobody renews it here

@@ -14,6 +14,7 @@ from fleetgate.errors import FleetgateError
 from fleetgate.health import Health
 from fleetgate.metrics import Metrics
 from fleetgate.metrics_share import merged
+from fleetgate.services.lifecycle import ItemKind
 
 router = APIRouter(tags=["operations"])
 
@@ -59,8 +60,17 @@ async def metrics(request: Request, svc: ServicesDep) -> Response:
         for state in ("enabled", "disabled"):
             instruments.devices.labels(state).set(counts.get(state, 0))
         # Rebuilt on every scrape, so a renewed or revoked certificate's series disappears.
+        # Device certificates fleetgate renews by itself, on time, are counted, not listed: a
+        # series each (renamed at every renewal) would grow with the fleet.
         instruments.not_after.clear()
+        now = request.app.state.clock.now()
+        on_time = overdue = 0
         for item in inventory:
+            if item.renews_automatically and item.kind is ItemKind.CERTIFICATE:
+                if not svc.lifecycle.renewal_overdue(item, now):
+                    on_time += 1
+                    continue
+                overdue += 1
             instruments.not_after.labels(
                 item.kind.value,
                 item.id,
@@ -69,6 +79,8 @@ async def metrics(request: Request, svc: ServicesDep) -> Response:
                 item.credential_id or "",
                 "true" if item.renews_automatically else "false",
             ).set(item.not_after.timestamp())
+        instruments.renewing.set(on_time)
+        instruments.renewals_overdue.set(overdue)
     except FleetgateError:
         instruments.store_up.set(0)
     data_dir = request.app.state.data_dir

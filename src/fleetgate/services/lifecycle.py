@@ -288,6 +288,12 @@ class LifecycleService:
 
     # -- alerts ----------------------------------------------------------------------------------
 
+    def renewal_overdue(self, item: InventoryItem, now: datetime) -> bool:
+        """Fleetgate should have renewed ``item`` by now (a few maintenance rounds after its
+        renewal point): its renewal is failing."""
+        grace = timedelta(seconds=max(3 * self._authority.config.maintenance_interval_s, 600))
+        return item.renew_by is not None and now >= item.renew_by + grace
+
     async def send_alerts(self, config: AlertConfig) -> tuple[list[str], list[str]]:
         """Claim every newly crossed threshold, then send what is due; (sent, failed) keys."""
         now = self._clock.now()
@@ -295,13 +301,12 @@ class LifecycleService:
         widest = timedelta(seconds=thresholds[0])
         # What fleetgate renews by itself is alerted on only once its renewal is overdue:
         # an alert then means "renewal is failing", not "this will expire".
-        grace = timedelta(seconds=max(3 * self._authority.config.maintenance_interval_s, 600))
         items = {
             i.alert_key: i
             for i in await self.inventory(
                 expiring_within=widest, expired_within=EXPIRED_ALERT_WINDOW
             )
-            if i.renew_by is None or now >= i.renew_by + grace
+            if i.renew_by is None or self.renewal_overdue(i, now)
         }
         async with self._db.transaction() as tx:
             repo = AlertRepo(tx)
