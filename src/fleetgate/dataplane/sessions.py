@@ -161,6 +161,8 @@ class SessionPlane:
     async def sync(self) -> None:
         """Make the bound listeners match the open sessions in the store."""
         open_now = {s.id: s for s in await self._services.sessions.open_sessions()}
+        for session_id in [sid for sid in self._bind_failures if sid not in open_now]:
+            del self._bind_failures[session_id]  # ended: nobody will ask why any more
         for session_id in [sid for sid in self._bound if sid not in open_now]:
             ended = await self._services.sessions.find(session_id)
             await self._unbind(session_id, ended.end_reason if ended else None)
