@@ -139,10 +139,22 @@ async def test_a_renewal_is_overdue_only_a_few_maintenance_rounds_past_its_point
     assert from_csr.renew_by is None
     grace = timedelta(seconds=max(3 * pki.authority.config.maintenance_interval_s, 600))
 
+    async def listed() -> set[str]:  # what /metrics lists one by one, and counts
+        items = await pki.lifecycle.inventory(without_renewing_on_time=True)
+        return {i.id for i in items if i.kind is ItemKind.CERTIFICATE}
+
+    assert await pki.lifecycle.renewing_on_time() == 1
+    assert await listed() == {csr.serial}
     clock.advance((renewed_by_itself.renew_by - clock.now()).total_seconds())  # its point
     assert not pki.lifecycle.renewal_overdue(renewed_by_itself, clock.now())
     clock.advance(grace.total_seconds() - 1)
     assert not pki.lifecycle.renewal_overdue(renewed_by_itself, clock.now())
+    assert (await pki.lifecycle.renewing_on_time(), await listed()) == (1, {csr.serial})
     clock.advance(1)
     assert pki.lifecycle.renewal_overdue(renewed_by_itself, clock.now())
     assert not pki.lifecycle.renewal_overdue(from_csr, clock.now())  # nobody renews it here
+    # The store's reading agrees with the service's rule, to the second.
+    assert (await pki.lifecycle.renewing_on_time(), await listed()) == (
+        0,
+        {csr.serial, held.serial},
+    )

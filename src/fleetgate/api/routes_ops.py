@@ -55,7 +55,10 @@ async def metrics(request: Request, svc: ServicesDep) -> Response:
     instruments: Metrics = request.app.state.metrics
     try:
         counts = await svc.devices.counts()
-        inventory = await svc.lifecycle.inventory()
+        # Most of a fleet's certificates renew by themselves on time: counted in the store,
+        # never loaded (a scrape would otherwise read every certificate, 0.4 s per 10,000).
+        on_time = await svc.lifecycle.renewing_on_time()
+        inventory = await svc.lifecycle.inventory(without_renewing_on_time=True)
         instruments.store_up.set(1)
         for state in ("enabled", "disabled"):
             instruments.devices.labels(state).set(counts.get(state, 0))
@@ -63,14 +66,10 @@ async def metrics(request: Request, svc: ServicesDep) -> Response:
         # Device certificates fleetgate renews by itself, on time, are counted, not listed: a
         # series each (renamed at every renewal) would grow with the fleet.
         instruments.not_after.clear()
-        now = request.app.state.clock.now()
-        on_time = overdue = 0
+        overdue = 0
         for item in inventory:
             if item.renews_automatically and item.kind is ItemKind.CERTIFICATE:
-                if not svc.lifecycle.renewal_overdue(item, now):
-                    on_time += 1
-                    continue
-                overdue += 1
+                overdue += 1  # (those on time were left out)
             instruments.not_after.labels(
                 item.kind.value,
                 item.id,

@@ -105,11 +105,14 @@ class LifecycleService:
         *,
         expiring_within: timedelta | None = None,
         expired_within: timedelta | None = None,
+        without_renewing_on_time: bool = False,
     ) -> list[InventoryItem]:
         """Everything with an end date that fleetgate issued or holds, soonest first.
 
         Certificates revoked or superseded by a renewal are left out, and so are expired ones
-        unless they ended within ``expired_within``.
+        unless they ended within ``expired_within``; with ``without_renewing_on_time``, so are
+        those fleetgate renews by itself whose renewal is not overdue (most of a fleet's:
+        :meth:`renewing_on_time` counts them).
         """
         now = self._clock.now()
         valid_at = now - expired_within if expired_within is not None else now
@@ -118,9 +121,18 @@ class LifecycleService:
         async with self._db.snapshot() as tx:
             after: str | None = None
             while True:
+                on_time = (
+                    (now, self._authority.config.renew_at_fraction, self._renewal_grace_s())
+                    if without_renewing_on_time
+                    else None
+                )
                 batch = await CertificateRepo(tx).list(
                     CertificateQuery(
-                        revoked=False, renewed=False, valid_at=valid_at, expiring_before=horizon
+                        revoked=False,
+                        renewed=False,
+                        valid_at=valid_at,
+                        expiring_before=horizon,
+                        not_renewing_on_time=on_time,
                     ),
                     limit=PAGE,
                     after=after,
@@ -133,7 +145,7 @@ class LifecycleService:
             after = None
             while True:
                 credentials = await CredentialRepo(tx).list(
-                    limit=PAGE, after=after, expiring_before=horizon
+                    limit=PAGE, after=after, expiring_before=horizon, imported_with_end=True
                 )
                 items.extend(
                     InventoryItem(
@@ -291,8 +303,21 @@ class LifecycleService:
     def renewal_overdue(self, item: InventoryItem, now: datetime) -> bool:
         """Fleetgate should have renewed ``item`` by now (a few maintenance rounds after its
         renewal point): its renewal is failing."""
-        grace = timedelta(seconds=max(3 * self._authority.config.maintenance_interval_s, 600))
+        grace = timedelta(seconds=self._renewal_grace_s())
         return item.renew_by is not None and now >= item.renew_by + grace
+
+    def _renewal_grace_s(self) -> float:
+        return float(max(3 * self._authority.config.maintenance_interval_s, 600))
+
+    async def renewing_on_time(self) -> int:
+        """How many live certificates fleetgate renews by itself are not overdue (one query,
+        for /metrics: they are counted there, not listed)."""
+        async with self._db.snapshot() as tx:
+            return await CertificateRepo(tx).count_renewing_on_time(
+                self._clock.now(),
+                self._authority.config.renew_at_fraction,
+                self._renewal_grace_s(),
+            )
 
     async def send_alerts(self, config: AlertConfig) -> tuple[list[str], list[str]]:
         """Claim every newly crossed threshold, then send what is due; (sent, failed) keys."""

@@ -53,6 +53,22 @@ class CertificateQuery:
     expiring_before: datetime | None = None  # not_after earlier than this
     valid_at: datetime | None = None  # not expired at this moment
     renewed: bool | None = None
+    # Leave out those fleetgate renews by itself whose renewal is not overdue at this moment:
+    # (now, renew_at_fraction, grace in seconds); see RENEWING_ON_TIME.
+    not_renewing_on_time: tuple[datetime, float, float] | None = None
+
+
+# A certificate whose key fleetgate holds (it renews it) and whose renewal point, plus a grace,
+# is still ahead: arguments renew_at_fraction, grace (µs), now (µs).
+RENEWING_ON_TIME = (
+    "(credential_id IS NOT NULL AND "
+    "not_before + (not_after - not_before) * CAST(? AS DOUBLE PRECISION) + ? > ?)"
+)
+
+
+def _on_time_args(at: tuple[datetime, float, float]) -> list[Any]:
+    now, fraction, grace_s = at
+    return [fraction, int(grace_s * 1_000_000), to_epoch_us(now)]
 
 
 class CertificateRepo:
@@ -115,6 +131,17 @@ class CertificateRepo:
             "UPDATE certificates SET device_id = ? WHERE serial = ?", device_id, serial
         )
 
+    async def count_renewing_on_time(self, now: datetime, fraction: float, grace_s: float) -> int:
+        """Live certificates (not revoked, not renewed, not expired) fleetgate renews by itself
+        whose renewal is not overdue at ``now``."""
+        row = await self._tx.fetchrow(
+            "SELECT COUNT(*) AS n FROM certificates WHERE revoked_at IS NULL "
+            f"AND renewed_by IS NULL AND not_after > ? AND {RENEWING_ON_TIME}",
+            to_epoch_us(now),
+            *_on_time_args((now, fraction, grace_s)),
+        )
+        return int(row["n"]) if row is not None else 0
+
     async def due_for_renewal(self, now: datetime, *, limit: int) -> list[IssuedCertificate]:
         rows = await self._tx.fetch(
             f"SELECT {_COLUMNS} FROM certificates WHERE credential_id IS NOT NULL "
@@ -158,6 +185,9 @@ class CertificateRepo:
         if query.valid_at is not None:
             where.append("not_after > ?")
             args.append(to_epoch_us(query.valid_at))
+        if query.not_renewing_on_time is not None:
+            where.append(f"NOT {RENEWING_ON_TIME}")
+            args.extend(_on_time_args(query.not_renewing_on_time))
         if after is not None:
             where.append("serial > ?")
             args.append(after)

@@ -98,9 +98,14 @@ class CredentialRepo:
         device_id: str | None = None,
         kind: CredentialKind | None = None,
         expiring_before: datetime | None = None,
+        imported_with_end: bool = False,
     ) -> list[Credential]:
+        """``imported_with_end``: only those holding a certificate fleetgate did not issue
+        (no serial of its own) and an end date."""
         where: list[str] = []
         args: list[Any] = []
+        if imported_with_end:
+            where.append("certificate_serial IS NULL AND not_after IS NOT NULL")
         if after is not None:
             where.append("id > ?")
             args.append(after)
