@@ -135,7 +135,7 @@ class KeptAlive:
         found = None
         while idle and found is None:
             pooled = idle.pop()
-            if self._still_usable(pooled, now):
+            if self._usable_or_closed(pooled, now):
                 pooled.endpoint.on_eof = None  # the exchange reads the end itself
                 found = pooled
         if idle is not None and not idle:
@@ -148,7 +148,7 @@ class KeptAlive:
         self._sweep = None
         now = self._clock.monotonic()
         for key, idle in list(self._idle.items()):
-            kept = [pooled for pooled in idle if self._still_usable(pooled, now)]
+            kept = [pooled for pooled in idle if self._usable_or_closed(pooled, now)]
             if kept:
                 self._idle[key] = kept
             else:
@@ -157,7 +157,8 @@ class KeptAlive:
             self._sweep = asyncio.get_running_loop().call_later(SWEEP_EVERY_S, self.sweep)
 
     @staticmethod
-    def _still_usable(pooled: _Pooled, now: float) -> bool:
+    def _usable_or_closed(pooled: _Pooled, now: float) -> bool:
+        """Whether ``pooled`` may serve another request; if not, it is closed here."""
         endpoint = pooled.endpoint
         if endpoint.is_closed or endpoint.at_eof or now - pooled.idle_since > IDLE_KEEP_S:
             endpoint.close()

@@ -117,27 +117,21 @@ class LifecycleService:
         now = self._clock.now()
         valid_at = now - expired_within if expired_within is not None else now
         horizon = now + expiring_within if expiring_within is not None else None
+        fraction = self._authority.config.renew_at_fraction
+        query = CertificateQuery(
+            revoked=False,
+            renewed=False,
+            valid_at=valid_at,
+            expiring_before=horizon,
+            not_renewing_on_time=(
+                (now, fraction, self._renewal_grace_s()) if without_renewing_on_time else None
+            ),
+        )
         items: list[InventoryItem] = []
         async with self._db.snapshot() as tx:
             after: str | None = None
             while True:
-                on_time = (
-                    (now, self._authority.config.renew_at_fraction, self._renewal_grace_s())
-                    if without_renewing_on_time
-                    else None
-                )
-                batch = await CertificateRepo(tx).list(
-                    CertificateQuery(
-                        revoked=False,
-                        renewed=False,
-                        valid_at=valid_at,
-                        expiring_before=horizon,
-                        not_renewing_on_time=on_time,
-                    ),
-                    limit=PAGE,
-                    after=after,
-                )
-                fraction = self._authority.config.renew_at_fraction
+                batch = await CertificateRepo(tx).list(query, limit=PAGE, after=after)
                 items.extend(_certificate_item(c, fraction) for c in batch)
                 if len(batch) < PAGE:
                     break
