@@ -10,6 +10,7 @@ as the real CLI.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import re
@@ -106,10 +107,9 @@ def _toml(value: TomlValue) -> str:
     return json.dumps(value)  # a JSON string or array of strings is a TOML one too
 
 
-@pytest.fixture(scope="module")
-def uplink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Uplink]:
-    directory = tmp_path_factory.mktemp("uplink-tcp")
-    with running_gateway(directory / "data", FLEETGATE_ADMIN_TOKEN=ADMIN) as gateway:
+@contextlib.contextmanager
+def started_uplink(directory: Path, **env: str) -> Iterator[Uplink]:
+    with running_gateway(directory / "data", FLEETGATE_ADMIN_TOKEN=ADMIN, **env) as gateway:
         test_ca = TestCA.create("destinations root")
         yield Uplink(
             gateway=gateway,
@@ -119,6 +119,12 @@ def uplink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Uplink]:
             directory=directory,
             base_config=(gateway.data_dir / "fleetgate.toml").read_text(),
         )
+
+
+@pytest.fixture(scope="module")
+def uplink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Uplink]:
+    with started_uplink(tmp_path_factory.mktemp("uplink-tcp")) as started:
+        yield started
 
 
 def destination(uplink: Uplink, port: int, **extra: TomlValue) -> dict[str, TomlValue]:
@@ -257,6 +263,60 @@ def test_a_device_speaking_tls_is_relayed_by_the_core_both_sides_decrypted(
         "core",
     )
     assert (closed["up_bytes"], closed["down_bytes"]) == (MIB, MIB)
+
+
+def test_a_drain_lets_a_relayed_connection_finish_then_the_gateway_exits(tmp_path: Path) -> None:
+    """A relayed connection holds no task of its own (its splice was handed to the core), yet
+    a drain waits for it, and ends as soon as it ends."""
+    with (
+        started_uplink(tmp_path, FLEETGATE_API__DRAIN_TIMEOUT_S="600") as own,
+        TlsEchoServer(own.server_cert("drain"), client_cafile=own.fleet_ca) as echo,
+    ):
+        gw, port = own.gateway, free_port()
+        own.configure({"drain": tcp_listener(port, "echo")}, {"echo": destination(own, echo.port)})
+        source = own.device("sensor-drain")
+        with connect(port, source) as sock:
+            assert exchange(sock, b"before") == b"before"
+            mark = gw.mark()
+            gw.signal(signal.SIGTERM)
+            gw.wait_for("gateway.draining", since=mark, timeout_s=TIMEOUT_S)
+            assert exchange(sock, b"while draining") == b"while draining"
+            assert gw.process is not None
+            assert gw.process.poll() is None  # still draining
+            sock.shutdown(socket.SHUT_WR)
+            assert read_to_eof(sock) == b""
+        assert gw.wait_exit(timeout_s=TIMEOUT_S) == 0  # long before the 600 s drain
+    closed = next(e for e in gw.events[mark:] if e.get("event") == "listener.closed")
+    assert (closed["device"], closed["reason"], closed["relay"]) == (
+        "sensor-drain",
+        "closed",
+        "core",
+    )
+    assert (closed["listener"], closed["up_bytes"]) == ("drain", len(b"beforewhile draining"))
+
+
+def test_a_drain_that_runs_out_of_time_cuts_a_relayed_connection(tmp_path: Path) -> None:
+    with (
+        started_uplink(tmp_path, FLEETGATE_API__DRAIN_TIMEOUT_S="0.5") as own,
+        TlsEchoServer(own.server_cert("cut"), client_cafile=own.fleet_ca) as echo,
+    ):
+        gw, port = own.gateway, free_port()
+        own.configure({"cut": tcp_listener(port, "echo")}, {"echo": destination(own, echo.port)})
+        source = own.device("sensor-held")
+        with connect(port, source) as sock:
+            assert exchange(sock, b"held") == b"held"
+            mark = gw.mark()
+            gw.signal(signal.SIGTERM)
+            assert refused_by_gateway(sock)  # the drain's end cut it: EOF or reset
+        assert gw.wait_exit(timeout_s=TIMEOUT_S) == 0
+        [connection] = echo.connections.wait_for(1)
+    assert connection.eof != "close_notify"  # cut, not a complete stream
+    closed = next(e for e in gw.events[mark:] if e.get("event") == "listener.closed")
+    assert (closed["device"], closed["reason"], closed["relay"]) == (
+        "sensor-held",
+        "cancelled",
+        "core",
+    )
 
 
 # -- PROXY protocol v2 ---------------------------------------------------------------------------

@@ -2,9 +2,14 @@
 protocol's handler, account for it, and cut it when the registry no longer allows it.
 
 Handlers (``proxy_tcp``, ``proxy_mqtt``, ``proxy_http``) read what they need from the device,
-resolve the device and its route through the :class:`DataPath`, and splice or proxy. A refusal
-is answered in the device's protocol by the handler and logged here with its reason; nobody else
-is affected.
+resolve the device and its route through the :class:`DataPath`, and proxy (http) or hand back a
+:class:`Relay` once the destination accepted. A refusal is answered in the device's protocol by
+the handler and logged here with its reason; nobody else is affected.
+
+A connection is its handler's task while it is set up, then, once relayed, only its splice: the
+task ends there, and with it the frames of everything the set-up used (an idle gateway holds
+tens of thousands of relayed connections). The listener knows each connection by its
+:class:`Conn` in both stages: to count it, cut it, and wait for it at a drain.
 """
 
 from __future__ import annotations
@@ -20,10 +25,10 @@ from dataclasses import dataclass, field
 
 from fleetgate.config.schema import ListenerConfig, split_host_port
 from fleetgate.dataplane.affinity import PortSharing
-from fleetgate.dataplane.datapath import DataPath, Refused
+from fleetgate.dataplane.datapath import DataPath, Refused, refusal_after_handshake
 from fleetgate.dataplane.endpoint import Endpoint, PlainEndpoint
 from fleetgate.dataplane.server_tls import ServerTls
-from fleetgate.dataplane.splice import SpliceResult
+from fleetgate.dataplane.splice import SpliceResult, Splicing, Transform, start_splice
 from fleetgate.dataplane.tls_endpoint import TlsEndpoint, TlsFailure
 from fleetgate.logs import bind, get_logger
 from fleetgate.records import Device
@@ -41,7 +46,7 @@ _NO_SHA256_SUITE = (
 )
 
 
-@dataclass
+@dataclass(eq=False, slots=True)  # a set member, known by identity
 class Conn:
     """One accepted device connection, as handlers see it."""
 
@@ -60,6 +65,9 @@ class Conn:
     # mtls: the serial of the verified client certificate, whatever identified the device (a
     # revocation cuts the connections it opened).
     client_serial: str | None = None
+    # Where the connection is: its handler's task while being set up, then its splice.
+    task: asyncio.Task[None] | None = None
+    splicing: Splicing | None = None
 
     async def device(self) -> Device:
         """The device this connection is, by what the listener trusts for it: the verified
@@ -91,7 +99,21 @@ class Conn:
         self.on_device(self, device_id)
 
 
-Handler = Callable[[Conn], Awaitable[SpliceResult | None]]
+@dataclass(frozen=True, slots=True)
+class Relay:
+    """What a handler hands back once the destination accepted: relay between the device and
+    ``upstream`` (the relay owns it from here) until either ends, optionally rewriting each
+    direction."""
+
+    upstream: Endpoint
+    up: Transform | None = None
+    down: Transform | None = None
+    # An upstream that ends before sending anything refused us (a TLS 1.3 server's alert on
+    # our certificate comes after the handshake): the end is logged as that refusal.
+    silence_is_refusal: bool = False
+
+
+Handler = Callable[[Conn], Awaitable[Relay | None]]
 
 
 class _Accepted(PlainEndpoint):
@@ -152,14 +174,15 @@ class StreamListener:
         self._handler = handler
         self._sharing = sharing
         self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._live: set[Conn] = set()
+        self._emptied: asyncio.Future[None] | None = None  # while a drain waits
         # This instance's connections by device: what a revocation cuts.
-        self._by_device: dict[str, dict[asyncio.Task[None], Conn]] = {}
+        self._by_device: dict[str, set[Conn]] = {}
         self.load = load if load is not None else ListenerLoad()
 
     @property
     def active(self) -> int:
-        return len(self._tasks)
+        return len(self._live)
 
     @property
     def bound_addresses(self) -> list[tuple[str, int]]:
@@ -194,12 +217,20 @@ class StreamListener:
 
     async def drain(self, timeout_s: float) -> None:
         """Let live connections finish for up to ``timeout_s``, then cut the rest."""
-        pending = set(self._tasks)
-        if pending:
-            _, still = await asyncio.wait(pending, timeout=timeout_s)
-            for task in still:
-                task.cancel()
-            await asyncio.gather(*still, return_exceptions=True)
+        if not self._live:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._all_ended()
+        for conn in list(self._live):
+            _stop(conn)
+        await self._all_ended()
+
+    async def _all_ended(self) -> None:
+        while self._live:
+            if self._emptied is None:
+                self._emptied = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._emptied)  # (a drain's timeout leaves it for the next)
 
     def devices_connected(self) -> set[str]:
         return set(self._by_device)
@@ -217,8 +248,8 @@ class StreamListener:
         a PSK does not depend on the address); with ``credential``, only those it
         authenticated."""
         targets = [
-            (device_id, task, conn)
-            for task, conn in self._by_device.get(device_id, {}).items()
+            (device_id, conn)
+            for conn in self._by_device.get(device_id, ())
             if not (
                 keep_sources is not None
                 and (conn.source in keep_sources or conn.config.identity != "source_address")
@@ -231,18 +262,16 @@ class StreamListener:
         """Close the connections the client certificate ``serial`` opened, whichever device
         they identified as; the devices, once per connection cut."""
         targets = [
-            (device_id, task, conn)
+            (device_id, conn)
             for device_id, held in self._by_device.items()
-            for task, conn in held.items()
+            for conn in held
             if conn.client_serial == serial
         ]
         return self._cancel(targets, "certificate_revoked")
 
-    def _cancel(
-        self, targets: list[tuple[str, asyncio.Task[None], Conn]], reason: str
-    ) -> list[str]:
-        for device_id, task, conn in targets:
-            task.cancel()
+    def _cancel(self, targets: list[tuple[str, Conn]], reason: str) -> list[str]:
+        for device_id, conn in targets:
+            _stop(conn)
             log.warning(
                 "listener.connection_cut",
                 listener=self.name,
@@ -253,7 +282,7 @@ class StreamListener:
         if targets:
             labels = self._path.metrics.listener_connections.labels(self.name, f"cut_{reason}")
             labels.inc(len(targets))
-        return [device_id for device_id, _, _ in targets]
+        return [device_id for device_id, _ in targets]
 
     # -- one connection ---------------------------------------------------------------------------
 
@@ -277,37 +306,57 @@ class StreamListener:
         self.load.connections += 1
         self.load.per_source[source] += 1
         metrics.listener_active.labels(self.name).inc()
-        task = asyncio.get_running_loop().create_task(self._serve(endpoint, source))
-        self._tasks.add(task)
-        task.add_done_callback(functools.partial(self._ended, source))
+        conn = Conn(
+            id=f"{self.name}-{next(_conn_ids)}",
+            listener=self.name,
+            config=self.config,
+            endpoint=endpoint,
+            source=source,
+            path=self._path,
+            on_device=self._register,
+        )
+        self._live.add(conn)
+        conn.task = asyncio.get_running_loop().create_task(self._serve(conn))
+        conn.task.add_done_callback(functools.partial(self._set_up, conn))
 
-    def _ended(self, source: str, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
+    def _set_up(self, conn: Conn, _: asyncio.Task[None]) -> None:
+        """Its handler's task ended: the connection is relayed, or over."""
+        conn.task = None
+        if conn.splicing is None:
+            self._ended(conn)
+
+    def _ended(self, conn: Conn) -> None:
+        """The connection is over (once, whichever stage it ended in)."""
+        self._unregister(conn)
+        conn.endpoint.close()
+        self._live.discard(conn)
         self._path.metrics.listener_active.labels(self.name).dec()
         self.load.connections -= 1
-        _take_one(self.load.per_source, source)
+        _take_one(self.load.per_source, conn.source)
+        if not self._live and self._emptied is not None:
+            emptied, self._emptied = self._emptied, None
+            emptied.set_result(None)
 
     def _register(self, conn: Conn, device_id: str) -> None:
         held = self.load.per_device[device_id]
         limit = self.config.max_per_device
         if limit is not None and held >= limit:
             raise Refused("device_limit", f"{device_id} holds {held} connections already")
-        task = asyncio.current_task()
-        if task is not None:
-            mine = self._by_device.setdefault(device_id, {})
-            if task not in mine:
-                self.load.per_device[device_id] += 1
-            mine[task] = conn
+        mine = self._by_device.setdefault(device_id, set())
+        if conn not in mine:
+            self.load.per_device[device_id] += 1
+            mine.add(conn)
 
     def _unregister(self, conn: Conn) -> None:
-        task = asyncio.current_task()
-        if conn.device_id is None or task is None:
+        if conn.device_id is None:
             return
-        mine = self._by_device.get(conn.device_id, {})
-        if mine.pop(task, None) is not None:
-            _take_one(self.load.per_device, conn.device_id)
+        mine = self._by_device.get(conn.device_id)
+        if mine is None or conn not in mine:
+            return
+        mine.discard(conn)
+        _take_one(self.load.per_device, conn.device_id)
         if not mine:
-            self._by_device.pop(conn.device_id, None)
+            del self._by_device[conn.device_id]
 
     def _over_limit(self, source: str) -> str | None:
         """Why a new connection from ``source`` is one too many, if it is."""
@@ -341,26 +390,18 @@ class StreamListener:
         else:
             conn.peer_certificate = endpoint.ssl_object.getpeercert(binary_form=True)
 
-    async def _serve(self, endpoint: Endpoint, source: str) -> None:
-        conn = Conn(
-            id=f"{self.name}-{next(_conn_ids)}",
-            listener=self.name,
-            config=self.config,
-            endpoint=endpoint,
-            source=source,
-            path=self._path,
-            on_device=self._register,
-        )
+    async def _serve(self, conn: Conn) -> None:
+        endpoint = conn.endpoint
         metrics = self._path.metrics
-        with bind(listener=self.name, conn=conn.id, source=source):
+        with bind(listener=self.name, conn=conn.id, source=conn.source):
             try:
                 if isinstance(endpoint, TlsEndpoint):
                     await self._handshake(conn, endpoint)
-                result = await self._handler(conn)
+                relay = await self._handler(conn)
+                if relay is not None:  # from here the splice has it, and this task ends
+                    self._relay(conn, relay)
             except Refused as exc:
-                metrics.listener_connections.labels(self.name, exc.reason).inc()
-                event = "upstream.refused" if exc.upstream else "listener.refused"
-                log.warning(event, reason=exc.reason, device=conn.device_id, detail=exc.detail)
+                self._refused(conn, exc)
             except asyncio.CancelledError:
                 log.info("listener.closed", reason="cancelled", device=conn.device_id)
                 raise
@@ -372,22 +413,64 @@ class StreamListener:
                     device=conn.device_id,
                     detail=str(exc) or type(exc).__name__,
                 )
-            else:
-                if result is not None:
-                    metrics.listener_bytes.labels(self.name, "up").inc(result.up_bytes)
-                    metrics.listener_bytes.labels(self.name, "down").inc(result.down_bytes)
-                    metrics.listener_relays.labels(self.name, result.relay).inc()
-                    log.info(
-                        "listener.closed",
-                        reason=result.reason,
-                        device=conn.device_id,
-                        up_bytes=result.up_bytes,
-                        down_bytes=result.down_bytes,
-                        relay=result.relay,
-                    )
             finally:
-                self._unregister(conn)
-                endpoint.close()
+                if conn.splicing is None:  # over: let the device go now (the rest at _ended)
+                    self._unregister(conn)
+                    endpoint.close()
+
+    def _relay(self, conn: Conn, relay: Relay) -> None:
+        try:
+            conn.splicing = start_splice(
+                conn.endpoint,
+                relay.upstream,
+                self._path.clock,
+                idle_timeout_s=self.config.idle_timeout_s,
+                on_done=functools.partial(self._relayed, conn, relay),
+                up=relay.up,
+                down=relay.down,
+            )
+        except BaseException:
+            relay.upstream.close()
+            raise
+
+    def _relayed(self, conn: Conn, relay: Relay, _: Splicing, result: SpliceResult) -> None:
+        """The relay ended (in the context of the connection's task: its log fields)."""
+        conn.splicing = None
+        relay.upstream.close()
+        try:
+            refused = None
+            if relay.silence_is_refusal and result.down_bytes == 0:
+                refused = refusal_after_handshake(relay.upstream)
+            if refused is not None:  # the destination never spoke: it refused us, say why
+                self._refused(conn, refused)
+                return
+            metrics = self._path.metrics
+            metrics.listener_bytes.labels(self.name, "up").inc(result.up_bytes)
+            metrics.listener_bytes.labels(self.name, "down").inc(result.down_bytes)
+            metrics.listener_relays.labels(self.name, result.relay).inc()
+            log.info(
+                "listener.closed",
+                reason=result.reason,
+                device=conn.device_id,
+                up_bytes=result.up_bytes,
+                down_bytes=result.down_bytes,
+                relay=result.relay,
+            )
+        finally:
+            self._ended(conn)
+
+    def _refused(self, conn: Conn, exc: Refused) -> None:
+        self._path.metrics.listener_connections.labels(self.name, exc.reason).inc()
+        event = "upstream.refused" if exc.upstream else "listener.refused"
+        log.warning(event, reason=exc.reason, device=conn.device_id, detail=exc.detail)
+
+
+def _stop(conn: Conn) -> None:
+    """Cut a connection: its set-up is cancelled, or its relay ended."""
+    if conn.splicing is not None:
+        conn.splicing.finish("cancelled")
+    elif conn.task is not None:
+        conn.task.cancel()
 
 
 def _take_one(counts: Counter[str], key: str) -> None:

@@ -21,9 +21,8 @@ from fleetgate.config.schema import DestinationConfig
 from fleetgate.dataplane import mqtt_codec as mqtt
 from fleetgate.dataplane.datapath import Login, Refused, refusal_after_handshake
 from fleetgate.dataplane.endpoint import Endpoint
-from fleetgate.dataplane.listener import Conn
+from fleetgate.dataplane.listener import Conn, Relay
 from fleetgate.dataplane.policy import Refusal
-from fleetgate.dataplane.splice import SpliceResult, splice
 from fleetgate.errors import InvalidRequest
 from fleetgate.logs import bind, get_logger
 from fleetgate.records import Device
@@ -173,7 +172,7 @@ async def _broker_answers(upstream: Endpoint, destination: DestinationConfig) ->
     upstream.unread(data)
 
 
-async def serve_mqtt(conn: Conn) -> SpliceResult:
+async def serve_mqtt(conn: Conn) -> Relay:
     packet, connect = await _read_connect(conn)
     device = await _identify(conn, connect)
     try:
@@ -207,13 +206,7 @@ async def serve_mqtt(conn: Conn) -> SpliceResult:
             up = down = None
             if topics is not None:
                 up, down = _checked(topics.outbound), _checked(topics.inbound)
-            return await splice(
-                conn.endpoint,
-                upstream,
-                conn.path.clock,
-                idle_timeout_s=conn.config.idle_timeout_s,
-                up=up,
-                down=down,
-            )
-        finally:
+        except BaseException:
             upstream.close()
+            raise
+        return Relay(upstream, up, down)

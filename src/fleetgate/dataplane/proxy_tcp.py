@@ -4,16 +4,14 @@ PROXY protocol v2 header."""
 
 from __future__ import annotations
 
-from fleetgate.dataplane.datapath import refusal_after_handshake
-from fleetgate.dataplane.listener import Conn
+from fleetgate.dataplane.listener import Conn, Relay
 from fleetgate.dataplane.proxy_protocol import header_v2
-from fleetgate.dataplane.splice import SpliceResult, splice
 from fleetgate.logs import bind, get_logger
 
 log = get_logger("fleetgate.dataplane")
 
 
-async def serve_tcp(conn: Conn) -> SpliceResult:
+async def serve_tcp(conn: Conn) -> Relay:
     device = await conn.device()
     conn.identified(device.id)
     with bind(device=device.id):
@@ -24,14 +22,5 @@ async def serve_tcp(conn: Conn) -> SpliceResult:
             local = conn.endpoint.local_address() or ("0.0.0.0", 0)  # noqa: S104 - a header value
             preamble = header_v2(peer, local, device_id=device.id, connection_id=conn.id)
         upstream = await conn.path.dial(device, route, preamble=preamble)
-        try:
-            conn.connected(route.name)
-            result = await splice(
-                conn.endpoint, upstream, conn.path.clock, idle_timeout_s=conn.config.idle_timeout_s
-            )
-        finally:
-            upstream.close()
-        refused = refusal_after_handshake(upstream)
-        if refused is not None and result.down_bytes == 0:
-            raise refused  # the destination never spoke: it refused us, say why
-        return result
+        conn.connected(route.name)
+        return Relay(upstream, silence_is_refusal=True)

@@ -238,11 +238,13 @@ def start_splice(
     *,
     idle_timeout_s: float,
     on_done: Callable[[Splicing, SpliceResult], None],
+    up: Transform | None = None,
+    down: Transform | None = None,
 ) -> Splicing:
     """:func:`splice` without a coroutine waiting on it: ``on_done`` gets the result (and
     closes the endpoints). For relays that hold many idle connections and have nothing else
     to do for them: no task and no frames per connection."""
-    state = _Splice(device, destination, clock, idle_timeout_s, None, None)
+    state = _Splice(device, destination, clock, idle_timeout_s, up, down)
     state.on_done = on_done
     state.finished.add_done_callback(state._done)
     state.start()
