@@ -4,6 +4,7 @@ servers on 127.0.0.1, the gateway's own upstream code, an injected clock for the
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -104,6 +105,85 @@ async def test_the_next_connection_skips_verifying_the_same_chain(setup: Setup) 
     assert first.chain_checked
     assert second.chain_checked
     assert not second.session_reused  # a full handshake each time: only verification was saved
+
+
+def _leaf_der(files: CertFiles) -> bytes:
+    """The first certificate of the file (the leaf; the intermediate follows it)."""
+    end = "-----END CERTIFICATE-----"
+    first = files.cert.read_text().split(end)[0] + end
+    return ssl.PEM_cert_to_DER_cert(first)
+
+
+def _peer_chain(endpoint: TlsEndpoint) -> list[int]:
+    """The addresses of the certificates the connection's session holds for the server."""
+    lib = native._lib
+    assert lib is not None
+    chain = lib.SSL_get_peer_cert_chain(native.ssl_address(endpoint.ssl_object))
+    return [lib.OPENSSL_sk_value(chain, i) for i in range(lib.OPENSSL_sk_num(chain))]
+
+
+async def test_connections_presented_the_same_chain_share_its_parsed_certificates(
+    setup: Setup,
+) -> None:
+    known = setup.ca.issue_server().write(setup.tmp, "known")
+    setup.server.present(known)
+    upstream = Upstream(FakeClock())
+    destination = setup.destination()
+    first = await _exchange(upstream, destination)
+    second = await _exchange(upstream, destination)
+    shared = _peer_chain(first)
+    assert len(shared) == 2  # the leaf and the intermediate, parsed once for both sessions
+    assert _peer_chain(second) == shared
+    assert second.ssl_object.getpeercert(binary_form=True) == _leaf_der(known)
+    del first  # its session's references go; the cache's and the second session's stay
+    third = await _exchange(upstream, destination)
+    assert _peer_chain(third) == shared
+    assert third.ssl_object.getpeercert(binary_form=True) == _leaf_der(known)
+
+    renewal = setup.ca.issue_server().write(setup.tmp, "renewed")
+    setup.server.present(renewal)
+    renewed = await _exchange(upstream, destination)  # another leaf: parsed, verified, its own
+    assert _peer_chain(renewed)[0] != shared[0]
+    assert renewed.ssl_object.getpeercert(binary_form=True) == _leaf_der(renewal)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd",
+            "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
+        )
+    ]  # fmt: skip
+
+
+def _malloc_in_use() -> int:
+    """Bytes malloc has handed out and not had back (glibc's count: exact, not RSS)."""
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return int(info.uordblks + info.hblkhd)
+
+
+async def test_the_parsed_copies_are_freed_not_kept_per_connection(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def held_per_connection(count: int) -> float:
+        upstream = Upstream(FakeClock())
+        destination = setup.destination()
+        held = [await upstream.connect("to", destination, None) for _ in range(5)]
+        before = _malloc_in_use()
+        held += [await upstream.connect("to", destination, None) for _ in range(count)]
+        grown = (_malloc_in_use() - before) / count
+        for endpoint in held:
+            endpoint.close()
+        return grown
+
+    shared = await held_per_connection(200)
+    monkeypatch.setattr(native.PeerChain, "share", lambda self, kept: False)
+    own = await held_per_connection(200)
+    # A leaf and an intermediate parsed are about 9 KiB: freed at once when shared.
+    assert own - shared > 6 * 1024, (own, shared)
 
 
 async def test_remembered_for_a_minute_at_most(setup: Setup) -> None:

@@ -5,9 +5,12 @@ Every new upstream connection gets the same chain from the same server. Building
 about a fifth of the CPU a full TLS 1.3 handshake costs the gateway. A chain that passed, byte for
 byte the same, for the same server name, with the same trust and pins (one cache per destination:
 trust, name and pins are the destination's), passes again until the earliest ``notAfter`` in it
-or :data:`REMEMBER_S`, whichever comes first. What a hit does not skip: the handshake itself still
-proves that the server holds the leaf's private key (its CertificateVerify is checked against the
-leaf), so a copied chain without the key gets nowhere.
+or :data:`REMEMBER_S`, whichever comes first. Its parsed certificates are kept with it, and the
+sessions of the connections that present it again hold those instead of their own copies (a
+connection keeps the server's chain in its session as long as it lives: 4 to 5 KiB per
+certificate, most of an idle relayed connection's memory otherwise). What a hit does not skip:
+the handshake itself still proves that the server holds the leaf's private key (its
+CertificateVerify is checked against the leaf), so a copied chain without the key gets nowhere.
 
 Never remembered: a chain that failed verification, or failed the pins (the endpoint then refuses
 it with the precise cause, as without the cache), or a handshake OpenSSL runs outside a
@@ -40,7 +43,10 @@ class VerifiedChains:
         self._clock = clock
         self._pins = pins
         self._server_name = server_name
-        self._known: OrderedDict[tuple[object, bytes], float] = OrderedDict()
+        # (name, fingerprint) -> until when, and the chain's parsed certificates
+        self._known: OrderedDict[tuple[object, bytes], tuple[float, native.SharedChain]] = (
+            OrderedDict()
+        )
         self.hits = 0
         self.misses = 0
 
@@ -59,12 +65,14 @@ class VerifiedChains:
             return chain.verify()
         key = (name, chain.fingerprint())
         now = self._clock.monotonic()
-        until = self._known.get(key)
-        if until is not None:
+        known = self._known.get(key)
+        if known is not None:
+            until, kept = known
             if now < until:
                 self.hits += 1
                 if endpoint is not None:
                     endpoint.chain_checked = True
+                chain.share(kept)  # the session holds the parsed chain only once
                 return True
             del self._known[key]
         self.misses += 1
@@ -77,7 +85,7 @@ class VerifiedChains:
             return True  # verified, but the endpoint's pin check will refuse it: not remembered
         if endpoint is not None:
             endpoint.chain_checked = True
-        self._known[key] = now + min(REMEMBER_S, chain.seconds_valid())
+        self._known[key] = (now + min(REMEMBER_S, chain.seconds_valid()), chain.keep())
         if len(self._known) > MAX_CHAINS:
             self._known.popitem(last=False)
         return True

@@ -15,7 +15,10 @@ What the data path needs and the ``ssl`` module does not do well:
   context: the ``ssl`` module offers only ``SSLContext.load_cert_chain``, and a context per
   device costs 25 KiB and 2 ms to build;
 * deciding how a server's chain gets verified (``SSL_CTX_set_cert_verify_callback``), so a
-  chain verified moments ago need not be built and checked again (see ``chain_cache``).
+  chain verified moments ago need not be built and checked again (see ``chain_cache``), and
+  letting the session of such a connection hold the certificates parsed when the chain was
+  verified instead of its own copies (``OPENSSL_sk_set`` on the chain being verified, which is
+  the session's own: checked first).
 
 Reaching OpenSSL's objects means reading the pointers inside CPython's ``_ssl`` objects, whose
 layout is not a public interface. So nothing is trusted: at import, the layout is checked on a
@@ -562,6 +565,45 @@ class PeerChain:
             raise ValueError("no chain")
         return digest.raw
 
+    def keep(self) -> SharedChain:
+        """The presented certificates, a reference held on each: what a later connection
+        presenting the same chain can :meth:`share` instead of its own parsed copies."""
+        assert _lib is not None
+        sent = _lib.X509_STORE_CTX_get0_untrusted(self._store)
+        kept = SharedChain()
+        for index in range(_lib.OPENSSL_sk_num(sent) if sent else 0):
+            certificate = _lib.OPENSSL_sk_value(sent, index)
+            if _lib.X509_up_ref(certificate) != 1:
+                kept.release()
+                return SharedChain()
+            kept.pointers.append(certificate)
+        return kept
+
+    def share(self, kept: SharedChain) -> bool:
+        """Let the connection's session hold ``kept``'s certificates in place of those just
+        parsed from the handshake, which are freed (a parsed certificate is 4 to 5 KiB, and a
+        session holds the server's chain as long as the connection lives). The caller matched
+        the chains byte for byte (:meth:`fingerprint`). Done only where the chain being
+        verified is the session's own (OpenSSL 3's client); false where it is not."""
+        assert _lib is not None
+        sent = _lib.X509_STORE_CTX_get0_untrusted(self._store)
+        ssl_pointer = _lib.X509_STORE_CTX_get_ex_data(
+            self._store, _lib.SSL_get_ex_data_X509_STORE_CTX_idx()
+        )
+        if not sent or not ssl_pointer or _lib.SSL_get_peer_cert_chain(ssl_pointer) != sent:
+            return False
+        if _lib.OPENSSL_sk_num(sent) != len(kept.pointers) or not kept.pointers:
+            return False
+        for index, certificate in enumerate(kept.pointers):
+            if _lib.X509_up_ref(certificate) != 1:
+                return index > 0  # those swapped so far are whole; the rest stay as parsed
+            parsed = _lib.OPENSSL_sk_value(sent, index)
+            _lib.OPENSSL_sk_set(sent, index, certificate)  # (returns the new element)
+            if index == 0:  # what the store context verifies: no longer the freed copy
+                _lib.X509_STORE_CTX_set_cert(self._store, certificate)
+            _lib.X509_free(parsed)
+        return True
+
     def verify(self) -> bool:
         """OpenSSL's own verification (chain building, signatures, names, time); once."""
         assert _lib is not None
@@ -605,6 +647,26 @@ class PeerChain:
                 return 0.0
             left = min(left, days.value * 86_400.0 + seconds.value)
         return left
+
+
+class SharedChain:
+    """A verified server chain's certificates (a reference held on each), shared by the
+    sessions of later connections that present the same chain (:meth:`PeerChain.share`)."""
+
+    __slots__ = ("pointers",)
+
+    def __init__(self) -> None:
+        self.pointers: list[int] = []
+
+    def release(self) -> None:
+        """Let go of the references (the sessions that share them keep their own)."""
+        pointers, self.pointers = self.pointers, []
+        if _lib is not None:
+            for certificate in pointers:
+                _lib.X509_free(certificate)
+
+    def __del__(self) -> None:
+        self.release()
 
 
 type VerifyHook = Callable[[PeerChain], bool]
@@ -670,6 +732,11 @@ def _bind(lib: ctypes.CDLL) -> None:
         "SSL_CTX_set_cert_verify_callback": ((vp, _VERIFY_CALLBACK, vp), None),
         "X509_verify_cert": ((vp,), c_int),
         "X509_STORE_CTX_get0_untrusted": ((vp,), vp),
+        "X509_STORE_CTX_set_cert": ((vp, vp), None),
+        "X509_STORE_CTX_get_ex_data": ((vp, c_int), vp),
+        "SSL_get_ex_data_X509_STORE_CTX_idx": ((), c_int),
+        "SSL_get_peer_cert_chain": ((vp,), vp),
+        "OPENSSL_sk_set": ((vp, c_int, vp), vp),
         "X509_STORE_CTX_get0_chain": ((vp,), vp),
         "X509_STORE_CTX_set_error": ((vp, c_int), None),
         "X509_verify_cert_error_string": ((ctypes.c_long,), ctypes.c_char_p),
