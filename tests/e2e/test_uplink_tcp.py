@@ -265,26 +265,36 @@ def test_a_device_speaking_tls_is_relayed_by_the_core_both_sides_decrypted(
     assert (closed["up_bytes"], closed["down_bytes"]) == (MIB, MIB)
 
 
+@contextlib.contextmanager
+def _relayed_by_own_gateway(
+    tmp_path: Path, name: str, drain_timeout_s: str
+) -> Iterator[tuple[Gateway, socket.socket, TlsEchoServer]]:
+    """A gateway of the test's own (to be stopped), and a device connection it relays to an
+    echo destination, one exchange done."""
+    with (
+        started_uplink(tmp_path, FLEETGATE_API__DRAIN_TIMEOUT_S=drain_timeout_s) as own,
+        TlsEchoServer(own.server_cert(name), client_cafile=own.fleet_ca) as echo,
+    ):
+        port = free_port()
+        own.configure({name: tcp_listener(port, "echo")}, {"echo": destination(own, echo.port)})
+        with connect(port, own.device(f"sensor-{name}")) as sock:
+            assert exchange(sock, b"before") == b"before"
+            yield own.gateway, sock, echo
+
+
 def test_a_drain_lets_a_relayed_connection_finish_then_the_gateway_exits(tmp_path: Path) -> None:
     """A relayed connection holds no task of its own (its splice was handed to the core), yet
     a drain waits for it, and ends as soon as it ends."""
-    with (
-        started_uplink(tmp_path, FLEETGATE_API__DRAIN_TIMEOUT_S="600") as own,
-        TlsEchoServer(own.server_cert("drain"), client_cafile=own.fleet_ca) as echo,
-    ):
-        gw, port = own.gateway, free_port()
-        own.configure({"drain": tcp_listener(port, "echo")}, {"echo": destination(own, echo.port)})
-        source = own.device("sensor-drain")
-        with connect(port, source) as sock:
-            assert exchange(sock, b"before") == b"before"
-            mark = gw.mark()
-            gw.signal(signal.SIGTERM)
-            gw.wait_for("gateway.draining", since=mark, timeout_s=TIMEOUT_S)
-            assert exchange(sock, b"while draining") == b"while draining"
-            assert gw.process is not None
-            assert gw.process.poll() is None  # still draining
-            sock.shutdown(socket.SHUT_WR)
-            assert read_to_eof(sock) == b""
+    with _relayed_by_own_gateway(tmp_path, "drain", "600") as (gw, sock, _):
+        mark = gw.mark()
+        gw.signal(signal.SIGTERM)
+        gw.wait_for("gateway.draining", since=mark, timeout_s=TIMEOUT_S)
+        assert exchange(sock, b"while draining") == b"while draining"
+        assert gw.process is not None
+        assert gw.process.poll() is None  # still draining
+        sock.shutdown(socket.SHUT_WR)
+        assert read_to_eof(sock) == b""
+        sock.close()
         assert gw.wait_exit(timeout_s=TIMEOUT_S) == 0  # long before the 600 s drain
     closed = next(e for e in gw.events[mark:] if e.get("event") == "listener.closed")
     assert (closed["device"], closed["reason"], closed["relay"]) == (
@@ -296,18 +306,10 @@ def test_a_drain_lets_a_relayed_connection_finish_then_the_gateway_exits(tmp_pat
 
 
 def test_a_drain_that_runs_out_of_time_cuts_a_relayed_connection(tmp_path: Path) -> None:
-    with (
-        started_uplink(tmp_path, FLEETGATE_API__DRAIN_TIMEOUT_S="0.5") as own,
-        TlsEchoServer(own.server_cert("cut"), client_cafile=own.fleet_ca) as echo,
-    ):
-        gw, port = own.gateway, free_port()
-        own.configure({"cut": tcp_listener(port, "echo")}, {"echo": destination(own, echo.port)})
-        source = own.device("sensor-held")
-        with connect(port, source) as sock:
-            assert exchange(sock, b"held") == b"held"
-            mark = gw.mark()
-            gw.signal(signal.SIGTERM)
-            assert refused_by_gateway(sock)  # the drain's end cut it: EOF or reset
+    with _relayed_by_own_gateway(tmp_path, "held", "0.5") as (gw, sock, echo):
+        mark = gw.mark()
+        gw.signal(signal.SIGTERM)
+        assert refused_by_gateway(sock)  # the drain's end cut it: EOF or reset
         assert gw.wait_exit(timeout_s=TIMEOUT_S) == 0
         [connection] = echo.connections.wait_for(1)
     assert connection.eof != "close_notify"  # cut, not a complete stream
