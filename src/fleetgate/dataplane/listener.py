@@ -326,7 +326,10 @@ class StreamListener:
             self._ended(conn)
 
     def _ended(self, conn: Conn) -> None:
-        """The connection is over (once, whichever stage it ended in)."""
+        """The connection is over: accounted once, whichever stage it ended in (a relay that
+        ends as it starts is over before its set-up task's own end is heard of)."""
+        if conn not in self._live:
+            return
         self._unregister(conn)
         conn.endpoint.close()
         self._live.discard(conn)

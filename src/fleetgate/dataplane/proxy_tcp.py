@@ -22,5 +22,9 @@ async def serve_tcp(conn: Conn) -> Relay:
             local = conn.endpoint.local_address() or ("0.0.0.0", 0)  # noqa: S104 - a header value
             preamble = header_v2(peer, local, device_id=device.id, connection_id=conn.id)
         upstream = await conn.path.dial(device, route, preamble=preamble)
-        conn.connected(route.name)
+        try:
+            conn.connected(route.name)
+        except BaseException:
+            upstream.close()
+            raise
         return Relay(upstream, silence_is_refusal=True)

@@ -222,10 +222,12 @@ class _Splice:
         self.last = max(self.last, pipes[0].last, pipes[1].last)
 
     def _done(self, _: asyncio.Future[str]) -> None:
-        self.stop()
-        if self.on_done is not None:
-            on_done, self.on_done = self.on_done, None
-            on_done(self, self.result())
+        try:
+            self.stop()
+        finally:  # whoever waits for the end hears of it, whatever stopping raised
+            if self.on_done is not None:
+                on_done, self.on_done = self.on_done, None
+                on_done(self, self.result())
 
 
 Splicing = _Splice  # what start_splice hands back: ``finish(reason)`` ends it early
