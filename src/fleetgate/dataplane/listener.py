@@ -416,10 +416,6 @@ class StreamListener:
                     device=conn.device_id,
                     detail=str(exc) or type(exc).__name__,
                 )
-            finally:
-                if conn.splicing is None:  # over: let the device go now (the rest at _ended)
-                    self._unregister(conn)
-                    endpoint.close()
 
     def _relay(self, conn: Conn, relay: Relay) -> None:
         try:
